@@ -1,0 +1,55 @@
+package broker
+
+// This file fixes the broker's API; the implementation lives beside it.
+
+import (
+	"context"
+	"time"
+)
+
+// Message is one message received on the subscription connection, or one
+// event read back from history.
+type Message struct {
+	Channel string
+	// Payload is what the publisher sent, with the history framing removed.
+	Payload []byte
+	// Seq is the history sequence number (the SSE event id) of a resumable
+	// event, 0 for a plain PUBLISH.
+	Seq uint64
+}
+
+// Handler receives what the subscription connection reads.
+type Handler interface {
+	// HandleMessage is called from the single reader goroutine, in the order
+	// Redis delivered the messages. It must never block.
+	HandleMessage(m Message)
+	// HandleReconnect is called (from its own goroutine, not the reader) after
+	// the subscription connection was lost and re-established and every
+	// channel was resubscribed and confirmed: messages published in the gap
+	// were not received.
+	HandleReconnect()
+}
+
+// Retention is the history kept per channel for resume.
+type Retention struct {
+	// MaxLen keeps about this many events per channel (0: no history).
+	MaxLen int64
+	// TTL drops a channel's history after this long without a publish (0: never).
+	TTL time.Duration
+}
+
+// Replay is what history holds after a given id on a set of channels.
+type Replay struct {
+	// Messages in Seq order, merged across channels.
+	Messages []Message
+	// Truncated is true when events after the given id were already trimmed
+	// from at least one channel's history: the client may have missed some.
+	Truncated bool
+}
+
+// Interface guard: the registry sees the broker through these methods.
+var _ interface {
+	Subscribe(ctx context.Context, channels ...string) error
+	Unsubscribe(channels ...string)
+	Replay(ctx context.Context, channels []string, after uint64) (Replay, error)
+} = (*Broker)(nil)

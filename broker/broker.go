@@ -1,0 +1,299 @@
+// Package broker is the Redis side of caddy-sse: one pub/sub subscription
+// connection per instance over go-redis, confirmed subscribes, reconnect
+// detection, and the history (resume) functions. It knows nothing of HTTP
+// or Caddy; the registry reaches it through a small interface.
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// ErrDown is returned by Subscribe when the subscription connection is down.
+// The channels are recorded all the same and subscribed as soon as the
+// connection is back, after which Handler.HandleReconnect is called: a
+// caller keeps its stream open and catches up from history.
+var ErrDown = errors.New("broker: redis subscription connection is down")
+
+// ErrClosed is returned by the methods of a closed Broker.
+var ErrClosed = errors.New("broker: closed")
+
+// DefaultHealthCheck is the default Options.HealthCheck.
+const DefaultHealthCheck = time.Second
+
+// Options configures a Broker.
+type Options struct {
+	// Redis is the go-redis configuration: one address for a single server,
+	// MasterName for Sentinel, several addresses (or Cluster) for a cluster.
+	Redis *redis.UniversalOptions
+	// Cluster forces a cluster client even with one address.
+	Cluster bool
+	// Logger receives faults and state changes, never one line per message.
+	// Nil: no logging.
+	Logger *zap.Logger
+	// Metrics are updated as the connection changes; any field may be nil.
+	Metrics Metrics
+	// HealthCheck is how long the subscription connection may stay silent
+	// before the broker sends a PING; a further HealthCheck without anything
+	// received marks the connection dead. 0: DefaultHealthCheck.
+	HealthCheck time.Duration
+}
+
+// Metrics are the collectors a Broker updates. The caller creates and
+// registers them; any field may be nil.
+type Metrics struct {
+	// Connected is 1 while the subscription connection is up.
+	Connected prometheus.Gauge
+	// Reconnects counts re-established subscription connections.
+	Reconnects prometheus.Counter
+	// Channels is the number of channels currently subscribed.
+	Channels prometheus.Gauge
+	// Received counts messages read from Redis.
+	Received prometheus.Counter
+}
+
+// Broker owns one Redis client and the one pub/sub connection that every
+// stream of the instance shares. Its methods are safe for concurrent use.
+type Broker struct {
+	client   redis.UniversalClient
+	h        Handler
+	log      *zap.Logger
+	m        Metrics
+	interval time.Duration
+
+	ctx        context.Context // ends at Close
+	cancel     context.CancelFunc
+	wake       chan struct{} // tells the writer that pending has work
+	readerDone chan struct{}
+	writerDone chan struct{}
+
+	mu       sync.Mutex
+	closed   bool
+	ps       *redis.PubSub       // nil while down
+	up       bool                // ps is confirmed: every channel subscribed
+	outage   bool                // down since downAt, not yet reported up
+	downAt   time.Time           // start of the current outage
+	channels map[string]struct{} // what Redis should have us subscribed to
+	pending  []op                // queued for the writer, for ps
+	inflight replyQueue          // replies ps owes, in command order
+	nextCmd  uint64              // numbers the commands written
+	barrier  uint64              // the barrier PING whose pong marks ps up
+
+	hist history
+}
+
+// New creates a Broker for h and starts its connection in the background. It
+// fails only on invalid options: an unreachable Redis is an outage like any
+// other, reported by Connected, the metrics and the log, and retried.
+func New(opts Options, h Handler) (*Broker, error) {
+	if h == nil {
+		return nil, errors.New("broker: nil Handler")
+	}
+	if opts.Redis == nil {
+		return nil, errors.New("broker: Options.Redis is required")
+	}
+	if opts.HealthCheck < 0 {
+		return nil, fmt.Errorf("broker: negative health check interval %s", opts.HealthCheck)
+	}
+	ro := *opts.Redis // the caller's options stay untouched
+	ro.Addrs = append([]string(nil), ro.Addrs...)
+	if len(ro.Addrs) == 0 {
+		return nil, errors.New("broker: no Redis address in Options.Redis.Addrs")
+	}
+	for _, a := range ro.Addrs {
+		if a == "" {
+			return nil, errors.New("broker: empty Redis address in Options.Redis.Addrs")
+		}
+	}
+	if ro.DB != 0 && (opts.Cluster || len(ro.Addrs) > 1 && ro.MasterName == "") {
+		return nil, fmt.Errorf("broker: Redis Cluster has no database %d (only 0)", ro.DB)
+	}
+	if opts.Cluster {
+		ro.IsClusterMode = true
+	}
+	b := &Broker{
+		client:     redis.NewUniversalClient(&ro),
+		h:          h,
+		log:        opts.Logger,
+		m:          opts.Metrics,
+		interval:   opts.HealthCheck,
+		wake:       make(chan struct{}, 1),
+		readerDone: make(chan struct{}),
+		writerDone: make(chan struct{}),
+		channels:   make(map[string]struct{}),
+	}
+	if b.log == nil {
+		b.log = zap.NewNop()
+	}
+	if b.interval == 0 {
+		b.interval = DefaultHealthCheck
+	}
+	b.ctx, b.cancel = context.WithCancel(context.Background())
+	setGauge(b.m.Connected, 0)
+	setGauge(b.m.Channels, 0)
+	// The first PubSub is installed before New returns (it does no I/O), so
+	// that a Subscribe right after New waits for the first connection
+	// instead of finding the broker down.
+	ps := b.connect()
+	go b.readLoop(ps)
+	go b.writeLoop()
+	return b, nil
+}
+
+// Subscribe subscribes the connection to channels and returns once Redis has
+// confirmed every one of them, so that a message published after it returns
+// is received. It returns ctx.Err() if ctx ends first (the subscription
+// still completes in the background), ErrDown at once if the connection is
+// down (the channels are subscribed when it is back), and the Redis error if
+// Redis refuses the command (for example an ACL that forbids a channel: the
+// channels are then not subscribed).
+//
+// Subscribe does no reference counting: a channel subscribed twice is
+// subscribed once, and one Unsubscribe ends it.
+func (b *Broker) Subscribe(ctx context.Context, channels ...string) error {
+	channels = dedupe(channels)
+	if len(channels) == 0 {
+		return nil
+	}
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return ErrClosed
+	}
+	for _, c := range channels {
+		b.channels[c] = struct{}{}
+	}
+	setGauge(b.m.Channels, float64(len(b.channels)))
+	if b.ps == nil {
+		b.mu.Unlock()
+		return fmt.Errorf("subscribe %q: %w", channels, ErrDown)
+	}
+	if b.outage {
+		// Reconnecting: the channels go out on the new connection, and a
+		// new barrier makes sure the reconnect (and HandleReconnect, which
+		// the caller relies on to catch up) waits for them too.
+		b.pending = append(b.pending,
+			op{kind: kindSubscribe, channels: channels},
+			b.barrierLocked())
+		b.mu.Unlock()
+		b.kick()
+		return fmt.Errorf("subscribe %q: %w", channels, ErrDown)
+	}
+	w := &waiter{channels: channels, remaining: len(channels), done: make(chan struct{})}
+	b.pending = append(b.pending, op{kind: kindSubscribe, channels: channels, w: w})
+	b.mu.Unlock()
+	b.kick()
+
+	select {
+	case <-w.done:
+		return w.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Unsubscribe unsubscribes the connection from channels. It queues the
+// UNSUBSCRIBE and returns without waiting for Redis.
+func (b *Broker) Unsubscribe(channels ...string) {
+	channels = dedupe(channels)
+	if len(channels) == 0 {
+		return
+	}
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return
+	}
+	for _, c := range channels {
+		delete(b.channels, c)
+	}
+	setGauge(b.m.Channels, float64(len(b.channels)))
+	// While down there is nothing to tell Redis: the next connection only
+	// subscribes what is left in b.channels.
+	if b.ps != nil {
+		b.pending = append(b.pending, op{kind: kindUnsubscribe, channels: channels})
+	}
+	b.mu.Unlock()
+	b.kick()
+}
+
+// Connected reports whether the subscription connection is up, with every
+// channel confirmed.
+func (b *Broker) Connected() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.up
+}
+
+// Close stops the connection and closes the client. Subscribe calls waiting
+// for a confirmation return ErrClosed. Closing twice returns ErrClosed.
+func (b *Broker) Close() error {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return ErrClosed
+	}
+	b.closed = true
+	ps := b.ps
+	b.ps, b.up = nil, false
+	failed := b.dropQueuesLocked()
+	b.mu.Unlock()
+
+	b.cancel()
+	for _, w := range failed {
+		w.finish(ErrClosed)
+	}
+	if ps != nil {
+		// Closing the PubSub closes its connection, which ends the reader's
+		// blocking read at once.
+		_ = ps.Close()
+	}
+	<-b.readerDone
+	<-b.writerDone
+	setGauge(b.m.Connected, 0)
+	if err := b.client.Close(); err != nil && !errors.Is(err, redis.ErrClosed) {
+		return fmt.Errorf("broker: close redis client: %w", err)
+	}
+	return nil
+}
+
+func (b *Broker) kick() {
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
+}
+
+func dedupe(channels []string) []string {
+	if len(channels) < 2 {
+		return channels
+	}
+	seen := make(map[string]struct{}, len(channels))
+	out := make([]string, 0, len(channels))
+	for _, c := range channels {
+		if _, ok := seen[c]; !ok {
+			seen[c] = struct{}{}
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func setGauge(g prometheus.Gauge, v float64) {
+	if g != nil {
+		g.Set(v)
+	}
+}
+
+func inc(c prometheus.Counter) {
+	if c != nil {
+		c.Inc()
+	}
+}

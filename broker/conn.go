@@ -1,0 +1,465 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// The subscription connection is driven by two goroutines:
+//
+//   - the reader loops on ReceiveTimeout, hands messages to the Handler and
+//     matches every other reply (subscribe/unsubscribe confirmations, pongs,
+//     error replies) against inflight, the replies the connection owes in
+//     the order the commands were written. It also detects outages and
+//     replaces the connection.
+//   - the writer writes the commands queued in pending, one at a time, so
+//     that neither Subscribe, Unsubscribe nor the reader ever blocks on a
+//     socket write or a dial.
+//
+// Redis answers the commands of one connection in order, so matching replies
+// against a FIFO is exact: SUBSCRIBE c / UNSUBSCRIBE c / SUBSCRIBE c get three
+// replies in that order, and an error reply belongs to the oldest command
+// not yet answered. A reply that does not match means the reader lost its
+// place (or go-redis silently replaced the connection underneath): it is
+// treated as an outage and the connection rebuilt from scratch.
+//
+// go-redis's own reconnect (it redials and resubscribes after an error)
+// is never relied upon: any error closes the PubSub, and a fresh one is
+// made, so that every gap is seen and reported through HandleReconnect.
+
+type kind uint8
+
+const (
+	kindSubscribe kind = iota + 1
+	kindUnsubscribe
+	kindPing
+)
+
+// pingPayload marks the broker's PINGs: a pong carrying anything else means
+// the reader is out of step with the reply stream.
+const pingPayload = "caddy-sse"
+
+// maxResubscribe bounds the channels of one SUBSCRIBE written on reconnect.
+const maxResubscribe = 1000
+
+// Reconnect backoff: doubling from minBackoff to maxBackoff, with jitter so
+// that a fleet of instances does not reconnect in lockstep.
+const (
+	minBackoff = 100 * time.Millisecond
+	maxBackoff = 5 * time.Second
+)
+
+// reloadTimeout bounds the reload of the function library after a reconnect.
+const reloadTimeout = 5 * time.Second
+
+// op is one command queued for the writer.
+type op struct {
+	kind     kind
+	channels []string
+	w        *waiter // the Subscribe call waiting for it, if any
+	barrier  uint64  // a ping whose pong, if it is the latest barrier, marks the connection up
+}
+
+// waiter is one Subscribe call waiting for its confirmations.
+type waiter struct {
+	channels  []string
+	remaining int // confirmations still due; guarded by Broker.mu
+	done      chan struct{}
+	err       error // valid once done is closed
+	once      sync.Once
+}
+
+func (w *waiter) finish(err error) {
+	w.once.Do(func() {
+		w.err = err
+		close(w.done)
+	})
+}
+
+// reply is one reply the connection owes.
+type reply struct {
+	kind    kind
+	channel string
+	cmd     uint64 // the command it answers: an error reply ends all of them
+	w       *waiter
+	barrier uint64
+}
+
+// replyQueue is a FIFO of replies.
+type replyQueue struct {
+	items []reply
+	head  int
+}
+
+func (q *replyQueue) push(r reply) { q.items = append(q.items, r) }
+
+func (q *replyQueue) peek() (reply, bool) {
+	if q.head == len(q.items) {
+		return reply{}, false
+	}
+	return q.items[q.head], true
+}
+
+func (q *replyQueue) pop() {
+	q.items[q.head] = reply{} // drop references for the GC
+	q.head++
+	switch {
+	case q.head == len(q.items):
+		q.items, q.head = q.items[:0], 0
+	case q.head > 1024 && q.head > len(q.items)/2:
+		n := copy(q.items, q.items[q.head:])
+		clear(q.items[n:])
+		q.items, q.head = q.items[:n], 0
+	}
+}
+
+// dropQueuesLocked forgets every queued and owed command and returns the
+// Subscribe calls waiting on them, for the caller to finish outside the lock.
+func (b *Broker) dropQueuesLocked() []*waiter {
+	var ws []*waiter
+	add := func(w *waiter) {
+		if w != nil && (len(ws) == 0 || ws[len(ws)-1] != w) {
+			ws = append(ws, w)
+		}
+	}
+	for _, o := range b.pending {
+		add(o.w)
+	}
+	for _, r := range b.inflight.items[b.inflight.head:] {
+		add(r.w)
+	}
+	b.pending = nil
+	b.inflight = replyQueue{}
+	return ws
+}
+
+// queue adds an op for the current connection, if there is one.
+func (b *Broker) queue(o op) {
+	b.mu.Lock()
+	if b.ps != nil {
+		b.pending = append(b.pending, o)
+	}
+	b.mu.Unlock()
+	b.kick()
+}
+
+// writeLoop is the writer goroutine.
+func (b *Broker) writeLoop() {
+	defer close(b.writerDone)
+	for {
+		select {
+		case <-b.ctx.Done():
+			return
+		case <-b.wake:
+		}
+		for b.writeOne() {
+		}
+	}
+}
+
+// writeOne writes the oldest pending op; false when there is none. Its
+// replies are recorded before it is written, under the same lock that
+// takes it from pending, so inflight is in the order of the wire.
+func (b *Broker) writeOne() bool {
+	b.mu.Lock()
+	if len(b.pending) == 0 || b.ps == nil {
+		b.mu.Unlock()
+		return false
+	}
+	ps, o := b.ps, b.pending[0]
+	b.pending[0] = op{}
+	b.pending = b.pending[1:]
+	if len(b.pending) == 0 {
+		b.pending = nil
+	}
+	b.nextCmd++
+	if o.kind == kindPing {
+		b.inflight.push(reply{kind: kindPing, cmd: b.nextCmd, barrier: o.barrier})
+	} else {
+		for _, c := range o.channels {
+			b.inflight.push(reply{kind: o.kind, channel: c, cmd: b.nextCmd, w: o.w})
+		}
+	}
+	b.mu.Unlock()
+
+	var err error
+	switch o.kind {
+	case kindSubscribe:
+		err = ps.Subscribe(b.ctx, o.channels...)
+	case kindUnsubscribe:
+		err = ps.Unsubscribe(b.ctx, o.channels...)
+	case kindPing:
+		err = ps.Ping(b.ctx, pingPayload)
+	}
+	if err != nil {
+		// go-redis has dropped the connection and may already have dialed
+		// a new one behind our back; closing the PubSub makes the reader
+		// fail and rebuild everything, so the gap is seen.
+		_ = ps.Close()
+	}
+	return true
+}
+
+// readLoop is the reader goroutine: receive on ps until the connection
+// fails, back off, connect again, and so on until Close.
+func (b *Broker) readLoop(ps *redis.PubSub) {
+	defer close(b.readerDone)
+	attempt := 0
+	for ; ps != nil; ps = b.connect() {
+		err := b.receive(ps)
+		if b.ctx.Err() != nil {
+			_ = ps.Close()
+			return
+		}
+		if b.down(ps, err) {
+			attempt = 0
+		}
+		if !b.sleep(backoff(attempt)) {
+			return
+		}
+		attempt++
+	}
+}
+
+// barrierLocked is a new barrier PING op, superseding any earlier one.
+func (b *Broker) barrierLocked() op {
+	b.barrier++
+	return op{kind: kindPing, barrier: b.barrier}
+}
+
+// connect installs a fresh PubSub and queues the resubscription of every
+// channel followed by a barrier PING: Redis answers in order, so the
+// barrier's pong means every channel is confirmed. The dial itself happens
+// on the first read or write.
+func (b *Broker) connect() *redis.PubSub {
+	ps := b.client.Subscribe(b.ctx)
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		_ = ps.Close()
+		return nil
+	}
+	b.ps = ps
+	chans := make([]string, 0, len(b.channels))
+	for c := range b.channels {
+		chans = append(chans, c)
+	}
+	for len(chans) > 0 {
+		n := min(len(chans), maxResubscribe)
+		b.pending = append(b.pending, op{kind: kindSubscribe, channels: chans[:n:n]})
+		chans = chans[n:]
+	}
+	b.pending = append(b.pending, b.barrierLocked())
+	b.mu.Unlock()
+	b.kick()
+	return ps
+}
+
+// receive reads ps until it fails and returns why.
+func (b *Broker) receive(ps *redis.PubSub) error {
+	pinged := false // a health PING is out and nothing came back since
+	for {
+		v, err := ps.ReceiveTimeout(b.ctx, b.interval)
+		if err != nil {
+			if b.ctx.Err() != nil {
+				return err
+			}
+			if isTimeout(err) {
+				if pinged {
+					return fmt.Errorf("no reply to PING within %s", b.interval)
+				}
+				b.queue(op{kind: kindPing})
+				pinged = true
+				continue
+			}
+			var rerr redis.Error
+			if errors.As(err, &rerr) {
+				if err := b.refused(rerr); err != nil {
+					return err
+				}
+				pinged = false
+				continue
+			}
+			return err
+		}
+		pinged = false
+		switch v := v.(type) {
+		case *redis.Message:
+			inc(b.m.Received)
+			b.h.HandleMessage(decode(v.Channel, v.Payload))
+		case *redis.Subscription:
+			if err := b.confirmed(v); err != nil {
+				return err
+			}
+		case *redis.Pong:
+			if err := b.ponged(v); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("unexpected %T on the subscription connection", v)
+		}
+	}
+}
+
+// confirmed matches a subscribe/unsubscribe confirmation with the oldest
+// owed reply and releases its Subscribe call when it was the last due.
+func (b *Broker) confirmed(s *redis.Subscription) error {
+	var k kind
+	switch s.Kind {
+	case "subscribe":
+		k = kindSubscribe
+	case "unsubscribe":
+		k = kindUnsubscribe
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r, ok := b.inflight.peek()
+	if !ok || k == 0 || r.kind != k || r.channel != s.Channel {
+		return fmt.Errorf("unexpected %s confirmation for channel %q: replies out of step", s.Kind, s.Channel)
+	}
+	b.inflight.pop()
+	if r.w != nil {
+		r.w.remaining--
+		if r.w.remaining == 0 {
+			r.w.finish(nil)
+		}
+	}
+	return nil
+}
+
+// ponged matches a pong; the barrier's pong marks the connection up.
+func (b *Broker) ponged(p *redis.Pong) error {
+	b.mu.Lock()
+	r, ok := b.inflight.peek()
+	if !ok || r.kind != kindPing || p.Payload != pingPayload {
+		b.mu.Unlock()
+		return fmt.Errorf("unexpected pong %q: replies out of step", p.Payload)
+	}
+	b.inflight.pop()
+	if r.barrier == 0 || r.barrier != b.barrier || b.up {
+		b.mu.Unlock()
+		return nil
+	}
+	b.up = true
+	reconnected, outage := b.outage, time.Since(b.downAt)
+	b.outage = false
+	n := len(b.channels)
+	b.mu.Unlock()
+
+	setGauge(b.m.Connected, 1)
+	if !reconnected {
+		b.log.Debug("redis subscription connection up", zap.Int("channels", n))
+		return nil
+	}
+	inc(b.m.Reconnects)
+	b.log.Info("redis subscription connection re-established",
+		zap.Duration("outage", outage), zap.Int("channels", n))
+	go b.afterReconnect()
+	return nil
+}
+
+// refused handles an error reply: it answers the oldest command owed. A
+// refused Subscribe call gets the error and its channels are forgotten;
+// anything else means the connection cannot be trusted.
+func (b *Broker) refused(rerr redis.Error) error {
+	b.mu.Lock()
+	r, ok := b.inflight.peek()
+	if !ok || r.kind != kindSubscribe || r.w == nil {
+		b.mu.Unlock()
+		return fmt.Errorf("redis refused a command on the subscription connection: %w", rerr)
+	}
+	w, cmd := r.w, r.cmd
+	for ok && r.cmd == cmd {
+		b.inflight.pop()
+		r, ok = b.inflight.peek()
+	}
+	for _, c := range w.channels {
+		delete(b.channels, c)
+	}
+	setGauge(b.m.Channels, float64(len(b.channels)))
+	b.mu.Unlock()
+
+	b.log.Warn("redis refused a subscription",
+		zap.Strings("channels", w.channels), zap.Error(rerr))
+	w.finish(fmt.Errorf("subscribe %q: %w", w.channels, rerr))
+	return nil
+}
+
+// down tears ps down after it failed with err and reports whether it had
+// been up. The warning is logged once per outage, not once per retry.
+func (b *Broker) down(ps *redis.PubSub, err error) (wasUp bool) {
+	b.mu.Lock()
+	wasUp = b.up
+	b.up = false
+	if b.ps == ps {
+		b.ps = nil
+	}
+	failed := b.dropQueuesLocked()
+	first := !b.outage
+	if first {
+		b.outage, b.downAt = true, time.Now()
+	}
+	n := len(b.channels)
+	b.mu.Unlock()
+
+	_ = ps.Close()
+	for _, w := range failed {
+		w.finish(fmt.Errorf("subscribe %q: %w", w.channels, ErrDown))
+	}
+	setGauge(b.m.Connected, 0)
+	switch {
+	case !first:
+		b.log.Debug("redis reconnect attempt failed", zap.Error(err))
+	case wasUp:
+		b.log.Warn("redis subscription connection lost; reconnecting",
+			zap.Error(err), zap.Int("channels", n))
+	default:
+		b.log.Warn("cannot connect to redis; retrying",
+			zap.Error(err), zap.Int("channels", n))
+	}
+	return wasUp
+}
+
+// afterReconnect runs in its own goroutine once a reconnect is confirmed:
+// a Redis that restarted without persistence lost the function library, and
+// the Handler must learn that messages were missed.
+func (b *Broker) afterReconnect() {
+	b.reloadHistory()
+	if b.ctx.Err() == nil {
+		b.h.HandleReconnect()
+	}
+}
+
+func (b *Broker) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-b.ctx.Done():
+		return false
+	}
+}
+
+// backoff is the delay before reconnect attempt n (from 0): 100 ms doubling
+// to 5 s, each drawn between half and all of it.
+func backoff(n int) time.Duration {
+	d := maxBackoff
+	if n < 6 {
+		d = min(minBackoff<<n, maxBackoff)
+	}
+	return d/2 + rand.N(d/2+1)
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded)
+}

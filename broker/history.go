@@ -1,0 +1,334 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// History lives in Redis, so that publishing a resumable event is one
+// command from any client in any language:
+//
+//	FCALL sse_publish 1 <channel> <payload> [<maxlen> [<ttl_seconds>]]
+//
+// The function (library caddy_sse, loaded by EnsureHistory) takes the next
+// id from the global counter SeqKey, appends the payload to the channel's
+// stream HistoryKeyPrefix+<channel> under that id and publishes it on the
+// channel framed as "\x1esse:<id>\x1e<payload>", which the reader strips.
+// One counter for the whole Redis orders events across channels, so a
+// stream on several channels resumes from one Last-Event-ID.
+
+const (
+	// LibraryName is the Redis function library EnsureHistory loads.
+	LibraryName = "caddy_sse"
+	// PublishFunction is the function that publishes a resumable event.
+	PublishFunction = "sse_publish"
+	// SeqKey is the global event id counter.
+	SeqKey = "sse:seq"
+	// HistoryKeyPrefix + channel is the stream holding a channel's history.
+	HistoryKeyPrefix = "sse:h:"
+	// FramePrefix starts a payload published by sse_publish; the id follows
+	// in decimal, then FrameSep, then the original payload.
+	FramePrefix = "\x1esse:"
+	// FrameSep ends the id of a framed payload.
+	FrameSep = "\x1e"
+)
+
+// library is the Lua source of the function library; the defaults are
+// substituted in by libraryCode.
+//
+// Each stream entry holds the payload (d) and the previous id on the same
+// channel (p). Trimming removes the oldest entries, so the first entry after
+// a client's last id tells exactly whether anything in between is gone: its
+// p is later than that id. (XINFO's max-deleted-entry-id is not updated by
+// trimming, and the first retained id alone cannot tell, ids being global.)
+// Trimming is exact (MAXLEN, not MAXLEN ~): with "~" Redis only drops whole
+// nodes of 100 entries, and "history 10" would keep up to 110.
+const library = `#!lua name=caddy_sse
+-- caddy-sse: resumable Server-Sent Events over Redis pub/sub.
+-- FCALL sse_publish 1 <channel> <payload> [<maxlen> [<ttl_seconds>]]
+-- returns the event id. Defaults: maxlen {{MAXLEN}}, ttl_seconds {{TTL}}
+-- (0: the history never expires).
+
+local default_maxlen = {{MAXLEN}}
+local default_ttl = {{TTL}}
+
+local function sse_publish(keys, args)
+  if #keys ~= 1 or #args < 1 or #args > 3 then
+    return redis.error_reply('ERR usage: FCALL sse_publish 1 <channel> <payload> [<maxlen> [<ttl_seconds>]]')
+  end
+  local maxlen, ttl = default_maxlen, default_ttl
+  if args[2] ~= nil then maxlen = tonumber(args[2]) end
+  if args[3] ~= nil then ttl = tonumber(args[3]) end
+  if maxlen == nil or maxlen < 1 or maxlen ~= math.floor(maxlen) then
+    return redis.error_reply('ERR sse_publish: maxlen must be a positive integer')
+  end
+  if ttl == nil or ttl < 0 or ttl ~= math.floor(ttl) then
+    return redis.error_reply('ERR sse_publish: ttl_seconds must be a non-negative integer')
+  end
+  local channel, payload = keys[1], args[1]
+
+  if redis.call('EXISTS', 'sse:seq') == 0 then
+    -- Start from the clock in microseconds, so that ids never go backwards
+    -- when a Redis that lost its data comes back.
+    local t = redis.call('TIME')
+    redis.call('SET', 'sse:seq', t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+  local seq = redis.call('INCR', 'sse:seq')
+  local id = string.format('%.0f', seq)
+
+  local key = 'sse:h:' .. channel
+  local prev = '0'
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if last[1] then prev = string.match(last[1][1], '^%d+') or '0' end
+  redis.call('XADD', key, 'MAXLEN', maxlen, id .. '-0', 'd', payload, 'p', prev)
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  redis.call('PUBLISH', channel, '\30sse:' .. id .. '\30' .. payload)
+  return seq
+end
+
+redis.register_function('sse_publish', sse_publish)
+`
+
+func libraryCode(r Retention) string {
+	return strings.NewReplacer(
+		"{{MAXLEN}}", strconv.FormatInt(r.MaxLen, 10),
+		"{{TTL}}", strconv.FormatInt(ttlSeconds(r.TTL), 10),
+	).Replace(library)
+}
+
+// history is what this process baked into the library.
+type history struct {
+	mu     sync.Mutex
+	loaded bool      // EnsureHistory loaded the library at least once
+	ret    Retention // the defaults baked in: the largest seen
+}
+
+// EnsureHistory makes sure the function library is loaded in Redis, with
+// defaults (for FCALLs that give no maxlen/ttl) of the largest retention
+// this process has seen. The first call of the process, and any call that
+// raises the retention, replaces the library; later calls load it only if
+// Redis lost it (a restart without persistence). r.MaxLen == 0 does nothing.
+// Safe to call often: it costs one round trip.
+func (b *Broker) EnsureHistory(ctx context.Context, r Retention) error {
+	if err := r.validate(); err != nil {
+		return fmt.Errorf("broker: history: %w", err)
+	}
+	if r.MaxLen == 0 {
+		return nil
+	}
+	b.hist.mu.Lock()
+	defer b.hist.mu.Unlock()
+	merged := r
+	if b.hist.loaded {
+		merged = b.hist.ret.merge(r)
+	}
+	if err := b.loadLibrary(ctx, merged, !b.hist.loaded || merged != b.hist.ret); err != nil {
+		return err
+	}
+	b.hist.loaded, b.hist.ret = true, merged
+	return nil
+}
+
+// reloadHistory loads the library again after a reconnect if this process
+// ever loaded it.
+func (b *Broker) reloadHistory() {
+	b.hist.mu.Lock()
+	defer b.hist.mu.Unlock()
+	if !b.hist.loaded {
+		return
+	}
+	ctx, cancel := context.WithTimeout(b.ctx, reloadTimeout)
+	defer cancel()
+	if err := b.loadLibrary(ctx, b.hist.ret, false); err != nil && b.ctx.Err() == nil {
+		b.log.Warn("cannot reload the history function library after reconnecting", zap.Error(err))
+	}
+}
+
+func (b *Broker) loadLibrary(ctx context.Context, r Retention, replace bool) error {
+	code := libraryCode(r)
+	var err error
+	if replace {
+		err = b.client.FunctionLoadReplace(ctx, code).Err()
+	} else {
+		err = b.client.FunctionLoad(ctx, code).Err()
+		if err != nil && strings.Contains(err.Error(), "already exists") {
+			err = nil
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("broker: load redis function library %s (history %d, ttl %s): %w",
+			LibraryName, r.MaxLen, r.TTL, err)
+	}
+	return nil
+}
+
+// Publish publishes payload on channel. With r.MaxLen == 0 it is a plain
+// PUBLISH and returns 0; otherwise it calls sse_publish with r's retention
+// and returns the event's id, loading the library first if Redis lost it.
+func (b *Broker) Publish(ctx context.Context, channel string, payload []byte, r Retention) (seq uint64, err error) {
+	if err := r.validate(); err != nil {
+		return 0, fmt.Errorf("publish on %q: %w", channel, err)
+	}
+	if r.MaxLen == 0 {
+		if err := b.client.Publish(ctx, channel, payload).Err(); err != nil {
+			return 0, fmt.Errorf("publish on %q: %w", channel, err)
+		}
+		return 0, nil
+	}
+	seq, err = b.publishHistory(ctx, channel, payload, r)
+	if err != nil && isNoFunction(err) {
+		if lerr := b.EnsureHistory(ctx, r); lerr != nil {
+			return 0, fmt.Errorf("publish on %q: %w", channel, lerr)
+		}
+		seq, err = b.publishHistory(ctx, channel, payload, r)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("publish on %q: %w", channel, err)
+	}
+	return seq, nil
+}
+
+func (b *Broker) publishHistory(ctx context.Context, channel string, payload []byte, r Retention) (uint64, error) {
+	n, err := b.client.FCall(ctx, PublishFunction, []string{channel},
+		payload, r.MaxLen, ttlSeconds(r.TTL)).Int64()
+	if err != nil {
+		return 0, err
+	}
+	if n <= 0 {
+		return 0, fmt.Errorf("%s returned id %d", PublishFunction, n)
+	}
+	return uint64(n), nil
+}
+
+// Replay returns what the history of channels holds after id after, merged
+// in id order, in one round trip. A channel without history contributes
+// nothing and is not truncated.
+func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (Replay, error) {
+	channels = dedupe(channels)
+	if len(channels) == 0 || after == math.MaxUint64 {
+		return Replay{}, nil
+	}
+	start := strconv.FormatUint(after+1, 10) // XRANGE takes "n" as "n-0"
+	pipe := b.client.Pipeline()
+	cmds := make([]*redis.XMessageSliceCmd, len(channels))
+	for i, c := range channels {
+		cmds[i] = pipe.XRange(ctx, HistoryKeyPrefix+c, start, "+")
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return Replay{}, fmt.Errorf("replay %q after %d: %w", channels, after, err)
+	}
+	var rp Replay
+	for i, cmd := range cmds {
+		entries := cmd.Val()
+		for j, e := range entries {
+			seq, err := parseID(e.ID)
+			if err != nil {
+				return Replay{}, fmt.Errorf("replay %q: history entry %s: %w", channels[i], e.ID, err)
+			}
+			if j == 0 && entryPrev(e) > after {
+				rp.Truncated = true
+			}
+			d, _ := e.Values["d"].(string)
+			rp.Messages = append(rp.Messages, Message{Channel: channels[i], Payload: []byte(d), Seq: seq})
+		}
+	}
+	if len(channels) > 1 {
+		slices.SortFunc(rp.Messages, func(x, y Message) int {
+			switch {
+			case x.Seq < y.Seq:
+				return -1
+			case x.Seq > y.Seq:
+				return 1
+			}
+			return 0
+		})
+	}
+	return rp, nil
+}
+
+// entryPrev is an entry's previous id on its channel; 0 when unknown (an
+// entry not written by sse_publish), which never claims truncation.
+func entryPrev(e redis.XMessage) uint64 {
+	s, _ := e.Values["p"].(string)
+	p, _ := strconv.ParseUint(s, 10, 64)
+	return p
+}
+
+// parseID reads the event id out of a stream id "<seq>-0".
+func parseID(id string) (uint64, error) {
+	ms, _, _ := strings.Cut(id, "-")
+	return strconv.ParseUint(ms, 10, 64)
+}
+
+// decode turns a received pub/sub payload into a Message, stripping the
+// framing sse_publish adds.
+func decode(channel, payload string) Message {
+	if seq, body, ok := unframe(payload); ok {
+		return Message{Channel: channel, Payload: []byte(body), Seq: seq}
+	}
+	return Message{Channel: channel, Payload: []byte(payload)}
+}
+
+// unframe splits "\x1esse:<seq>\x1e<body>". Anything else, including a
+// payload that only starts like a frame, is not a frame.
+func unframe(p string) (seq uint64, body string, ok bool) {
+	rest, found := strings.CutPrefix(p, FramePrefix)
+	if !found {
+		return 0, "", false
+	}
+	digits, body, found := strings.Cut(rest, FrameSep)
+	if !found || digits == "" || len(digits) > 20 {
+		return 0, "", false
+	}
+	for i := 0; i < len(digits); i++ {
+		if digits[i] < '0' || digits[i] > '9' {
+			return 0, "", false
+		}
+	}
+	seq, err := strconv.ParseUint(digits, 10, 64)
+	if err != nil || seq == 0 {
+		return 0, "", false
+	}
+	return seq, body, true
+}
+
+func isNoFunction(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "Function not found")
+}
+
+func (r Retention) validate() error {
+	if r.MaxLen < 0 {
+		return fmt.Errorf("negative history length %d", r.MaxLen)
+	}
+	if r.TTL < 0 {
+		return fmt.Errorf("negative history ttl %s", r.TTL)
+	}
+	return nil
+}
+
+// merge is the larger of two retentions; a TTL of 0 (never expire) is the
+// largest.
+func (r Retention) merge(o Retention) Retention {
+	m := Retention{MaxLen: max(r.MaxLen, o.MaxLen), TTL: max(r.TTL, o.TTL)}
+	if r.TTL == 0 || o.TTL == 0 {
+		m.TTL = 0
+	}
+	return m
+}
+
+// ttlSeconds rounds up to whole seconds, the unit of EXPIRE.
+func ttlSeconds(d time.Duration) int64 {
+	if d <= 0 {
+		return 0
+	}
+	return int64((d + time.Second - 1) / time.Second)
+}

@@ -1,0 +1,505 @@
+package caddysse
+
+// This file registers the `sse` and `sse_publish` Caddyfile directives and
+// turns their tokens into the handlers' JSON config. Every value that can be
+// checked without Redis or a request is checked here, so that `caddy adapt`
+// and `caddy validate` fail on the line at fault, with the option's name.
+
+import (
+	"errors"
+	"math"
+	"net"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+
+	"github.com/caddy-sse/caddy-sse/sse"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("sse", parseSSE)
+	httpcaddyfile.RegisterHandlerDirective("sse_publish", parsePublish)
+	// Ordered right after encode (so encode can wrap the stream, and auth
+	// directives run first) and so before handle, respond and
+	// reverse_proxy: both work in a site block that proxies everything else
+	// to the existing app, without a `route` block.
+	httpcaddyfile.RegisterDirectiveOrder("sse", httpcaddyfile.After, "encode")
+	httpcaddyfile.RegisterDirectiveOrder("sse_publish", httpcaddyfile.After, "encode")
+}
+
+// parseSSE sets up the `sse` handler from Caddyfile tokens; the matcher has
+// already been taken out by RegisterHandlerDirective.
+func parseSSE(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	s := new(Handler)
+	if err := s.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// parsePublish sets up the `sse_publish` handler from Caddyfile tokens.
+func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	p := new(Publish)
+	if err := p.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// UnmarshalCaddyfile sets up the sse handler from Caddyfile tokens. Syntax:
+//
+//	sse [<matcher>] [<channel>...] {
+//	    redis   <url>
+//	    redis {
+//	        addrs       <host:port>...
+//	        master_name <name>
+//	        cluster
+//	        username    <user>
+//	        password    <password>
+//	        db          <n>
+//	        tls
+//	    }
+//	    channel <template>...
+//	    allow   <regexp>
+//	    format  raw|envelope
+//	    keepalive <duration>
+//	    retry   <duration>
+//	    buffer  <n>
+//	    history <n> [<ttl>]
+//	    max_connections <n>
+//	    max_channels    <n>
+//	    max_duration    <duration>
+//	}
+//
+// Channels given on the directive's line and on `channel` lines (which may
+// repeat) are all subscribed; at least one is required. Channel templates
+// may hold placeholders, expanded per request, and a value with commas
+// becomes several channels. A channel given on the directive's line must not
+// start with `/` or be `*`, which Caddy reads as a matcher.
+//
+// `redis` takes a redis:// or rediss:// URL, or a placeholder such as
+// {env.REDIS_URL}, or a block: `addrs` for one server, the Sentinels (with
+// `master_name`) or the Cluster nodes (with `cluster`). Without `redis`,
+// {env.REDIS_URL} and then redis://127.0.0.1:6379 are used.
+//
+// Integers must not be negative and durations are Caddy durations (such as
+// 30s, 1h or 1d). `history` keeps <n> (at least 1) events per channel for
+// Last-Event-ID resume, dropped after <ttl> without a publish if given.
+// Options other than `channel` may appear once.
+func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+
+	// `sse <channel>...` is the shorthand for the common one-line case.
+	s.Channels = append(s.Channels, d.RemainingArgs()...)
+
+	seen := make(map[string]bool)
+	for d.NextBlock(0) {
+		opt := d.Val()
+		if opt != "channel" && seen[opt] {
+			return d.Errf("%s: specified more than once", opt)
+		}
+		seen[opt] = true
+
+		var err error
+		switch opt {
+		case "redis":
+			s.Redis, err = parseRedis(d)
+
+		case "channel":
+			var args []string
+			if args, err = optArgs(d, opt, 1, -1); err == nil {
+				s.Channels = append(s.Channels, args...)
+			}
+
+		case "allow":
+			var arg string
+			if arg, err = optArg(d, opt); err != nil {
+				break
+			}
+			// Compiled alone for an error message about the operator's own
+			// text, then anchored as Provision compiles it, so that adapt
+			// fails on exactly the expressions that would fail at load time.
+			if _, cerr := regexp.Compile(arg); cerr != nil {
+				return d.Errf("allow: invalid regular expression: %v", cerr)
+			}
+			if _, cerr := regexp.Compile(`^(?:` + arg + `)$`); cerr != nil {
+				return d.Errf("allow: invalid regular expression: %v", cerr)
+			}
+			s.Allow = arg
+
+		case "format":
+			var arg string
+			if arg, err = optArg(d, opt); err != nil {
+				break
+			}
+			f, ferr := sse.ParseFormat(arg)
+			if ferr != nil || arg == "" {
+				return d.Errf("format: want raw or envelope, got '%s'", arg)
+			}
+			s.Format = f.String()
+
+		case "keepalive":
+			s.Keepalive, err = optDuration(d, opt)
+		case "retry":
+			s.Retry, err = optDuration(d, opt)
+		case "max_duration":
+			s.MaxDuration, err = optDuration(d, opt)
+
+		case "buffer":
+			s.Buffer, err = optInt(d, opt)
+		case "max_connections":
+			s.MaxConnections, err = optInt(d, opt)
+		case "max_channels":
+			s.MaxChannels, err = optInt(d, opt)
+
+		case "history":
+			s.History, err = parseHistory(d)
+
+		default:
+			return d.Errf("unrecognized sse option '%s'", opt)
+		}
+		if err != nil {
+			return err
+		}
+	}
+
+	if len(s.Channels) == 0 {
+		// A lone `sse /events` lands here too: Caddy took /events for a
+		// path matcher, hence the hint.
+		return d.Err("channel: sse needs at least one channel, as `sse [<matcher>] <channel>` or `channel <template>` in its block (a first argument starting with / or @, or *, is a matcher)")
+	}
+	for _, c := range s.Channels {
+		// Only possible with a quoted "", but it would subscribe nothing.
+		if strings.TrimSpace(c) == "" {
+			return d.Err("channel: empty channel template")
+		}
+	}
+	return nil
+}
+
+// UnmarshalCaddyfile sets up the sse_publish handler from Caddyfile tokens.
+// Syntax:
+//
+//	sse_publish [<matcher>] [<channel>] {
+//	    redis    <url> | { ... }
+//	    channel  <template>
+//	    history  <n> [<ttl>]
+//	    max_size <bytes>
+//	}
+//
+// Exactly one channel template is required, on the directive's line or as
+// `channel`; placeholders in it are expanded per request. `redis` and
+// `history` are as in `sse`. `max_size` takes a number of bytes or a size
+// such as 64KiB or 1MB; larger bodies get 413. Each option may appear once.
+func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+
+	// `sse_publish <channel>` mirrors the `sse <channel>` shorthand.
+	switch args := d.RemainingArgs(); len(args) {
+	case 0:
+	case 1:
+		p.Channel = args[0]
+	default:
+		return d.Errf("channel: sse_publish publishes to exactly one channel, got %d", len(args))
+	}
+
+	seen := make(map[string]bool)
+	for d.NextBlock(0) {
+		opt := d.Val()
+		if seen[opt] {
+			return d.Errf("%s: specified more than once", opt)
+		}
+		seen[opt] = true
+
+		var err error
+		switch opt {
+		case "redis":
+			p.Redis, err = parseRedis(d)
+
+		case "channel":
+			if p.Channel != "" {
+				return d.Err("channel: sse_publish publishes to exactly one channel, already given on the directive's line")
+			}
+			var args []string
+			if args, err = optArgs(d, opt, 1, -1); err != nil {
+				break
+			}
+			if len(args) > 1 {
+				return d.Errf("channel: sse_publish publishes to exactly one channel, got %d", len(args))
+			}
+			p.Channel = args[0]
+
+		case "history":
+			p.History, err = parseHistory(d)
+
+		case "max_size":
+			var arg string
+			if arg, err = optArg(d, opt); err != nil {
+				break
+			}
+			size, perr := humanize.ParseBytes(arg)
+			if perr != nil {
+				return d.Errf("max_size: '%s' is not a size in bytes (such as 65536, 64KiB or 1MB)", arg)
+			}
+			if size > math.MaxInt64 {
+				return d.Errf("max_size: '%s' is too large", arg)
+			}
+			p.MaxSize = int64(size)
+
+		default:
+			return d.Errf("unrecognized sse_publish option '%s'", opt)
+		}
+		if err != nil {
+			return err
+		}
+	}
+
+	if strings.TrimSpace(p.Channel) == "" {
+		return d.Err("channel: sse_publish needs a channel template, as `sse_publish <channel>` or `channel <template>` in its block")
+	}
+	return nil
+}
+
+// parseRedis reads the `redis` option, whose name is the current token:
+// either a URL on its line or a block, not both (a URL plus a block would
+// leave open which of the two wins for the password or the database).
+func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
+	rc := new(RedisConfig)
+	args := d.RemainingArgs()
+	switch len(args) {
+	case 0:
+	case 1:
+		if err := checkRedisURL(args[0]); err != nil {
+			return nil, d.Errf("redis: %v", err)
+		}
+		rc.URL = args[0]
+	default:
+		return nil, d.Errf("redis: want one URL or a block, got %d arguments", len(args))
+	}
+
+	var block bool
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if rc.URL != "" {
+			return nil, d.Err("redis: give either a URL or a block, not both")
+		}
+		block = true
+		opt := d.Val()
+		if opt != "addrs" && seen[opt] {
+			return nil, d.Errf("redis: %s: specified more than once", opt)
+		}
+		seen[opt] = true
+
+		switch opt {
+		case "addrs":
+			addrs, err := optArgs(d, "redis: addrs", 1, -1)
+			if err != nil {
+				return nil, err
+			}
+			for _, a := range addrs {
+				if err := checkAddr(a); err != nil {
+					return nil, d.Errf("redis: addrs: %v", err)
+				}
+			}
+			rc.Addrs = append(rc.Addrs, addrs...)
+		case "master_name":
+			v, err := optArg(d, "redis: master_name")
+			if err != nil {
+				return nil, err
+			}
+			rc.MasterName = v
+		case "cluster":
+			if _, err := optArgs(d, "redis: cluster", 0, 0); err != nil {
+				return nil, err
+			}
+			rc.Cluster = true
+		case "username":
+			v, err := optArg(d, "redis: username")
+			if err != nil {
+				return nil, err
+			}
+			rc.Username = v
+		case "password":
+			v, err := optArg(d, "redis: password")
+			if err != nil {
+				return nil, err
+			}
+			rc.Password = v
+		case "db":
+			n, err := optInt(d, "redis: db")
+			if err != nil {
+				return nil, err
+			}
+			rc.DB = n
+		case "tls":
+			if _, err := optArgs(d, "redis: tls", 0, 0); err != nil {
+				return nil, err
+			}
+			rc.TLS = true
+		default:
+			return nil, d.Errf("redis: unrecognized option '%s'", opt)
+		}
+	}
+
+	if rc.URL == "" && !block {
+		return nil, d.Err("redis: want a redis:// or rediss:// URL or a block")
+	}
+	// Conflicts go-redis would otherwise settle silently by picking a mode.
+	if rc.Cluster && rc.MasterName != "" {
+		return nil, d.Err("redis: cluster and master_name exclude each other (Cluster or Sentinel)")
+	}
+	if rc.Cluster && rc.DB != 0 {
+		return nil, d.Err("redis: db: Redis Cluster has only database 0")
+	}
+	if rc.MasterName != "" && len(rc.Addrs) == 0 {
+		return nil, d.Err("redis: master_name needs the Sentinel addresses in addrs")
+	}
+	// Without addrs the server comes from {env.REDIS_URL} or the default
+	// URL, whose path names the database: a db here would be ignored.
+	if seen["db"] && len(rc.Addrs) == 0 {
+		return nil, d.Err("redis: db needs addrs (with a URL, give the database as its path, such as redis://host:6379/2)")
+	}
+	return rc, nil
+}
+
+// checkRedisURL accepts a redis:// or rediss:// URL, or a value that is a
+// placeholder (such as {env.REDIS_URL}) and only known at load time. Errors
+// never repeat the URL, since it may hold a password.
+func checkRedisURL(s string) error {
+	if strings.HasPrefix(s, "{") {
+		return nil
+	}
+	lower := strings.ToLower(s)
+	if !strings.HasPrefix(lower, "redis://") && !strings.HasPrefix(lower, "rediss://") {
+		return errors.New("URL must start with redis:// or rediss:// (or be a placeholder such as {env.REDIS_URL})")
+	}
+	if strings.Contains(s, "{") {
+		// Parts of it are placeholders; the rest is checked when it is loaded.
+		return nil
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		var uerr *url.Error
+		if errors.As(err, &uerr) {
+			err = uerr.Err // without the URL and its password
+		}
+		return errors.New("invalid URL: " + err.Error())
+	}
+	if db := strings.TrimPrefix(u.Path, "/"); db != "" {
+		if n, err := strconv.Atoi(db); err != nil || n < 0 {
+			return errors.New("the URL's path must be a database number, such as /0")
+		}
+	}
+	return nil
+}
+
+// checkAddr accepts host:port, or a value with placeholders.
+func checkAddr(a string) error {
+	if strings.Contains(a, "{") {
+		return nil
+	}
+	if _, port, err := net.SplitHostPort(a); err != nil || port == "" {
+		return errors.New("want host:port, got '" + a + "'")
+	}
+	return nil
+}
+
+// parseHistory reads `history <n> [<ttl>]`, whose name is the current token.
+func parseHistory(d *caddyfile.Dispenser) (*History, error) {
+	args, err := optArgs(d, "history", 1, 2)
+	if err != nil {
+		return nil, err
+	}
+	n, err := strconv.Atoi(args[0])
+	if err != nil || n <= 0 {
+		return nil, d.Errf("history: size must be a positive integer, got '%s'", args[0])
+	}
+	hi := &History{Size: n}
+	if len(args) == 2 {
+		ttl, err := caddy.ParseDuration(args[1])
+		if err != nil {
+			return nil, d.Errf("history: ttl: %v", err)
+		}
+		if ttl < 0 {
+			return nil, d.Errf("history: ttl must not be negative, got '%s'", args[1])
+		}
+		hi.TTL = caddy.Duration(ttl)
+	}
+	return hi, nil
+}
+
+// optArgs returns the arguments of the option whose name is the current
+// token, between least and most of them (most < 0: no limit). An option that
+// takes no block must not be followed by one: the tokens in it would
+// otherwise be read as options of the enclosing block.
+func optArgs(d *caddyfile.Dispenser, opt string, least, most int) ([]string, error) {
+	args := d.RemainingArgs()
+	switch {
+	case len(args) != least && least == most:
+		return nil, d.Errf("%s: want %d argument(s), got %d", opt, least, len(args))
+	case len(args) < least:
+		return nil, d.Errf("%s: want at least %d argument(s), got %d", opt, least, len(args))
+	case most >= 0 && len(args) > most:
+		return nil, d.Errf("%s: want at most %d argument(s), got %d", opt, most, len(args))
+	}
+	if d.NextBlock(d.Nesting()) {
+		return nil, d.Errf("%s: takes no block", opt)
+	}
+	return args, nil
+}
+
+// optArg returns the single argument of the current option.
+func optArg(d *caddyfile.Dispenser, opt string) (string, error) {
+	args, err := optArgs(d, opt, 1, 1)
+	if err != nil {
+		return "", err
+	}
+	return args[0], nil
+}
+
+// optInt returns the current option's single argument as a non-negative
+// integer.
+func optInt(d *caddyfile.Dispenser, opt string) (int, error) {
+	arg, err := optArg(d, opt)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(arg)
+	if err != nil {
+		return 0, d.Errf("%s: want a non-negative integer, got '%s'", opt, arg)
+	}
+	if n < 0 {
+		return 0, d.Errf("%s: must not be negative, got %d", opt, n)
+	}
+	return n, nil
+}
+
+// optDuration returns the current option's single argument as a
+// non-negative duration.
+func optDuration(d *caddyfile.Dispenser, opt string) (caddy.Duration, error) {
+	arg, err := optArg(d, opt)
+	if err != nil {
+		return 0, err
+	}
+	dur, err := caddy.ParseDuration(arg)
+	if err != nil {
+		return 0, d.Errf("%s: %v", opt, err)
+	}
+	if dur < 0 {
+		return 0, d.Errf("%s: must not be negative, got '%s'", opt, arg)
+	}
+	return caddy.Duration(dur), nil
+}
+
+// Interface guards
+var (
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*Publish)(nil)
+)

@@ -1,0 +1,329 @@
+package caddysse
+
+import (
+	"context"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/caddy-sse/caddy-sse/registry"
+	"github.com/caddy-sse/caddy-sse/sse"
+)
+
+// openStreams counts the streams of this process, across config reloads, for
+// max_connections.
+var openStreams atomic.Int64
+
+const (
+	// writeTimeout bounds one write to a client that stopped reading; its
+	// queue overflows meanwhile and the stream is closed.
+	writeTimeout = 10 * time.Second
+	// exitJitter spreads the reconnects of streams ended by a shutdown.
+	exitJitter = 500 * time.Millisecond
+	// replayTimeout bounds the history read of a resuming stream.
+	replayTimeout = 10 * time.Second
+)
+
+// ServeHTTP resolves the request's channels, admits it, attaches it to the
+// registry and writes events until the client goes, the stream must end, or
+// Caddy exits.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	if r.Method != http.MethodGet && r.Method != http.MethodPost {
+		w.Header().Set("Allow", "GET, POST")
+		return refuse(w, http.StatusMethodNotAllowed, "method", "method not allowed: use GET or POST")
+	}
+	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	channels, status, reason := h.resolve(repl)
+	if status != 0 {
+		h.logger.Debug("stream refused", zap.Int("status", status), zap.String("reason", reason),
+			zap.Strings("channels", channels))
+		return refuse(w, status, "channels", reason)
+	}
+	if n := openStreams.Add(1); h.MaxConnections > 0 && n > int64(h.MaxConnections) {
+		openStreams.Add(-1)
+		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
+		return refuse(w, http.StatusServiceUnavailable, "max_connections", "too many streams; retry later")
+	}
+	defer openStreams.Add(-1)
+
+	history := h.History.retention().MaxLen > 0
+	after, resume := uint64(0), false
+	if history {
+		after, resume = lastEventID(r)
+	}
+
+	sub := registry.NewSubscriber(channels, h.format, h.Buffer, history)
+	if err := h.hub.reg.Attach(r.Context(), sub); err != nil {
+		return nil // the client went away, or the config is being unloaded
+	}
+	defer h.hub.reg.Detach(sub)
+
+	// History is read before the 200 so that the whole answer is decided
+	// before the client sees it; live frames queue meanwhile.
+	var replay []registry.Message
+	var truncated bool
+	if resume {
+		ctx, cancel := context.WithTimeout(r.Context(), replayTimeout)
+		var err error
+		replay, truncated, err = h.hub.reg.Replay(ctx, channels, after)
+		cancel()
+		if err != nil {
+			// Serve the live stream anyway and tell the client what it
+			// may have missed rather than refusing it while Redis is out.
+			h.logger.Warn("history replay failed", zap.Strings("channels", channels), zap.Error(err))
+			truncated = true
+		}
+	}
+
+	st := &stream{h: h, w: w, rc: http.NewResponseController(w), sub: sub, lastSeq: after}
+	metrics.streamsOpen.Inc()
+	defer metrics.streamsOpen.Dec()
+	if err := st.open(); err != nil {
+		metrics.streamsClosed.WithLabelValues("client").Inc()
+		return nil
+	}
+	h.logger.Debug("stream open", zap.Strings("channels", channels), zap.Bool("resume", resume))
+	if resume {
+		if err := st.replay(replay, truncated, after); err != nil {
+			metrics.streamsClosed.WithLabelValues("client").Inc()
+			return nil
+		}
+	}
+	why := st.run(r.Context())
+	metrics.streamsClosed.WithLabelValues(why).Inc()
+	h.logger.Debug("stream closed", zap.Strings("channels", channels), zap.String("reason", why))
+	return nil
+}
+
+// resolve expands the channel templates. It returns the channels, or a
+// status and reason when the request must be refused.
+func (h *Handler) resolve(repl *caddy.Replacer) ([]string, int, string) {
+	var channels []string
+	for _, tmpl := range h.Channels {
+		v := tmpl
+		if repl != nil {
+			// A template with an empty or unknown placeholder names no
+			// channel: "user:" must not become a channel every anonymous
+			// client shares.
+			var err error
+			if v, err = repl.ReplaceOrErr(tmpl, true, true); err != nil {
+				continue
+			}
+		}
+		for _, c := range strings.Split(v, ",") {
+			c = strings.TrimSpace(c)
+			if c == "" || contains(channels, c) {
+				continue
+			}
+			channels = append(channels, c)
+		}
+	}
+	switch {
+	case len(channels) == 0:
+		return nil, http.StatusBadRequest, "no channel"
+	case len(channels) > h.MaxChannels:
+		return channels, http.StatusBadRequest, "too many channels"
+	}
+	if h.allow != nil {
+		for _, c := range channels {
+			if !h.allow.MatchString(c) {
+				return channels, http.StatusForbidden, "channel not allowed"
+			}
+		}
+	}
+	return channels, 0, ""
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// lastEventID reads the resume point: the Last-Event-ID header a browser
+// sends on reconnect, or the lastEventId query parameter for a first page
+// load. An id that is not one of ours is ignored.
+func lastEventID(r *http.Request) (uint64, bool) {
+	v := r.Header.Get("Last-Event-ID")
+	if v == "" {
+		v = r.URL.Query().Get("lastEventId")
+	}
+	if v == "" {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+	if err != nil {
+		return 0, false
+	}
+	return n, true
+}
+
+// refuse answers before the stream opens, with a short plain-text reason.
+func refuse(w http.ResponseWriter, status int, label, reason string) error {
+	metrics.streamsRejected.WithLabelValues(label).Inc()
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(reason + "\n"))
+	return nil
+}
+
+// stream writes one client's events.
+type stream struct {
+	h       *Handler
+	w       http.ResponseWriter
+	rc      *http.ResponseController
+	sub     *registry.Subscriber
+	lastSeq uint64 // highest sequence number written: later duplicates are skipped
+	frames  []*registry.Frame
+}
+
+// open sends the headers and the first comment at once, so that the client
+// (and every proxy on the way) sees the stream is alive before any event.
+func (st *stream) open() error {
+	hdr := st.w.Header()
+	hdr.Set("Content-Type", "text/event-stream; charset=utf-8")
+	hdr.Set("Cache-Control", "no-cache")
+	hdr.Set("X-Accel-Buffering", "no")
+	hdr.Del("Content-Length")
+	st.w.WriteHeader(http.StatusOK)
+	// A stream outlives any server read or write timeout.
+	_ = st.rc.SetReadDeadline(time.Time{})
+	buf := append([]byte(nil), sse.Comment...)
+	if st.h.Retry > 0 {
+		buf = sse.AppendRetry(buf, time.Duration(st.h.Retry).Milliseconds())
+	}
+	return st.write(buf)
+}
+
+// write writes b and flushes, with a deadline so that a client that stopped
+// reading cannot hold the goroutine forever.
+func (st *stream) write(chunks ...[]byte) error {
+	_ = st.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	for _, b := range chunks {
+		if _, err := st.w.Write(b); err != nil {
+			return err
+		}
+	}
+	err := st.rc.Flush()
+	_ = st.rc.SetWriteDeadline(time.Time{})
+	return err
+}
+
+// replay writes what history kept after the client's last id, telling it
+// first when some of that was already trimmed.
+func (st *stream) replay(msgs []registry.Message, truncated bool, after uint64) error {
+	if truncated {
+		if err := st.write(registry.MissedFrame(after).Bytes); err != nil {
+			return err
+		}
+	}
+	const batch = 64
+	var out [][]byte
+	for i, m := range msgs {
+		f := st.h.hub.reg.Encode(st.h.format, m)
+		if f.Seq > st.lastSeq {
+			st.lastSeq = f.Seq
+		}
+		if len(f.Bytes) > 0 {
+			out = append(out, f.Bytes)
+		}
+		if len(out) == batch || i == len(msgs)-1 {
+			if err := st.write(out...); err != nil {
+				return err
+			}
+			metrics.delivered.Add(float64(len(out)))
+			out = out[:0]
+		}
+		if f.Close {
+			st.sub.End(registry.ReasonClosed)
+			break
+		}
+	}
+	return nil
+}
+
+// run is the stream's loop: it sleeps until frames are queued, a keepalive
+// is due, or the stream must end, and returns why it ended.
+func (st *stream) run(ctx context.Context) string {
+	keepalive := time.NewTimer(time.Duration(st.h.Keepalive))
+	defer keepalive.Stop()
+	var maxDuration <-chan time.Time
+	if d := time.Duration(st.h.MaxDuration); d > 0 {
+		// Up to 10% jitter, so that streams opened together do not all
+		// reconnect together.
+		t := time.NewTimer(d - time.Duration(rand.Int64N(int64(d/10)+1)))
+		defer t.Stop()
+		maxDuration = t.C
+	}
+	for {
+		select {
+		case <-st.sub.Wake():
+			why, err := st.drain()
+			if err != nil {
+				return "client"
+			}
+			if why != "" {
+				return why
+			}
+			keepalive.Reset(time.Duration(st.h.Keepalive))
+		case <-keepalive.C:
+			if st.write(sse.Comment) != nil {
+				return "client"
+			}
+			keepalive.Reset(time.Duration(st.h.Keepalive))
+		case <-ctx.Done():
+			return "client"
+		case <-maxDuration:
+			return "max_duration"
+		case <-exiting:
+			// Spread the reconnects, but stay prompt: Caddy waits for us.
+			select {
+			case <-time.After(time.Duration(rand.Int64N(int64(exitJitter)))):
+			case <-ctx.Done():
+			}
+			return "shutdown"
+		}
+	}
+}
+
+// drain writes every queued frame in one flush.
+func (st *stream) drain() (string, error) {
+	frames, why := st.sub.Take(st.frames)
+	st.frames = frames
+	if len(frames) == 0 {
+		return why, nil
+	}
+	n := 0
+	_ = st.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	for _, f := range frames {
+		if f.Seq != 0 {
+			if f.Seq <= st.lastSeq {
+				continue // already sent by the replay
+			}
+			st.lastSeq = f.Seq
+		}
+		if len(f.Bytes) == 0 {
+			continue
+		}
+		if _, err := st.w.Write(f.Bytes); err != nil {
+			return why, err
+		}
+		n++
+	}
+	clear(frames) // let the frames go; the slice is reused
+	err := st.rc.Flush()
+	_ = st.rc.SetWriteDeadline(time.Time{})
+	metrics.delivered.Add(float64(n))
+	return why, err
+}

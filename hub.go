@@ -1,0 +1,231 @@
+package caddysse
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/caddy-sse/caddy-sse/broker"
+	"github.com/caddy-sse/caddy-sse/registry"
+)
+
+// hubs shares one hub per Redis configuration across config loads, so that a
+// reload with the same Redis keeps every stream and subscription.
+var hubs = caddy.NewUsagePool()
+
+// hub is a registry with the broker that feeds it.
+type hub struct {
+	reg    *registry.Registry
+	brk    *broker.Broker
+	logger *zap.Logger
+
+	mu        sync.Mutex
+	retention broker.Retention // the largest any config asked for
+}
+
+// acquireHub returns the hub for cfg, creating it on first use, and the key
+// to release it with.
+func acquireHub(cfg *RedisConfig, logger *zap.Logger) (*hub, string, error) {
+	opts, cluster, err := cfg.options()
+	if err != nil {
+		return nil, "", err
+	}
+	keyJSON, err := json.Marshal([]any{opts.Addrs, opts.MasterName, opts.Username,
+		opts.Password, opts.DB, opts.TLSConfig != nil, cluster})
+	if err != nil {
+		return nil, "", fmt.Errorf("redis: %w", err)
+	}
+	key := string(keyJSON)
+	v, _, err := hubs.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newHub(opts, cluster, logger)
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	return v.(*hub), key, nil
+}
+
+func releaseHub(key string) error {
+	_, err := hubs.Delete(key)
+	return err
+}
+
+func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hub, error) {
+	src := &brokerSource{}
+	reg := registry.New(src, logger, registry.Metrics{
+		Dropped: metrics.dropped,
+		Faults:  metrics.faults,
+	})
+	brk, err := broker.New(broker.Options{
+		Redis:   opts,
+		Cluster: cluster,
+		Logger:  logger,
+		Metrics: broker.Metrics{
+			Connected:  metrics.redisConnected,
+			Reconnects: metrics.redisReconnects,
+			Channels:   metrics.channels,
+			Received:   metrics.received,
+		},
+	}, brokerSink{reg})
+	if err != nil {
+		reg.Close()
+		return nil, fmt.Errorf("redis: %w", err)
+	}
+	src.b = brk
+	watchExit()
+	return &hub{reg: reg, brk: brk, logger: logger}, nil
+}
+
+// wantHistory makes sure Redis keeps at least r for resumable publishing.
+// It does not wait for Redis: Provision must stay fast.
+func (h *hub) wantHistory(r broker.Retention) {
+	h.mu.Lock()
+	changed := false
+	if r.MaxLen > h.retention.MaxLen {
+		h.retention.MaxLen, changed = r.MaxLen, true
+	}
+	if r.TTL > h.retention.TTL {
+		h.retention.TTL, changed = r.TTL, true
+	}
+	want := h.retention
+	h.mu.Unlock()
+	if !changed {
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := h.brk.EnsureHistory(ctx, want); err != nil {
+			h.logger.Warn("installing the history functions in Redis failed; will retry on reconnect",
+				zap.Error(err))
+		}
+	}()
+}
+
+// Destruct runs when the last config using this Redis is unloaded.
+func (h *hub) Destruct() error {
+	h.reg.Close()
+	return h.brk.Close()
+}
+
+// brokerSource adapts the broker to the registry's Source.
+type brokerSource struct{ b *broker.Broker }
+
+func (s *brokerSource) Subscribe(ctx context.Context, channels ...string) error {
+	return s.b.Subscribe(ctx, channels...)
+}
+
+func (s *brokerSource) Unsubscribe(channels ...string) { s.b.Unsubscribe(channels...) }
+
+func (s *brokerSource) Replay(ctx context.Context, channels []string, after uint64) ([]registry.Message, bool, error) {
+	rep, err := s.b.Replay(ctx, channels, after)
+	if err != nil {
+		return nil, false, err
+	}
+	msgs := make([]registry.Message, len(rep.Messages))
+	for i, m := range rep.Messages {
+		msgs[i] = registry.Message(m)
+	}
+	return msgs, rep.Truncated, nil
+}
+
+// brokerSink hands what the broker reads to the registry.
+type brokerSink struct{ reg *registry.Registry }
+
+func (s brokerSink) HandleMessage(m broker.Message) { s.reg.Deliver(registry.Message(m)) }
+
+func (s brokerSink) HandleReconnect() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s.reg.Reconnected(ctx)
+}
+
+// defaultRedisURL is used when neither the config nor REDIS_URL names one.
+const defaultRedisURL = "redis://127.0.0.1:6379"
+
+// options turns the config into go-redis options, expanding placeholders
+// such as {env.REDIS_URL}.
+func (c *RedisConfig) options() (*redis.UniversalOptions, bool, error) {
+	repl := caddy.NewReplacer()
+	if c == nil {
+		c = &RedisConfig{}
+	}
+	if len(c.Addrs) > 0 {
+		if c.URL != "" {
+			return nil, false, fmt.Errorf("redis: give either a url or addrs, not both")
+		}
+		opts := &redis.UniversalOptions{
+			Addrs:      c.Addrs,
+			MasterName: c.MasterName,
+			Username:   repl.ReplaceAll(c.Username, ""),
+			Password:   repl.ReplaceAll(c.Password, ""),
+			DB:         c.DB,
+		}
+		if c.TLS {
+			opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
+		return opts, c.Cluster, nil
+	}
+	raw := c.URL
+	if raw == "" {
+		raw = "{env.REDIS_URL}"
+	}
+	u := strings.TrimSpace(repl.ReplaceAll(raw, ""))
+	if u == "" {
+		u = defaultRedisURL
+	}
+	opts, err := broker.ParseURL(u)
+	if err != nil {
+		return nil, false, fmt.Errorf("redis: %w", err)
+	}
+	if c.Username != "" {
+		opts.Username = repl.ReplaceAll(c.Username, "")
+	}
+	if c.Password != "" {
+		opts.Password = repl.ReplaceAll(c.Password, "")
+	}
+	if c.TLS && opts.TLSConfig == nil {
+		opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	return opts, c.Cluster, nil
+}
+
+// exiting is closed once Caddy is exiting, so that streams end promptly
+// instead of holding up the server's graceful shutdown forever. Caddy runs
+// its exit callbacks only after the servers stopped, too late for that, so
+// the flag is polled.
+var (
+	exiting     = make(chan struct{})
+	exitWatcher sync.Once
+)
+
+func watchExit() {
+	exitWatcher.Do(func() {
+		go func() {
+			t := time.NewTicker(100 * time.Millisecond)
+			defer t.Stop()
+			for range t.C {
+				if caddy.Exiting() {
+					close(exiting)
+					return
+				}
+			}
+		}()
+	})
+}
+
+// retention is the history a config asks Redis to keep.
+func (hi *History) retention() broker.Retention {
+	if hi == nil {
+		return broker.Retention{}
+	}
+	return broker.Retention{MaxLen: int64(hi.Size), TTL: time.Duration(hi.TTL)}
+}

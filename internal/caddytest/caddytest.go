@@ -1,0 +1,233 @@
+// Package caddytest runs real Caddy processes, built from this repository's
+// cmd/caddy, for end-to-end tests: Caddyfiles in, HTTP over loopback out.
+package caddytest
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// Binary builds cmd/caddy once per test process (with the race detector when
+// the tests run with it) and returns its path.
+func Binary(tb testing.TB) string {
+	tb.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "caddy-sse-bin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "caddy")
+		args := []string{"build", "-o", binPath}
+		if raceEnabled {
+			args = append(args, "-race")
+		}
+		args = append(args, "./cmd/caddy")
+		cmd := exec.Command("go", args...)
+		cmd.Dir = moduleRoot()
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("building cmd/caddy: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		tb.Fatal(buildErr)
+	}
+	return binPath
+}
+
+func moduleRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func FreePort(tb testing.TB) int {
+	tb.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// Instance is one running Caddy process.
+type Instance struct {
+	tb        testing.TB
+	cmd       *exec.Cmd
+	dir       string
+	AdminPort int
+	HTTPPort  int
+	logs      *syncBuffer
+	done      chan struct{}
+}
+
+// Options are the placeholders a test Caddyfile may use besides {HTTP} and
+// {ADMIN}: each key is replaced by its value.
+type Options map[string]string
+
+// Start writes caddyfile (with {HTTP} and {ADMIN} replaced by free ports and
+// every key of vars by its value) and runs `caddy run` on it. It waits until
+// the admin endpoint answers and stops the process at test cleanup.
+func Start(tb testing.TB, caddyfile string, vars Options, env ...string) *Instance {
+	tb.Helper()
+	bin := Binary(tb)
+	in := &Instance{
+		tb:        tb,
+		dir:       tb.TempDir(),
+		AdminPort: FreePort(tb),
+		HTTPPort:  FreePort(tb),
+		logs:      &syncBuffer{},
+		done:      make(chan struct{}),
+	}
+	path := filepath.Join(in.dir, "Caddyfile")
+	if err := os.WriteFile(path, []byte(in.Expand(caddyfile, vars)), 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	in.cmd = exec.Command(bin, "run", "--config", path, "--adapter", "caddyfile")
+	in.cmd.Dir = in.dir
+	in.cmd.Env = append(append(os.Environ(), "HOME="+in.dir, "XDG_DATA_HOME="+in.dir, "XDG_CONFIG_HOME="+in.dir), env...)
+	in.cmd.Stdout = in.logs
+	in.cmd.Stderr = in.logs
+	if err := in.cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	go func() {
+		_ = in.cmd.Wait()
+		close(in.done)
+	}()
+	tb.Cleanup(in.cleanup)
+	in.waitReady()
+	return in
+}
+
+// Expand replaces {HTTP}, {ADMIN} and the keys of vars in a Caddyfile.
+func (in *Instance) Expand(caddyfile string, vars Options) string {
+	s := strings.ReplaceAll(caddyfile, "{HTTP}", fmt.Sprint(in.HTTPPort))
+	s = strings.ReplaceAll(s, "{ADMIN}", fmt.Sprint(in.AdminPort))
+	for k, v := range vars {
+		s = strings.ReplaceAll(s, k, v)
+	}
+	return s
+}
+
+func (in *Instance) waitReady() {
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-in.done:
+			in.tb.Fatalf("caddy exited early:\n%s", in.logs.String())
+		default:
+		}
+		resp, err := http.Get(in.AdminURL() + "/config/")
+		if err == nil {
+			resp.Body.Close()
+			if c, err := net.DialTimeout("tcp", in.Addr(), time.Second); err == nil {
+				c.Close()
+				return
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	in.tb.Fatalf("caddy did not become ready:\n%s", in.logs.String())
+}
+
+// Addr is the host:port of the HTTP server.
+func (in *Instance) Addr() string { return fmt.Sprintf("127.0.0.1:%d", in.HTTPPort) }
+
+// URL is the base URL of the HTTP server.
+func (in *Instance) URL() string { return "http://" + in.Addr() }
+
+// AdminURL is the base URL of the admin endpoint.
+func (in *Instance) AdminURL() string { return fmt.Sprintf("http://127.0.0.1:%d", in.AdminPort) }
+
+// Logs returns what the process has printed so far.
+func (in *Instance) Logs() string { return in.logs.String() }
+
+// Reload loads a new Caddyfile through the admin API, as `caddy reload` does.
+func (in *Instance) Reload(caddyfile string, vars Options) error {
+	body := in.Expand(caddyfile, vars)
+	req, err := http.NewRequest(http.MethodPost, in.AdminURL()+"/load", strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "text/caddyfile")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	msg, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("reload: %s: %s", resp.Status, msg)
+	}
+	return nil
+}
+
+// Stop asks Caddy to exit through the admin API and waits up to timeout for
+// the process to end; it reports how long that took.
+func (in *Instance) Stop(timeout time.Duration) (time.Duration, error) {
+	start := time.Now()
+	resp, err := http.Post(in.AdminURL()+"/stop", "", nil)
+	if err == nil {
+		resp.Body.Close()
+	}
+	select {
+	case <-in.done:
+		return time.Since(start), nil
+	case <-time.After(timeout):
+		return time.Since(start), fmt.Errorf("caddy did not exit within %v", timeout)
+	}
+}
+
+func (in *Instance) cleanup() {
+	select {
+	case <-in.done:
+	default:
+		_ = in.cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-in.done:
+		case <-time.After(5 * time.Second):
+			_ = in.cmd.Process.Kill()
+			<-in.done
+		}
+	}
+	if logs := in.logs.String(); strings.Contains(logs, "WARNING: DATA RACE") || strings.Contains(logs, "panic:") {
+		in.tb.Errorf("caddy reported a data race or panic:\n%s", logs)
+	}
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}

@@ -1,0 +1,5 @@
+//go:build race
+
+package caddytest
+
+const raceEnabled = true

@@ -1,0 +1,228 @@
+// Package redistest starts real redis-server processes for tests. There is
+// no fake Redis on purpose: what the broker must get right (confirmation of
+// subscriptions, reconnects, functions lost on restart) is server behaviour.
+package redistest
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net"
+	"os/exec"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// startTimeout bounds how long a server may take to answer PING.
+const startTimeout = 10 * time.Second
+
+// Server is one redis-server process listening on 127.0.0.1.
+type Server struct {
+	tb   testing.TB
+	port int
+	args []string
+	dir  string
+
+	mu      sync.Mutex
+	cmd     *exec.Cmd
+	exited  chan struct{}
+	client  *redis.Client
+	stopped bool
+}
+
+// Start starts a redis-server on a free port of 127.0.0.1, without
+// persistence, with args appended to its command line, and waits until it
+// answers PING. The server is stopped when the test ends. Start fails the
+// test when redis-server is not installed: these tests must not pass by
+// skipping.
+func Start(tb testing.TB, args ...string) *Server {
+	tb.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		tb.Fatalf("redistest: redis-server not found on PATH (%v): install Redis 7 or later (for example `apt-get install redis-server` or `brew install redis`) to run these tests", err)
+	}
+	s := &Server{tb: tb, args: args, dir: tb.TempDir()}
+	tb.Cleanup(s.cleanup)
+	var err error
+	// The free port is found by binding and releasing it, so another process
+	// may take it in between: retry a few times on a fresh port.
+	for range 5 {
+		if s.port, err = freePort(); err != nil {
+			tb.Fatalf("redistest: find a free port: %v", err)
+		}
+		if err = s.start(); err == nil {
+			return s
+		}
+	}
+	tb.Fatalf("redistest: %v", err)
+	return nil
+}
+
+// Addr is the server's host:port.
+func (s *Server) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port)) }
+
+// URL is the server's redis:// URL.
+func (s *Server) URL() string { return "redis://" + s.Addr() }
+
+// Client returns a client of the server for assertions, created on first use
+// and closed when the test ends. It survives Stop and Restart (go-redis
+// redials).
+func (s *Server) Client() *redis.Client {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.client == nil {
+		s.client = redis.NewClient(&redis.Options{Addr: s.Addr()})
+	}
+	return s.client
+}
+
+// Stop kills the server (SIGKILL, no shutdown) and waits for it to exit, to
+// simulate an outage. Stopping a stopped server does nothing.
+func (s *Server) Stop() {
+	s.tb.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stopLocked()
+}
+
+// Restart starts the server again on the same port with the same arguments
+// and waits until it answers PING. Without persistence the data set, and the
+// functions loaded, are gone. A running server is stopped first.
+func (s *Server) Restart() {
+	s.tb.Helper()
+	s.mu.Lock()
+	s.stopLocked()
+	s.mu.Unlock()
+	var err error
+	// The old process's port can linger for a moment; retry briefly.
+	for range 5 {
+		if err = s.start(); err == nil {
+			return
+		}
+	}
+	s.tb.Fatalf("redistest: restart: %v", err)
+}
+
+func (s *Server) stopLocked() {
+	if s.cmd == nil || s.stopped {
+		return
+	}
+	s.stopped = true
+	_ = s.cmd.Process.Kill()
+	<-s.exited
+}
+
+// start launches the process and waits for PING; on failure the process is
+// gone and the error carries its output.
+func (s *Server) start() error {
+	argv := []string{
+		"--port", strconv.Itoa(s.port),
+		"--bind", "127.0.0.1",
+		"--save", "",
+		"--appendonly", "no",
+		"--dir", s.dir,
+	}
+	argv = append(argv, s.args...)
+	cmd := exec.Command("redis-server", argv...)
+	out := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start redis-server: %w", err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		close(exited)
+	}()
+
+	if err := waitPing(s.Addr(), exited); err != nil {
+		_ = cmd.Process.Kill()
+		<-exited
+		return fmt.Errorf("redis-server %v: %w\n%s", argv, err, out.String())
+	}
+	s.mu.Lock()
+	s.cmd, s.exited, s.stopped = cmd, exited, false
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *Server) cleanup() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.client != nil {
+		_ = s.client.Close()
+		s.client = nil
+	}
+	s.stopLocked()
+}
+
+// waitPing polls addr with PING until it answers PONG, the process exits or
+// startTimeout passes.
+func waitPing(addr string, exited <-chan struct{}) error {
+	deadline := time.Now().Add(startTimeout)
+	for {
+		if err := ping(addr); err == nil {
+			return nil
+		} else if time.Now().After(deadline) {
+			return fmt.Errorf("no answer to PING on %s within %s: %w", addr, startTimeout, err)
+		}
+		select {
+		case <-exited:
+			return fmt.Errorf("exited before answering PING on %s", addr)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// ping speaks RESP by hand: a go-redis client would log its dial failures
+// while the server is still starting.
+func ping(addr string) error {
+	conn, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(time.Second))
+	if _, err := conn.Write([]byte("PING\r\n")); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if line != "+PONG\r\n" {
+		return fmt.Errorf("PING answered %q", line)
+	}
+	return nil
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// syncBuffer collects the server's output for error messages; the process
+// writes it from exec's copying goroutine.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}

@@ -1,0 +1,230 @@
+// Package caddysse is a Caddy module that streams Redis pub/sub channels to
+// browsers as Server-Sent Events.
+//
+// This file holds the `sse` handler's configuration and its life cycle in
+// Caddy; handler.go serves the streams.
+package caddysse
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/caddy-sse/caddy-sse/sse"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Defaults for options left unset.
+const (
+	defaultKeepalive   = 15 * time.Second
+	defaultBuffer      = 256
+	defaultMaxChannels = 16
+)
+
+// Handler streams the Redis pub/sub channels named by its channel templates
+// to the client as Server-Sent Events.
+type Handler struct {
+	// Redis to subscribe to. Defaults to {env.REDIS_URL}, then
+	// redis://127.0.0.1:6379.
+	Redis *RedisConfig `json:"redis,omitempty"`
+
+	// Channels to subscribe the stream to. Each is a template in which Caddy
+	// placeholders are expanded per request; a value with commas (for example
+	// a header listing several channels) is split into several channels.
+	Channels []string `json:"channels,omitempty"`
+
+	// Allow is a regular expression every resolved channel must match in
+	// full, else the request is refused with 403.
+	Allow string `json:"allow,omitempty"`
+
+	// Format says how a published payload becomes an event: "raw" (the
+	// payload is the data, the default) or "envelope" (JSON with event, id,
+	// data, retry and close fields).
+	Format string `json:"format,omitempty"`
+
+	// Keepalive is how long a stream may be silent before a comment line is
+	// sent to keep proxies and clients from timing it out. Default: 15s.
+	Keepalive caddy.Duration `json:"keepalive,omitempty"`
+
+	// Retry is sent at stream start as the client's reconnection delay.
+	Retry caddy.Duration `json:"retry,omitempty"`
+
+	// Buffer is the number of events queued per stream; a stream that falls
+	// this far behind is closed (it resumes on reconnect). Default: 256.
+	Buffer int `json:"buffer,omitempty"`
+
+	// History keeps recent events of each channel in Redis so that a client
+	// reconnecting with Last-Event-ID gets what it missed.
+	History *History `json:"history,omitempty"`
+
+	// MaxConnections caps the open streams of this Caddy instance; past it
+	// requests get 503 with Retry-After. 0: no cap.
+	MaxConnections int `json:"max_connections,omitempty"`
+
+	// MaxChannels caps the channels of one stream; past it requests get 400.
+	// Default: 16.
+	MaxChannels int `json:"max_channels,omitempty"`
+
+	// MaxDuration closes a stream after about this long (with up to 10%
+	// jitter) so that load rebalances across instances; clients reconnect and
+	// resume. 0: no limit.
+	MaxDuration caddy.Duration `json:"max_duration,omitempty"`
+
+	allow  *regexp.Regexp
+	format sse.Format
+	hub    *hub
+	hubKey string
+	logger *zap.Logger
+}
+
+// RedisConfig says how to reach Redis: a URL, or addresses for a single
+// server, Sentinel (with MasterName) or Cluster.
+type RedisConfig struct {
+	// URL is a redis:// or rediss:// URL. Placeholders such as {env.REDIS_URL}
+	// are expanded at load time.
+	URL string `json:"url,omitempty"`
+	// Addrs are host:port addresses: one server, the Sentinels (with
+	// MasterName), or Cluster nodes.
+	Addrs []string `json:"addrs,omitempty"`
+	// MasterName selects Sentinel mode: the name of the monitored master.
+	MasterName string `json:"master_name,omitempty"`
+	// Cluster selects Redis Cluster mode.
+	Cluster bool `json:"cluster,omitempty"`
+	// Username for Redis ACL authentication.
+	Username string `json:"username,omitempty"`
+	// Password for Redis authentication. Placeholders are expanded.
+	Password string `json:"password,omitempty"`
+	// DB is the database number (not in Cluster mode).
+	DB int `json:"db,omitempty"`
+	// TLS connects with TLS.
+	TLS bool `json:"tls,omitempty"`
+}
+
+// History is the per-channel retention that serves Last-Event-ID resume.
+type History struct {
+	// Size keeps about this many recent events per channel.
+	Size int `json:"size,omitempty"`
+	// TTL drops a channel's history after this long without a publish.
+	TTL caddy.Duration `json:"ttl,omitempty"`
+}
+
+func (hi *History) validate() error {
+	if hi == nil {
+		return nil
+	}
+	if hi.Size < 0 {
+		return fmt.Errorf("history: size must not be negative")
+	}
+	if hi.TTL < 0 {
+		return fmt.Errorf("history: ttl must not be negative")
+	}
+	return nil
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.sse",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision compiles the options and takes a reference to the hub (the
+// registry and its Redis broker) shared by every config using the same Redis.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if err := h.compile(); err != nil {
+		return err
+	}
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
+	hb, key, err := acquireHub(h.Redis, h.logger)
+	if err != nil {
+		return err
+	}
+	h.hub, h.hubKey = hb, key
+	if r := h.History.retention(); r.MaxLen > 0 {
+		hb.wantHistory(r)
+	}
+	return nil
+}
+
+// compile checks and converts the options that need it; every error names
+// its option.
+func (h *Handler) compile() error {
+	if len(h.Channels) == 0 {
+		return fmt.Errorf("channel: at least one channel template is required")
+	}
+	for _, c := range h.Channels {
+		if strings.TrimSpace(c) == "" {
+			return fmt.Errorf("channel: empty channel template")
+		}
+	}
+	if h.Allow != "" {
+		re, err := regexp.Compile(`^(?:` + h.Allow + `)$`)
+		if err != nil {
+			return fmt.Errorf("allow: %w", err)
+		}
+		h.allow = re
+	}
+	f, err := sse.ParseFormat(h.Format)
+	if err != nil {
+		return fmt.Errorf("format: %w", err)
+	}
+	h.format = f
+	if h.Keepalive == 0 {
+		h.Keepalive = caddy.Duration(defaultKeepalive)
+	}
+	if h.Buffer == 0 {
+		h.Buffer = defaultBuffer
+	}
+	if h.MaxChannels == 0 {
+		h.MaxChannels = defaultMaxChannels
+	}
+	return nil
+}
+
+// Validate refuses values out of range; every error names its option.
+func (h *Handler) Validate() error {
+	switch {
+	case h.Keepalive < 0:
+		return fmt.Errorf("keepalive: must not be negative")
+	case h.Retry < 0:
+		return fmt.Errorf("retry: must not be negative")
+	case h.Buffer < 0:
+		return fmt.Errorf("buffer: must not be negative")
+	case h.MaxConnections < 0:
+		return fmt.Errorf("max_connections: must not be negative")
+	case h.MaxChannels < 0:
+		return fmt.Errorf("max_channels: must not be negative")
+	case h.MaxDuration < 0:
+		return fmt.Errorf("max_duration: must not be negative")
+	}
+	return h.History.validate()
+}
+
+// Cleanup drops this config's reference to the hub; the hub and its open
+// streams live on while a newer config uses the same Redis.
+func (h *Handler) Cleanup() error {
+	if h.hub == nil {
+		return nil
+	}
+	return releaseHub(h.hubKey)
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

@@ -1,0 +1,445 @@
+// Package registry is the hub of caddy-sse: it maps channels to the streams
+// listening to them, subscribes each channel once per instance while it has
+// listeners, and fans every published message out as one encoded frame to
+// bounded per-stream queues without ever blocking on a slow stream.
+package registry
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/caddy-sse/caddy-sse/sse"
+)
+
+// Message is one message from Redis: live, or read back from history.
+type Message struct {
+	Channel string
+	Payload []byte
+	// Seq is the history sequence number of a resumable event, else 0.
+	Seq uint64
+}
+
+// Source is the Redis side as the registry needs it.
+type Source interface {
+	// Subscribe returns once Redis confirmed every channel, or with an error
+	// when that is not possible now (the source then subscribes them when it
+	// can).
+	Subscribe(ctx context.Context, channels ...string) error
+	// Unsubscribe must not block on Redis.
+	Unsubscribe(channels ...string)
+	// Replay returns the history of channels after the given sequence
+	// number, merged in sequence order, and whether some of it was trimmed.
+	Replay(ctx context.Context, channels []string, after uint64) ([]Message, bool, error)
+}
+
+// Metrics are the registry's counters; any may be nil.
+type Metrics struct {
+	// Dropped counts events not delivered to a stream, by reason.
+	Dropped *prometheus.CounterVec
+	// Faults counts repairs made to published messages, by reason.
+	Faults *prometheus.CounterVec
+}
+
+// MissedEvent is the event type sent when a client may have missed events:
+// its Last-Event-ID is older than the history kept, or Redis lost events.
+const MissedEvent = "sse-missed"
+
+// subscribeTimeout bounds how long one SUBSCRIBE may take before the streams
+// waiting for it go on without the confirmation.
+const subscribeTimeout = 5 * time.Second
+
+// Registry maps channels to subscribers. All methods are safe for
+// concurrent use; Deliver is meant to be called by one reader goroutine.
+type Registry struct {
+	src     Source
+	logger  *zap.Logger
+	metrics Metrics
+
+	mu       sync.RWMutex
+	channels map[string]*channel
+	dirty    map[string]struct{} // channels whose subscription may need a change
+	closed   bool
+
+	kick chan struct{} // wakes the subscription reconciler
+	done chan struct{}
+	wg   sync.WaitGroup
+
+	// deliverMu orders live delivery and catch-up after a reconnect.
+	deliverMu  sync.Mutex
+	catchingUp bool
+	pending    []Message
+	lastSeq    atomic.Uint64 // highest sequence number delivered
+}
+
+type channel struct {
+	name    string
+	refs    int  // under Registry.mu
+	history bool // under Registry.mu: some listener wants catch-up
+	subs    atomic.Pointer[[]*Subscriber]
+	ready   chan struct{} // closed once Redis confirmed the subscription
+}
+
+// New returns a registry that subscribes through src.
+func New(src Source, logger *zap.Logger, m Metrics) *Registry {
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	r := &Registry{
+		src:      src,
+		logger:   logger,
+		metrics:  m,
+		channels: make(map[string]*channel),
+		dirty:    make(map[string]struct{}),
+		kick:     make(chan struct{}, 1),
+		done:     make(chan struct{}),
+	}
+	r.wg.Add(1)
+	go r.reconcile()
+	return r
+}
+
+// ErrClosed is returned by Attach once the registry is closed.
+var ErrClosed = errors.New("registry closed")
+
+// Attach adds s to its channels and returns once every channel is
+// subscribed in Redis (or Redis is unreachable and the subscription will
+// follow when it is back), so that no event published after Attach returns
+// is missed. On error s is not attached.
+func (r *Registry) Attach(ctx context.Context, s *Subscriber) error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return ErrClosed
+	}
+	waits := make([]chan struct{}, 0, len(s.channels))
+	for _, name := range s.channels {
+		c := r.channels[name]
+		if c == nil {
+			c = &channel{name: name, ready: make(chan struct{})}
+			empty := make([]*Subscriber, 0)
+			c.subs.Store(&empty)
+			r.channels[name] = c
+			r.dirty[name] = struct{}{}
+		}
+		c.refs++
+		c.history = c.history || s.history
+		c.add(s)
+		waits = append(waits, c.ready)
+	}
+	r.mu.Unlock()
+	r.signal()
+
+	for _, ready := range waits {
+		select {
+		case <-ready:
+		case <-ctx.Done():
+			r.Detach(s)
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// Detach removes s from its channels; a channel nobody listens to any more
+// is unsubscribed.
+func (r *Registry) Detach(s *Subscriber) {
+	r.mu.Lock()
+	for _, name := range s.channels {
+		c := r.channels[name]
+		if c == nil || !c.remove(s) {
+			continue
+		}
+		c.refs--
+		if c.refs == 0 {
+			delete(r.channels, name)
+			r.dirty[name] = struct{}{}
+		}
+	}
+	r.mu.Unlock()
+	r.signal()
+}
+
+func (r *Registry) signal() {
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+// reconcile is the only goroutine that subscribes and unsubscribes, so that
+// the commands reach Redis in the order the registry decided them, and a
+// burst of new streams costs one SUBSCRIBE.
+func (r *Registry) reconcile() {
+	defer r.wg.Done()
+	subscribed := make(map[string]bool)
+	for {
+		select {
+		case <-r.kick:
+		case <-r.done:
+			return
+		}
+		var add []*channel
+		var remove []string
+		r.mu.Lock()
+		for name := range r.dirty {
+			c := r.channels[name]
+			switch {
+			case c != nil && !subscribed[name]:
+				add = append(add, c)
+				subscribed[name] = true
+			case c == nil && subscribed[name]:
+				remove = append(remove, name)
+				delete(subscribed, name)
+			case c != nil:
+				// Re-created while still subscribed: confirmed already.
+				c.markReady()
+			}
+		}
+		clear(r.dirty)
+		r.mu.Unlock()
+
+		if len(remove) > 0 {
+			r.src.Unsubscribe(remove...)
+		}
+		if len(add) == 0 {
+			continue
+		}
+		names := make([]string, len(add))
+		for i, c := range add {
+			names[i] = c.name
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), subscribeTimeout)
+		err := r.src.Subscribe(ctx, names...)
+		cancel()
+		if err != nil {
+			// The source keeps the channels and subscribes them when it
+			// can; streams go on meanwhile and catch up from history.
+			r.logger.Warn("subscribe not confirmed",
+				zap.Strings("channels", names), zap.Error(err))
+		}
+		for _, c := range add {
+			c.markReady()
+		}
+	}
+}
+
+func (c *channel) markReady() {
+	select {
+	case <-c.ready:
+	default:
+		close(c.ready)
+	}
+}
+
+// add and remove replace the subscriber list (copy on write) so that
+// delivery reads it without a lock. Both run under Registry.mu.
+func (c *channel) add(s *Subscriber) {
+	old := *c.subs.Load()
+	next := make([]*Subscriber, len(old), len(old)+1)
+	copy(next, old)
+	next = append(next, s)
+	c.subs.Store(&next)
+}
+
+func (c *channel) remove(s *Subscriber) bool {
+	old := *c.subs.Load()
+	for i, x := range old {
+		if x == s {
+			next := make([]*Subscriber, 0, len(old)-1)
+			next = append(next, old[:i]...)
+			next = append(next, old[i+1:]...)
+			c.subs.Store(&next)
+			return true
+		}
+	}
+	return false
+}
+
+// Deliver fans a message out to the subscribers of its channel. It never
+// blocks on a subscriber.
+func (r *Registry) Deliver(m Message) {
+	r.deliverMu.Lock()
+	if r.catchingUp {
+		r.pending = append(r.pending, m)
+	} else {
+		r.deliverLocked(m)
+	}
+	r.deliverMu.Unlock()
+}
+
+func (r *Registry) deliverLocked(m Message) {
+	if m.Seq != 0 {
+		if m.Seq <= r.lastSeq.Load() {
+			return // already delivered by a catch-up
+		}
+		r.lastSeq.Store(m.Seq)
+	}
+	r.fanOut(m.Channel, func(format sse.Format) *Frame { return r.Encode(format, m) })
+}
+
+// fanOut queues a frame on every subscriber of channel; frame is called at
+// most once per format, so a message is encoded once however many streams
+// receive it.
+func (r *Registry) fanOut(channel string, frame func(sse.Format) *Frame) {
+	r.mu.RLock()
+	c := r.channels[channel]
+	r.mu.RUnlock()
+	if c == nil {
+		return
+	}
+	var frames [2]*Frame
+	for _, s := range *c.subs.Load() {
+		f := frames[s.format]
+		if f == nil {
+			f = frame(s.format)
+			frames[s.format] = f
+		}
+		if reason := s.push(f); reason != "" && r.metrics.Dropped != nil {
+			r.metrics.Dropped.WithLabelValues(reason).Inc()
+		}
+	}
+}
+
+// Encode turns a message into a frame for the given format, counting the
+// repairs it needed. A resumable message's sequence number is its id.
+func (r *Registry) Encode(format sse.Format, m Message) *Frame {
+	ev, fault := sse.Decode(format, m.Payload)
+	if m.Seq != 0 {
+		ev.ID = strconv.FormatUint(m.Seq, 10)
+	}
+	f := &Frame{Seq: m.Seq, Close: ev.Close}
+	if !ev.Close || len(ev.Data) > 0 || ev.Event != "" {
+		var more sse.Fault
+		f.Bytes, more = sse.AppendEvent(make([]byte, 0, len(ev.Data)+len(ev.ID)+len(ev.Event)+32), &ev)
+		fault |= more
+	}
+	if fault != 0 && r.metrics.Faults != nil {
+		for _, reason := range fault.Reasons() {
+			r.metrics.Faults.WithLabelValues(reason).Inc()
+		}
+	}
+	return f
+}
+
+// Replay reads the history of channels after the given sequence number.
+func (r *Registry) Replay(ctx context.Context, channels []string, after uint64) ([]Message, bool, error) {
+	return r.src.Replay(ctx, channels, after)
+}
+
+// Reconnected catches up the resumable channels after the Redis
+// subscription was lost and re-established: what was published in the gap
+// is read back from history and delivered before any newer live message.
+func (r *Registry) Reconnected(ctx context.Context) {
+	r.deliverMu.Lock()
+	r.catchingUp = true
+	r.deliverMu.Unlock()
+
+	after := r.lastSeq.Load()
+	var names []string
+	r.mu.RLock()
+	for name, c := range r.channels {
+		if c.history {
+			names = append(names, name)
+		}
+	}
+	r.mu.RUnlock()
+
+	var missed []Message
+	var truncated bool
+	var err error
+	if len(names) > 0 && after > 0 {
+		missed, truncated, err = r.src.Replay(ctx, names, after)
+		if err != nil {
+			r.logger.Error("catch-up after reconnect failed: events may be lost",
+				zap.Strings("channels", names), zap.Error(err))
+		}
+	}
+	r.deliverMu.Lock()
+	if truncated || err != nil {
+		f := MissedFrame(after)
+		for _, name := range names {
+			r.fanOut(name, func(sse.Format) *Frame { return f })
+		}
+	}
+	for _, m := range missed {
+		r.deliverLocked(m)
+	}
+	for _, m := range r.pending {
+		r.deliverLocked(m)
+	}
+	r.pending = nil
+	r.catchingUp = false
+	r.deliverMu.Unlock()
+	if len(missed) > 0 {
+		r.logger.Info("caught up after reconnect",
+			zap.Int("events", len(missed)), zap.Strings("channels", names))
+	}
+}
+
+// MissedFrame is the event telling a client that events after the given id
+// may be lost. It carries no id, so the client's Last-Event-ID stays put.
+func MissedFrame(after uint64) *Frame {
+	ev := sse.Event{
+		Event: MissedEvent,
+		Data:  []byte(`{"after":"` + strconv.FormatUint(after, 10) + `"}`),
+	}
+	b, _ := sse.AppendEvent(nil, &ev)
+	return &Frame{Bytes: b}
+}
+
+// Close ends every stream and stops subscribing.
+func (r *Registry) Close() {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return
+	}
+	r.closed = true
+	var all []*Subscriber
+	for _, c := range r.channels {
+		all = append(all, *c.subs.Load()...)
+	}
+	r.mu.Unlock()
+	close(r.done)
+	r.wg.Wait()
+	for _, s := range all {
+		s.End(ReasonShutdown)
+	}
+}
+
+// EndAll asks every open stream to end, for example when the process exits.
+func (r *Registry) EndAll(reason string) {
+	r.mu.RLock()
+	var all []*Subscriber
+	for _, c := range r.channels {
+		all = append(all, *c.subs.Load()...)
+	}
+	r.mu.RUnlock()
+	for _, s := range all {
+		s.End(reason)
+	}
+}
+
+// Stats is a snapshot for the admin API and tests.
+type Stats struct {
+	Channels    int
+	Subscribers map[string]int
+}
+
+// Snapshot returns the channels with their subscriber counts.
+func (r *Registry) Snapshot() Stats {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	st := Stats{Channels: len(r.channels), Subscribers: make(map[string]int, len(r.channels))}
+	for name, c := range r.channels {
+		st.Subscribers[name] = c.refs
+	}
+	return st
+}

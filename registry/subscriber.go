@@ -1,0 +1,118 @@
+package registry
+
+import (
+	"sync"
+
+	"github.com/caddy-sse/caddy-sse/sse"
+)
+
+// Frame is one encoded event, immutable and shared by every subscriber that
+// receives it.
+type Frame struct {
+	// Seq is the history sequence number (the event id), 0 when the event
+	// is not resumable.
+	Seq uint64
+	// Bytes is the wire form; empty for a close without an event.
+	Bytes []byte
+	// Close ends the stream once this frame is written.
+	Close bool
+}
+
+// Reasons a subscriber is closed, also used as metric labels.
+const (
+	ReasonOverflow = "overflow" // the client fell `buffer` events behind
+	ReasonClosed   = "closed"   // a publisher ended the channel
+	ReasonShutdown = "shutdown" // the registry was closed
+)
+
+// Subscriber is one stream's end of the registry: a bounded queue of frames
+// filled by the registry and drained by the stream's goroutine.
+type Subscriber struct {
+	channels []string
+	format   sse.Format
+	history  bool
+	max      int
+
+	wake chan struct{}
+
+	mu     sync.Mutex
+	queue  []*Frame
+	reason string // why the stream must end; "" while open
+}
+
+// NewSubscriber returns a subscriber to channels whose queue holds at most
+// buffer frames. format selects the encoding of its frames;
+// history marks the channels as resumable so that the registry catches them
+// up after a Redis outage.
+func NewSubscriber(channels []string, format sse.Format, buffer int, history bool) *Subscriber {
+	if buffer < 1 {
+		buffer = 1
+	}
+	return &Subscriber{
+		channels: channels,
+		format:   format,
+		history:  history,
+		max:      buffer,
+		wake:     make(chan struct{}, 1),
+	}
+}
+
+// Channels returns the channels the subscriber listens to.
+func (s *Subscriber) Channels() []string { return s.channels }
+
+// Wake is signalled whenever frames are queued or the subscriber must end.
+func (s *Subscriber) Wake() <-chan struct{} { return s.wake }
+
+// Take moves the queued frames into buf (reused to avoid allocation) and
+// returns them with the reason the stream must end, if any. The frames are
+// to be written before ending.
+func (s *Subscriber) Take(buf []*Frame) ([]*Frame, string) {
+	s.mu.Lock()
+	frames := s.queue
+	s.queue = buf[:0]
+	reason := s.reason
+	s.mu.Unlock()
+	return frames, reason
+}
+
+// End asks the stream to end for reason once it has written what is queued.
+func (s *Subscriber) End(reason string) {
+	s.mu.Lock()
+	if s.reason == "" {
+		s.reason = reason
+	}
+	s.mu.Unlock()
+	s.signal()
+}
+
+// push queues f without blocking. When the frame cannot be queued it
+// returns why: the subscriber is ending, or its queue is full, in which case
+// the subscriber is marked to end with ReasonOverflow.
+func (s *Subscriber) push(f *Frame) (dropped string) {
+	s.mu.Lock()
+	if s.reason != "" {
+		dropped = s.reason
+		s.mu.Unlock()
+		return dropped
+	}
+	if len(s.queue) >= s.max {
+		s.reason = ReasonOverflow
+		s.mu.Unlock()
+		s.signal()
+		return ReasonOverflow
+	}
+	s.queue = append(s.queue, f)
+	if f.Close {
+		s.reason = ReasonClosed
+	}
+	s.mu.Unlock()
+	s.signal()
+	return ""
+}
+
+func (s *Subscriber) signal() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
