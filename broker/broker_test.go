@@ -11,6 +11,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
@@ -394,7 +395,12 @@ func TestClose(t *testing.T) {
 	eventually(t, "Subscribe queued", func() bool {
 		b.mu.Lock()
 		defer b.mu.Unlock()
-		return b.inflight.head < len(b.inflight.items)
+		for _, r := range b.inflight.items[b.inflight.head:] {
+			if r.w != nil {
+				return true
+			}
+		}
+		return false
 	})
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
@@ -428,7 +434,7 @@ func TestSubscribeRefused(t *testing.T) {
 	}
 	rec := newRecorder()
 	m := newMetrics()
-	b, err := New(Options{Redis: opts, Metrics: m.Metrics}, rec)
+	b, err := New(Options{Redis: opts, Metrics: m.Metrics, Logger: zaptest.NewLogger(t)}, rec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -475,5 +481,42 @@ func TestNewInvalidOptions(t *testing.T) {
 				t.Fatal("New succeeded")
 			}
 		})
+	}
+}
+
+// A channel that became forbidden while subscribed (ACL changed: Redis
+// drops the connection) is dropped on resubscription; the others come back.
+func TestResubscribeRefused(t *testing.T) {
+	srv := redistest.Start(t)
+	ctx := ctxT(t)
+	c := srv.Client()
+	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok:*", "&soon-bad", "+@all", "~*").Err(); err != nil {
+		t.Fatal(err)
+	}
+	opts, err := ParseURL("redis://limited:pw@" + srv.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := newRecorder()
+	m := newMetrics()
+	b, err := New(Options{Redis: opts, Metrics: m.Metrics, HealthCheck: 200 * time.Millisecond, Logger: zaptest.NewLogger(t)}, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if err := b.Subscribe(ctx, "ok:1", "soon-bad", "ok:2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "resetchannels", "&ok:*").Err(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "HandleReconnect", func() bool { return rec.reconnects.Load() == 1 })
+	if got := m.channels(); got != 2 {
+		t.Fatalf("Channels gauge = %v, want 2", got)
+	}
+	for _, ch := range []string{"ok:1", "ok:2"} {
+		if n := numsub(t, c, ch); n != 1 {
+			t.Fatalf("NUMSUB %s = %d, want 1", ch, n)
+		}
 	}
 }

@@ -367,29 +367,47 @@ func (b *Broker) ponged(p *redis.Pong) error {
 }
 
 // refused handles an error reply: it answers the oldest command owed. A
-// refused Subscribe call gets the error and its channels are forgotten;
-// anything else means the connection cannot be trusted.
+// refused SUBSCRIBE (an ACL forbidding a channel) drops its channels and
+// fails its Subscribe call; a refused resubscription batch is retried one
+// channel at a time so that only the forbidden channels are dropped, and
+// one bad channel never keeps the whole connection down. Anything else
+// means the connection cannot be trusted.
 func (b *Broker) refused(rerr redis.Error) error {
 	b.mu.Lock()
 	r, ok := b.inflight.peek()
-	if !ok || r.kind != kindSubscribe || r.w == nil {
+	if !ok || r.kind != kindSubscribe {
 		b.mu.Unlock()
 		return fmt.Errorf("redis refused a command on the subscription connection: %w", rerr)
 	}
 	w, cmd := r.w, r.cmd
+	var chans []string
 	for ok && r.cmd == cmd {
+		chans = append(chans, r.channel)
 		b.inflight.pop()
 		r, ok = b.inflight.peek()
 	}
-	for _, c := range w.channels {
+	if w == nil && len(chans) > 1 {
+		for _, c := range chans {
+			b.pending = append(b.pending, op{kind: kindSubscribe, channels: []string{c}})
+		}
+		if !b.up {
+			b.pending = append(b.pending, b.barrierLocked())
+		}
+		b.mu.Unlock()
+		b.kick()
+		return nil
+	}
+	for _, c := range chans {
 		delete(b.channels, c)
 	}
 	setGauge(b.m.Channels, float64(len(b.channels)))
 	b.mu.Unlock()
 
 	b.log.Warn("redis refused a subscription",
-		zap.Strings("channels", w.channels), zap.Error(rerr))
-	w.finish(fmt.Errorf("subscribe %q: %w", w.channels, rerr))
+		zap.Strings("channels", chans), zap.Error(rerr))
+	if w != nil {
+		w.finish(fmt.Errorf("subscribe %q: %w", chans, rerr))
+	}
 	return nil
 }
 
