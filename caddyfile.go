@@ -82,11 +82,13 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 // repeat) are all subscribed; at least one is required. Channel templates
 // may hold placeholders, expanded per request, and a value with commas
 // becomes several channels. A channel given on the directive's line must not
-// start with `/` or be `*`, which Caddy reads as a matcher.
+// start with `/` or `@`, or be `*`, which Caddy reads as a matcher.
 //
 // `redis` takes a redis:// or rediss:// URL, or a placeholder such as
-// {env.REDIS_URL}, or a block: `addrs` for one server, the Sentinels (with
-// `master_name`) or the Cluster nodes (with `cluster`). Without `redis`,
+// {env.REDIS_URL}, or a block, not both: `addrs` for one server, the
+// Sentinels (with `master_name`) or the Cluster nodes (with `cluster`); a
+// block without `addrs` sets `username`, `password` and `tls` for the
+// default server (`db` then belongs in the URL's path). Without `redis`,
 // {env.REDIS_URL} and then redis://127.0.0.1:6379 are used.
 //
 // Integers must not be negative and durations are Caddy durations (such as
@@ -161,6 +163,9 @@ func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 		case "history":
 			s.History, err = parseHistory(d)
+
+		case "last_event_id":
+			s.LastEventID, err = optArg(d, opt)
 
 		default:
 			return d.Errf("unrecognized sse option '%s'", opt)

@@ -53,10 +53,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 	defer openStreams.Add(-1)
 
+	if h.format == sse.FormatEnvelope && h.hub.closed(r.Context(), channels) {
+		// A publisher ended this channel: 204 tells EventSource to stop
+		// reconnecting.
+		metrics.streamsRejected.WithLabelValues("closed").Inc()
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	}
+
 	history := h.History.retention().MaxLen > 0
 	after, resume := uint64(0), false
 	if history {
 		after, resume = lastEventID(r)
+		if !resume && h.LastEventID != "" && repl != nil {
+			after, resume = parseEventID(repl.ReplaceAll(h.LastEventID, ""))
+		}
 	}
 
 	sub := registry.NewSubscriber(channels, h.format, h.Buffer, history)
@@ -158,9 +169,10 @@ func lastEventID(r *http.Request) (uint64, bool) {
 	if v == "" {
 		v = r.URL.Query().Get("lastEventId")
 	}
-	if v == "" {
-		return 0, false
-	}
+	return parseEventID(v)
+}
+
+func parseEventID(v string) (uint64, bool) {
 	n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
 	if err != nil {
 		return 0, false

@@ -80,8 +80,10 @@ func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hu
 		return nil, fmt.Errorf("redis: %w", err)
 	}
 	src.b = brk
+	h := &hub{reg: reg, brk: brk, logger: logger}
+	reg.OnClose = h.markClosed
 	watchExit()
-	return &hub{reg: reg, brk: brk, logger: logger}, nil
+	return h, nil
 }
 
 // wantHistory makes sure Redis keeps at least r for resumable publishing.
@@ -108,6 +110,31 @@ func (h *hub) wantHistory(r broker.Retention) {
 				zap.Error(err))
 		}
 	}()
+}
+
+// markClosed records in Redis that a publisher ended channel, so that
+// reconnecting clients on any instance get 204. It runs on the delivering
+// goroutine, so the Redis call goes to the background.
+func (h *hub) markClosed(channel string) {
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := h.brk.MarkClosed(ctx, channel); err != nil {
+			h.logger.Warn("cannot mark channel closed", zap.String("channel", channel), zap.Error(err))
+		}
+	}()
+}
+
+// closed reports whether a publisher ended one of channels. While Redis
+// cannot tell, the stream is served.
+func (h *hub) closed(ctx context.Context, channels []string) bool {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	closed, err := h.brk.AnyClosed(ctx, channels)
+	if err != nil {
+		h.logger.Debug("cannot check for closed channels", zap.Error(err))
+	}
+	return closed
 }
 
 // Destruct runs when the last config using this Redis is unloaded.

@@ -73,6 +73,14 @@ type Handler struct {
 	// Default: 16.
 	MaxChannels int `json:"max_channels,omitempty"`
 
+	// LastEventID is a template for the resume point of a stream whose client
+	// sent no Last-Event-ID. Behind reverse_proxy's handle_response, the app
+	// can answer with a header such as X-Sse-Last-Event-Id: 0 and this set
+	// to {rp.header.X-Sse-Last-Event-Id}, so that what it publishes before
+	// the stream is attached is replayed from history, not lost. Needs
+	// history.
+	LastEventID string `json:"last_event_id,omitempty"`
+
 	// MaxDuration closes a stream after about this long (with up to 10%
 	// jitter) so that load rebalances across instances; clients reconnect and
 	// resume. 0: no limit.

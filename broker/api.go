@@ -27,6 +27,11 @@ type Handler interface {
 	// the subscription connection was lost and re-established and every
 	// channel was resubscribed and confirmed: messages published in the gap
 	// were not received.
+	//
+	// It is also called when the first connection succeeds after New found
+	// Redis unreachable (Subscribe returned ErrDown meanwhile). Calls may
+	// overlap if the connection flaps, and the function library is reloaded
+	// before it is called.
 	HandleReconnect()
 }
 

@@ -53,7 +53,8 @@ type Metrics struct {
 	Connected prometheus.Gauge
 	// Reconnects counts re-established subscription connections.
 	Reconnects prometheus.Counter
-	// Channels is the number of channels currently subscribed.
+	// Channels is the number of channels currently subscribed: the set the
+	// broker keeps subscribed, including through an outage.
 	Channels prometheus.Gauge
 	// Received counts messages read from Redis.
 	Received prometheus.Counter
@@ -63,6 +64,7 @@ type Metrics struct {
 // stream of the instance shares. Its methods are safe for concurrent use.
 type Broker struct {
 	client   redis.UniversalClient
+	addrs    []string // for the log
 	h        Handler
 	log      *zap.Logger
 	m        Metrics
@@ -120,6 +122,7 @@ func New(opts Options, h Handler) (*Broker, error) {
 	}
 	b := &Broker{
 		client:     redis.NewUniversalClient(&ro),
+		addrs:      ro.Addrs,
 		h:          h,
 		log:        opts.Logger,
 		m:          opts.Metrics,

@@ -438,10 +438,10 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp bool) {
 		b.log.Debug("redis reconnect attempt failed", zap.Error(err))
 	case wasUp:
 		b.log.Warn("redis subscription connection lost; reconnecting",
-			zap.Error(err), zap.Int("channels", n))
+			zap.Strings("redis", b.addrs), zap.Error(err), zap.Int("channels", n))
 	default:
 		b.log.Warn("cannot connect to redis; retrying",
-			zap.Error(err), zap.Int("channels", n))
+			zap.Strings("redis", b.addrs), zap.Error(err), zap.Int("channels", n))
 	}
 	return wasUp
 }

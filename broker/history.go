@@ -89,8 +89,9 @@ local function sse_publish(keys, args)
   local prev = '0'
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
   if last[1] then prev = string.match(last[1][1], '^%d+') or '0' end
-  redis.call('XADD', key, 'MAXLEN', maxlen, id .. '-0', 'd', payload, 'p', prev)
-  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  -- Numbers are formatted by hand: Lua would write 1e+15.
+  redis.call('XADD', key, 'MAXLEN', string.format('%.0f', maxlen), id .. '-0', 'd', payload, 'p', prev)
+  if ttl > 0 then redis.call('EXPIRE', key, string.format('%.0f', ttl)) end
   redis.call('PUBLISH', channel, '\30sse:' .. id .. '\30' .. payload)
   return seq
 end

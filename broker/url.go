@@ -8,6 +8,8 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
+const urlForm = "want redis://[[user]:password@]host[:port][/db], or rediss:// for TLS"
+
 // ParseURL parses a redis:// or rediss:// (TLS) URL into options for New:
 //
 //	redis://[[user]:password@]host[:port][/db][?option=value...]
@@ -26,21 +28,21 @@ func ParseURL(rawurl string) (*redis.UniversalOptions, error) {
 		if errors.As(err, &ue) {
 			err = ue.Err
 		}
-		return nil, fmt.Errorf("redis URL: %w", err)
+		return nil, fmt.Errorf("redis URL: %w (%s)", err, urlForm)
 	}
-	shown := u.Redacted()
+	shown := rawurl
+	if _, ok := u.User.Password(); ok {
+		shown = u.Redacted()
+	}
 	switch u.Scheme {
 	case "redis", "rediss":
 	case "":
-		return nil, fmt.Errorf("redis URL %q: no scheme: want redis:// or rediss://", shown)
+		return nil, fmt.Errorf("redis URL %q: no scheme (%s)", shown, urlForm)
 	default:
-		return nil, fmt.Errorf("redis URL %q: scheme %q: want redis:// or rediss:// (TLS)", shown, u.Scheme)
+		return nil, fmt.Errorf("redis URL %q: scheme %q (%s)", shown, u.Scheme, urlForm)
 	}
 	if u.Host == "" {
 		return nil, fmt.Errorf("redis URL %q: no host", shown)
-	}
-	if u.Opaque != "" {
-		return nil, fmt.Errorf("redis URL %q: want redis://host, not redis:host", shown)
 	}
 	o, err := redis.ParseURL(rawurl)
 	if err != nil {

@@ -58,6 +58,11 @@ const subscribeTimeout = 5 * time.Second
 // Registry maps channels to subscribers. All methods are safe for
 // concurrent use; Deliver is meant to be called by one reader goroutine.
 type Registry struct {
+	// OnClose, when set before the registry is used, is called (on the
+	// delivering goroutine: it must not block) after a publisher closed a
+	// channel that had streams.
+	OnClose func(channel string)
+
 	src     Source
 	logger  *zap.Logger
 	metrics Metrics
@@ -281,18 +286,21 @@ func (r *Registry) deliverLocked(m Message) {
 		}
 		r.lastSeq.Store(m.Seq)
 	}
-	r.fanOut(m.Channel, func(format sse.Format) *Frame { return r.Encode(format, m) })
+	closed := r.fanOut(m.Channel, func(format sse.Format) *Frame { return r.Encode(format, m) })
+	if closed && r.OnClose != nil {
+		r.OnClose(m.Channel)
+	}
 }
 
 // fanOut queues a frame on every subscriber of channel; frame is called at
 // most once per format, so a message is encoded once however many streams
-// receive it.
-func (r *Registry) fanOut(channel string, frame func(sse.Format) *Frame) {
+// receive it. It reports whether a frame closed the streams.
+func (r *Registry) fanOut(channel string, frame func(sse.Format) *Frame) (closed bool) {
 	r.mu.RLock()
 	c := r.channels[channel]
 	r.mu.RUnlock()
 	if c == nil {
-		return
+		return false
 	}
 	var frames [2]*Frame
 	for _, s := range *c.subs.Load() {
@@ -304,7 +312,9 @@ func (r *Registry) fanOut(channel string, frame func(sse.Format) *Frame) {
 		if reason := s.push(f); reason != "" && r.metrics.Dropped != nil {
 			r.metrics.Dropped.WithLabelValues(reason).Inc()
 		}
+		closed = closed || f.Close
 	}
+	return closed
 }
 
 // Encode turns a message into a frame for the given format, counting the

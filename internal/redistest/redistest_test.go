@@ -1,0 +1,41 @@
+package redistest
+
+import (
+	"context"
+	"strings"
+	"testing"
+)
+
+func TestStartStopRestart(t *testing.T) {
+	ctx := context.Background()
+	s := Start(t, "--maxmemory", "64mb")
+	if !strings.HasPrefix(s.URL(), "redis://127.0.0.1:") {
+		t.Fatalf("URL() = %q", s.URL())
+	}
+	c := s.Client()
+	if err := c.Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.ConfigGet(ctx, "maxmemory").Val()["maxmemory"]; got != "67108864" {
+		t.Fatalf("extra args not applied: maxmemory = %q", got)
+	}
+	s.Stop()
+	if err := c.Ping(ctx).Err(); err == nil {
+		t.Fatal("PING answered after Stop")
+	}
+	s.Stop() // stopping twice is harmless
+	s.Restart()
+	if err := c.Ping(ctx).Err(); err != nil {
+		t.Fatalf("PING after Restart: %v", err)
+	}
+	if n := c.Exists(ctx, "k").Val(); n != 0 {
+		t.Fatal("data survived a restart without persistence")
+	}
+}
+
+func TestTwoServers(t *testing.T) {
+	a, b := Start(t), Start(t)
+	if a.Addr() == b.Addr() {
+		t.Fatalf("two servers on %s", a.Addr())
+	}
+}
