@@ -73,6 +73,7 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //	    retry   <duration>
 //	    buffer  <n>
 //	    history <n> [<ttl>]
+//	    last_event_id   <template>
 //	    max_connections <n>
 //	    max_channels    <n>
 //	    max_duration    <duration>
@@ -94,7 +95,9 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 // Integers must not be negative and durations are Caddy durations (such as
 // 30s, 1h or 1d). `history` keeps <n> (at least 1) events per channel for
 // Last-Event-ID resume, dropped after <ttl> without a publish if given.
-// Options other than `channel` may appear once.
+// `last_event_id` is the resume point (a placeholder template, such as
+// {rp.header.X-Sse-Last-Event-Id} in handle_response) of a stream whose
+// client sent no Last-Event-ID. Options other than `channel` may appear once.
 func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 

@@ -291,6 +291,16 @@ func TestCaddyfileAdapt(t *testing.T) {
 			want: `{"handler":"sse","channels":["news"],"history":{"size":50}}`,
 		},
 		{
+			name:      "last_event_id",
+			directive: "sse",
+			input: `sse news {
+				history 100
+				last_event_id {http.request.header.X-Resume}
+			}`,
+			want: `{"handler":"sse","channels":["news"],"history":{"size":100},
+				"last_event_id":"{http.request.header.X-Resume}"}`,
+		},
+		{
 			name:      "every option",
 			directive: "sse",
 			input: `sse user:{http.auth.user.id} {
@@ -456,6 +466,8 @@ func TestCaddyfileHandleResponse(t *testing.T) {
 				sse {
 					channel {rp.header.X-Sse-Channel}
 					format envelope
+					history 100
+					last_event_id {rp.header.X-Sse-Last-Event-Id}
 				}
 			}
 		}
@@ -470,7 +482,9 @@ func TestCaddyfileHandleResponse(t *testing.T) {
 	if len(found) != 1 {
 		t.Fatalf("want one sse handler in handle_response, found %d", len(found))
 	}
-	want := jsonValue(t, `{"handler":"sse","channels":["{http.reverse_proxy.header.X-Sse-Channel}"],"format":"envelope"}`)
+	want := jsonValue(t, `{"handler":"sse","channels":["{http.reverse_proxy.header.X-Sse-Channel}"],
+		"format":"envelope","history":{"size":100},
+		"last_event_id":"{http.reverse_proxy.header.X-Sse-Last-Event-Id}"}`)
 	if !reflect.DeepEqual(any(found[0]), want) {
 		got, _ := json.Marshal(found[0])
 		t.Errorf("handler JSON\n got: %s\nwant %s", got, jsonValueString(want))
@@ -550,6 +564,8 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"history negative ttl", "sse news {\n history 10 -1h\n}", "history"},
 		{"history missing size", "sse news {\n history\n}", "history"},
 		{"history too many arguments", "sse news {\n history 10 1h 2h\n}", "history"},
+		{"last_event_id missing", "sse news {\n last_event_id\n}", "last_event_id"},
+		{"last_event_id two arguments", "sse news {\n last_event_id a b\n}", "last_event_id"},
 
 		// sse_publish
 		{"publish unknown option", "sse_publish news {\n foo\n}", "unrecognized sse_publish option 'foo'"},
@@ -628,6 +644,7 @@ func TestCaddyfileValidate(t *testing.T) {
 		retry 3s
 		buffer 128
 		history 100 1h
+		last_event_id {http.request.header.X-Resume}
 		max_connections 1000
 		max_channels 4
 		max_duration 30m

@@ -219,6 +219,9 @@ func (c *RedisConfig) options() (*redis.UniversalOptions, bool, error) {
 	if c.Password != "" {
 		opts.Password = repl.ReplaceAll(c.Password, "")
 	}
+	if c.DB != 0 {
+		opts.DB = c.DB
+	}
 	if c.TLS && opts.TLSConfig == nil {
 		opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
 	}
