@@ -32,8 +32,10 @@ type hub struct {
 }
 
 // acquireHub returns the hub for cfg, creating it on first use, and the key
-// to release it with.
-func acquireHub(cfg *RedisConfig, logger *zap.Logger) (*hub, string, error) {
+// to release it with. The hub outlives the config that created it, so it
+// logs under one name of its own rather than that config's module.
+func acquireHub(cfg *RedisConfig) (*hub, string, error) {
+	logger := caddy.Log().Named("sse.redis")
 	opts, cluster, err := cfg.options()
 	if err != nil {
 		return nil, "", err
@@ -59,6 +61,7 @@ func releaseHub(key string) error {
 }
 
 func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hub, error) {
+	redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
 	src := &brokerSource{}
 	reg := registry.New(src, logger, registry.Metrics{
 		Dropped: metrics.dropped,
@@ -173,6 +176,19 @@ func (s brokerSink) HandleReconnect() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	s.reg.Reconnected(ctx)
+}
+
+// go-redis logs each failed dial of its pools to stderr, several a second
+// during an outage, whatever Caddy's log level. The broker reports the outage
+// once; go-redis's own lines go to Caddy's log at debug.
+var redisLogger sync.Once
+
+type goRedisLogger struct{ l *zap.Logger }
+
+func (g goRedisLogger) Printf(_ context.Context, format string, v ...any) {
+	if ce := g.l.Check(zap.DebugLevel, "go-redis"); ce != nil {
+		ce.Write(zap.String("message", fmt.Sprintf(format, v...)))
+	}
 }
 
 // defaultRedisURL is used when neither the config nor REDIS_URL names one.

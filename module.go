@@ -155,7 +155,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
-	hb, key, err := acquireHub(h.Redis, h.logger)
+	hb, key, err := acquireHub(h.Redis)
 	if err != nil {
 		return err
 	}

@@ -58,7 +58,7 @@ func (p *Publish) Provision(ctx caddy.Context) error {
 	if p.MaxSize == 0 {
 		p.MaxSize = defaultMaxSize
 	}
-	hb, key, err := acquireHub(p.Redis, p.logger)
+	hb, key, err := acquireHub(p.Redis)
 	if err != nil {
 		return err
 	}
