@@ -46,6 +46,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 			zap.Strings("channels", channels))
 		return refuse(w, status, "channels", reason)
 	}
+	if status, reason := h.authorize(r, repl, channels); status != 0 {
+		h.logger.Debug("stream unauthorized", zap.Int("status", status), zap.String("reason", reason))
+		if status == http.StatusUnauthorized {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="sse"`)
+		}
+		return refuse(w, status, "auth", reason)
+	}
 	if n := openStreams.Add(1); h.MaxConnections > 0 && n > int64(h.MaxConnections) {
 		openStreams.Add(-1)
 		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
@@ -71,6 +78,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 
 	sub := registry.NewSubscriber(channels, h.format, h.Buffer, history)
+	release, ok := h.admitPer(repl, sub)
+	if !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
+		return refuse(w, http.StatusTooManyRequests, "max_connections_per", "too many streams for this client")
+	}
+	defer release()
 	if err := h.hub.reg.Attach(r.Context(), sub); err != nil {
 		return nil // the client went away, or the config is being unloaded
 	}
