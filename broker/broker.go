@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,7 +26,8 @@ var ErrDown = errors.New("broker: redis subscription connection is down")
 // ErrClosed is returned by the methods of a closed Broker.
 var ErrClosed = errors.New("broker: closed")
 
-// DefaultHealthCheck is the default Options.HealthCheck.
+// DefaultHealthCheck is the default Options.HealthCheck: a dead connection
+// that TCP does not report is found within 2 to 3 seconds.
 const DefaultHealthCheck = time.Second
 
 // Options configures a Broker.
@@ -41,8 +43,9 @@ type Options struct {
 	// Metrics are updated as the connection changes; any field may be nil.
 	Metrics Metrics
 	// HealthCheck is how long the subscription connection may stay silent
-	// before the broker sends a PING; a further HealthCheck without anything
-	// received marks the connection dead. 0: DefaultHealthCheck.
+	// (not a byte read) before the broker sends a PING; a further
+	// HealthCheck still silent marks the connection dead. 0:
+	// DefaultHealthCheck.
 	HealthCheck time.Duration
 }
 
@@ -71,14 +74,19 @@ type Broker struct {
 	interval time.Duration
 
 	ctx        context.Context // ends at Close
+	psCtx      context.Context // ctx, marking the subscription connection's dials
 	cancel     context.CancelFunc
 	wake       chan struct{} // tells the writer that pending has work
 	readerDone chan struct{}
 	writerDone chan struct{}
 
+	rx atomic.Uint64 // bytes read on the subscription connection, for the watchdog
+
 	mu       sync.Mutex
 	closed   bool
 	ps       *redis.PubSub       // nil while down
+	ready    bool                // ps is dialed: the writer may write
+	killed   error               // why ps was closed under the reader, if it was
 	up       bool                // ps is confirmed: every channel subscribed
 	outage   bool                // down since downAt, not yet reported up
 	downAt   time.Time           // start of the current outage
@@ -121,7 +129,6 @@ func New(opts Options, h Handler) (*Broker, error) {
 		ro.IsClusterMode = true
 	}
 	b := &Broker{
-		client:     redis.NewUniversalClient(&ro),
 		addrs:      ro.Addrs,
 		h:          h,
 		log:        opts.Logger,
@@ -132,6 +139,8 @@ func New(opts Options, h Handler) (*Broker, error) {
 		writerDone: make(chan struct{}),
 		channels:   make(map[string]struct{}),
 	}
+	ro.Dialer = b.countingDialer(ro)
+	b.client = redis.NewUniversalClient(&ro)
 	if b.log == nil {
 		b.log = zap.NewNop()
 	}
@@ -139,6 +148,7 @@ func New(opts Options, h Handler) (*Broker, error) {
 		b.interval = DefaultHealthCheck
 	}
 	b.ctx, b.cancel = context.WithCancel(context.Background())
+	b.psCtx = context.WithValue(b.ctx, subConnKey{}, true)
 	setGauge(b.m.Connected, 0)
 	setGauge(b.m.Channels, 0)
 	// The first PubSub is installed before New returns (it does no I/O), so

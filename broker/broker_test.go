@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -518,5 +519,45 @@ func TestResubscribeRefused(t *testing.T) {
 		if n := numsub(t, c, ch); n != 1 {
 			t.Fatalf("NUMSUB %s = %d, want 1", ch, n)
 		}
+	}
+}
+
+// Large payloads that contain RESP frames arrive intact: the reader never
+// reads with a deadline that could leave it mid-frame and parse the rest
+// of a payload as replies.
+func TestLargePayloadsStayFramed(t *testing.T) {
+	srv := redistest.Start(t)
+	rec := newRecorder()
+	opts, err := ParseURL(srv.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := New(Options{Redis: opts, HealthCheck: 50 * time.Millisecond, Logger: zaptest.NewLogger(t)}, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := ctxT(t)
+	if err := b.Subscribe(ctx, "big", "admin"); err != nil {
+		t.Fatal(err)
+	}
+	fake := "*3\r\n$7\r\nmessage\r\n$5\r\nadmin\r\n$4\r\nevil\r\n"
+	payload := strings.Repeat(fake, 4<<20/len(fake))
+	const n = 10
+	for i := range n {
+		if err := srv.Client().Publish(ctx, "big", payload).Err(); err != nil {
+			t.Fatal(err)
+		}
+		// One at a time: Redis cuts a subscriber that lags 32 MB behind.
+		rec.waitMessages(t, i+1)
+	}
+	msgs := rec.messages()
+	for i, m := range msgs {
+		if m.Channel != "big" || string(m.Payload) != payload {
+			t.Fatalf("message %d on %q, %d bytes: not the payload published", i, m.Channel, len(m.Payload))
+		}
+	}
+	if got := rec.reconnects.Load(); got != 0 {
+		t.Fatalf("%d reconnects", got)
 	}
 }

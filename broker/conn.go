@@ -1,12 +1,14 @@
 package broker
 
 import (
+	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -15,14 +17,15 @@ import (
 
 // The subscription connection is driven by two goroutines:
 //
-//   - the reader loops on ReceiveTimeout, hands messages to the Handler and
-//     matches every other reply (subscribe/unsubscribe confirmations, pongs,
-//     error replies) against inflight, the replies the connection owes in
-//     the order the commands were written. It also detects outages and
-//     replaces the connection.
-//   - the writer writes the commands queued in pending, one at a time, so
-//     that neither Subscribe, Unsubscribe nor the reader ever blocks on a
-//     socket write or a dial.
+//   - the reader dials, then loops on Receive: it hands messages to the
+//     Handler and matches every other reply (subscribe/unsubscribe
+//     confirmations, pongs, error replies) against inflight, the replies
+//     the connection owes in the order the commands were written. It also
+//     detects outages and replaces the connection; a watchdog goroutine
+//     beside it pings a silent connection and kills one that stays silent.
+//   - the writer writes the commands queued in pending, one at a time, once
+//     the reader has dialed, so that neither Subscribe, Unsubscribe nor the
+//     reader ever blocks on a socket write.
 //
 // Redis answers the commands of one connection in order, so matching replies
 // against a FIFO is exact: SUBSCRIBE c / UNSUBSCRIBE c / SUBSCRIBE c get three
@@ -42,6 +45,16 @@ const (
 	kindUnsubscribe
 	kindPing
 )
+
+func (k kind) String() string {
+	switch k {
+	case kindSubscribe:
+		return "SUBSCRIBE"
+	case kindUnsubscribe:
+		return "UNSUBSCRIBE"
+	}
+	return "PING"
+}
 
 // pingPayload marks the broker's PINGs: a pong carrying anything else means
 // the reader is out of step with the reply stream.
@@ -121,6 +134,45 @@ func (q *replyQueue) pop() {
 	}
 }
 
+// subConnKey marks the context of the subscription connection's
+// operations, so that the dialer can tell its connection from the pool's.
+type subConnKey struct{}
+
+// countingDialer wraps ro's dialer (or go-redis's default one) so that the
+// subscription connection counts the bytes it reads: the watchdog then
+// sees progress while a large message is being read, and never mistakes a
+// slow transfer for a dead connection.
+func (b *Broker) countingDialer(ro redis.UniversalOptions) func(context.Context, string, string) (net.Conn, error) {
+	dial := ro.Dialer
+	if dial == nil {
+		// go-redis's own default, with its default timeout made explicit:
+		// the TLS dial does not honour the context.
+		dial = redis.NewDialer(&redis.Options{
+			DialTimeout: cmp.Or(ro.DialTimeout, 5*time.Second),
+			TLSConfig:   ro.TLSConfig,
+		})
+	}
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil || ctx.Value(subConnKey{}) == nil {
+			return c, err
+		}
+		return &countingConn{Conn: c, n: &b.rx}, nil
+	}
+}
+
+// countingConn counts the bytes read from a connection.
+type countingConn struct {
+	net.Conn
+	n *atomic.Uint64
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.n.Add(uint64(n))
+	return n, err
+}
+
 // dropQueuesLocked forgets every queued and owed command and returns the
 // Subscribe calls waiting on them, for the caller to finish outside the lock.
 func (b *Broker) dropQueuesLocked() []*waiter {
@@ -170,7 +222,7 @@ func (b *Broker) writeLoop() {
 // takes it from pending, so inflight is in the order of the wire.
 func (b *Broker) writeOne() bool {
 	b.mu.Lock()
-	if len(b.pending) == 0 || b.ps == nil {
+	if len(b.pending) == 0 || b.ps == nil || !b.ready {
 		b.mu.Unlock()
 		return false
 	}
@@ -193,17 +245,17 @@ func (b *Broker) writeOne() bool {
 	var err error
 	switch o.kind {
 	case kindSubscribe:
-		err = ps.Subscribe(b.ctx, o.channels...)
+		err = ps.Subscribe(b.psCtx, o.channels...)
 	case kindUnsubscribe:
-		err = ps.Unsubscribe(b.ctx, o.channels...)
+		err = ps.Unsubscribe(b.psCtx, o.channels...)
 	case kindPing:
-		err = ps.Ping(b.ctx, pingPayload)
+		err = ps.Ping(b.psCtx, pingPayload)
 	}
 	if err != nil {
 		// go-redis has dropped the connection and may already have dialed
 		// a new one behind our back; closing the PubSub makes the reader
 		// fail and rebuild everything, so the gap is seen.
-		_ = ps.Close()
+		b.kill(ps, fmt.Errorf("write %s: %w", o.kind, err))
 	}
 	return true
 }
@@ -237,17 +289,16 @@ func (b *Broker) barrierLocked() op {
 
 // connect installs a fresh PubSub and queues the resubscription of every
 // channel followed by a barrier PING: Redis answers in order, so the
-// barrier's pong means every channel is confirmed. The dial itself happens
-// on the first read or write.
+// barrier's pong means every channel is confirmed. The reader dials.
 func (b *Broker) connect() *redis.PubSub {
-	ps := b.client.Subscribe(b.ctx)
+	ps := b.client.Subscribe(b.psCtx)
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
 		_ = ps.Close()
 		return nil
 	}
-	b.ps = ps
+	b.ps, b.ready = ps, false
 	chans := make([]string, 0, len(b.channels))
 	for c := range b.channels {
 		chans = append(chans, c)
@@ -263,34 +314,48 @@ func (b *Broker) connect() *redis.PubSub {
 	return ps
 }
 
-// receive reads ps until it fails and returns why.
+// receive dials ps, then reads it until it fails, and returns why.
 func (b *Broker) receive(ps *redis.PubSub) error {
-	pinged := false // a health PING is out and nothing came back since
+	// Dial here, with a PING whose pong is the first reply owed, before the
+	// writer may write anything: a dial or handshake failure (wrong
+	// password, LOADING) then surfaces as the connection's failure, never
+	// as an error reply to a queued SUBSCRIBE.
+	b.mu.Lock()
+	b.nextCmd++
+	b.inflight.push(reply{kind: kindPing, cmd: b.nextCmd})
+	b.mu.Unlock()
+	if err := ps.Ping(b.psCtx, pingPayload); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	if b.ps == ps {
+		b.ready = true
+	}
+	b.mu.Unlock()
+	b.kick()
+
+	stop := make(chan struct{})
+	defer close(stop)
+	go b.watch(ps, stop)
+
 	for {
-		v, err := ps.ReceiveTimeout(b.ctx, b.interval)
+		// No read deadline: a deadline that fires in the middle of a large
+		// message leaves go-redis's reader mid-frame, and the rest of the
+		// payload would be parsed as replies. The watchdog detects silence.
+		v, err := ps.Receive(b.psCtx)
 		if err != nil {
 			if b.ctx.Err() != nil {
 				return err
-			}
-			if isTimeout(err) {
-				if pinged {
-					return fmt.Errorf("no reply to PING within %s", b.interval)
-				}
-				b.queue(op{kind: kindPing})
-				pinged = true
-				continue
 			}
 			var rerr redis.Error
 			if errors.As(err, &rerr) {
 				if err := b.refused(rerr); err != nil {
 					return err
 				}
-				pinged = false
 				continue
 			}
 			return err
 		}
-		pinged = false
 		switch v := v.(type) {
 		case *redis.Message:
 			inc(b.m.Received)
@@ -307,6 +372,44 @@ func (b *Broker) receive(ps *redis.PubSub) error {
 			return fmt.Errorf("unexpected %T on the subscription connection", v)
 		}
 	}
+}
+
+// watch is the health check of one connection: after an interval without
+// a byte read it sends a PING, and after a further interval still without
+// one it kills the connection. It ends with stop.
+func (b *Broker) watch(ps *redis.PubSub, stop <-chan struct{}) {
+	t := time.NewTicker(b.interval)
+	defer t.Stop()
+	seen, pinged := b.rx.Load(), false
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		switch n := b.rx.Load(); {
+		case n != seen:
+			seen, pinged = n, false
+		case !pinged:
+			b.queue(op{kind: kindPing})
+			pinged = true
+		default:
+			b.kill(ps, fmt.Errorf("no reply to PING within %s", b.interval))
+			return
+		}
+	}
+}
+
+// kill closes ps, if it is still the connection, for reason: the reader's
+// Receive fails at once, and reason is what the outage reports rather than
+// the closed connection the reader sees.
+func (b *Broker) kill(ps *redis.PubSub, reason error) {
+	b.mu.Lock()
+	if b.ps == ps && b.killed == nil {
+		b.killed = reason
+	}
+	b.mu.Unlock()
+	_ = ps.Close()
 }
 
 // confirmed matches a subscribe/unsubscribe confirmation with the oldest
@@ -416,9 +519,12 @@ func (b *Broker) refused(rerr redis.Error) error {
 func (b *Broker) down(ps *redis.PubSub, err error) (wasUp bool) {
 	b.mu.Lock()
 	wasUp = b.up
-	b.up = false
+	b.up, b.ready = false, false
 	if b.ps == ps {
 		b.ps = nil
+	}
+	if b.killed != nil {
+		err, b.killed = b.killed, nil
 	}
 	failed := b.dropQueuesLocked()
 	first := !b.outage
@@ -475,9 +581,4 @@ func backoff(n int) time.Duration {
 		d = min(minBackoff<<n, maxBackoff)
 	}
 	return d/2 + rand.N(d/2+1)
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded)
 }

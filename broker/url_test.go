@@ -31,7 +31,7 @@ func TestParseURL(t *testing.T) {
 		{"", "empty"},
 		{"localhost:6379", "scheme"},
 		{"http://host", `scheme "http"`},
-		{"unix:///tmp/redis.sock", `scheme "unix"`},
+		{"unix://redis.sock", `scheme "unix"`},
 		{"127.0.0.1:6379", "redis URL"},
 		{"redis://", "no host"},
 		{"redis://host/notanumber", "invalid database"},

@@ -89,6 +89,20 @@ type Options map[string]string
 // the admin endpoint answers and stops the process at test cleanup.
 func Start(tb testing.TB, caddyfile string, vars Options, env ...string) *Instance {
 	tb.Helper()
+	// A free port can be taken by another process between the check and
+	// Caddy's bind: try again with new ports.
+	for attempt := 1; ; attempt++ {
+		in, err := start(tb, caddyfile, vars, env)
+		if err == nil {
+			return in
+		}
+		if !strings.Contains(err.Error(), "address already in use") || attempt == 5 {
+			tb.Fatal(err)
+		}
+	}
+}
+
+func start(tb testing.TB, caddyfile string, vars Options, env []string) (*Instance, error) {
 	bin := Binary(tb)
 	in := &Instance{
 		tb:        tb,
@@ -100,7 +114,7 @@ func Start(tb testing.TB, caddyfile string, vars Options, env ...string) *Instan
 	}
 	path := filepath.Join(in.dir, "Caddyfile")
 	if err := os.WriteFile(path, []byte(in.Expand(caddyfile, vars)), 0o600); err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
 	in.cmd = exec.Command(bin, "run", "--config", path, "--adapter", "caddyfile")
 	in.cmd.Dir = in.dir
@@ -108,15 +122,18 @@ func Start(tb testing.TB, caddyfile string, vars Options, env ...string) *Instan
 	in.cmd.Stdout = in.logs
 	in.cmd.Stderr = in.logs
 	if err := in.cmd.Start(); err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
 	go func() {
 		_ = in.cmd.Wait()
 		close(in.done)
 	}()
+	if err := in.waitReady(); err != nil {
+		in.cleanup()
+		return nil, err
+	}
 	tb.Cleanup(in.cleanup)
-	in.waitReady()
-	return in
+	return in, nil
 }
 
 // Expand replaces {HTTP}, {ADMIN} and the keys of vars in a Caddyfile.
@@ -129,12 +146,12 @@ func (in *Instance) Expand(caddyfile string, vars Options) string {
 	return s
 }
 
-func (in *Instance) waitReady() {
+func (in *Instance) waitReady() error {
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		select {
 		case <-in.done:
-			in.tb.Fatalf("caddy exited early:\n%s", in.logs.String())
+			return fmt.Errorf("caddy exited early:\n%s", in.logs.String())
 		default:
 		}
 		resp, err := http.Get(in.AdminURL() + "/config/")
@@ -142,12 +159,12 @@ func (in *Instance) waitReady() {
 			resp.Body.Close()
 			if c, err := net.DialTimeout("tcp", in.Addr(), time.Second); err == nil {
 				c.Close()
-				return
+				return nil
 			}
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	in.tb.Fatalf("caddy did not become ready:\n%s", in.logs.String())
+	return fmt.Errorf("caddy did not become ready:\n%s", in.logs.String())
 }
 
 // Addr is the host:port of the HTTP server.
