@@ -33,6 +33,11 @@ type Handler interface {
 	// overlap if the connection flaps, and the function library is reloaded
 	// before it is called.
 	HandleReconnect()
+	// HandleDisconnect is called on the reader goroutine as soon as the
+	// subscription connection is lost (once per outage), before anything
+	// read on a new connection is handed over: a handler that catches up
+	// from history holds live messages from then on.
+	HandleDisconnect()
 }
 
 // Retention is the history kept per channel for resume.

@@ -271,8 +271,12 @@ func (b *Broker) readLoop(ps *redis.PubSub) {
 			_ = ps.Close()
 			return
 		}
-		if b.down(ps, err) {
+		wasUp, first := b.down(ps, err)
+		if wasUp {
 			attempt = 0
+		}
+		if first {
+			b.h.HandleDisconnect()
 		}
 		if !b.sleep(backoff(attempt)) {
 			return
@@ -515,8 +519,9 @@ func (b *Broker) refused(rerr redis.Error) error {
 }
 
 // down tears ps down after it failed with err and reports whether it had
-// been up. The warning is logged once per outage, not once per retry.
-func (b *Broker) down(ps *redis.PubSub, err error) (wasUp bool) {
+// been up and whether this starts an outage. The warning is logged once per
+// outage, not once per retry.
+func (b *Broker) down(ps *redis.PubSub, err error) (wasUp, first bool) {
 	b.mu.Lock()
 	wasUp = b.up
 	b.up, b.ready = false, false
@@ -527,7 +532,7 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp bool) {
 		err, b.killed = b.killed, nil
 	}
 	failed := b.dropQueuesLocked()
-	first := !b.outage
+	first = !b.outage
 	if first {
 		b.outage, b.downAt = true, time.Now()
 	}
@@ -549,7 +554,7 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp bool) {
 		b.log.Warn("cannot connect to redis; retrying",
 			zap.Strings("redis", b.addrs), zap.Error(err), zap.Int("channels", n))
 	}
-	return wasUp
+	return wasUp, first
 }
 
 // afterReconnect runs in its own goroutine once a reconnect is confirmed:

@@ -22,10 +22,11 @@ const waitTimeout = 10 * time.Second
 
 // recorder is a Handler that keeps everything it is given.
 type recorder struct {
-	mu         sync.Mutex
-	msgs       []Message
-	notify     chan struct{}
-	reconnects atomic.Int32
+	mu          sync.Mutex
+	msgs        []Message
+	notify      chan struct{}
+	reconnects  atomic.Int32
+	disconnects atomic.Int32
 }
 
 func newRecorder() *recorder { return &recorder{notify: make(chan struct{}, 1)} }
@@ -39,6 +40,11 @@ func (r *recorder) HandleMessage(m Message) {
 
 func (r *recorder) HandleReconnect() {
 	r.reconnects.Add(1)
+	r.poke()
+}
+
+func (r *recorder) HandleDisconnect() {
+	r.disconnects.Add(1)
 	r.poke()
 }
 

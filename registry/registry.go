@@ -5,8 +5,11 @@
 package registry
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"math"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -78,9 +81,12 @@ type Registry struct {
 
 	// deliverMu orders live delivery and catch-up after a reconnect.
 	deliverMu  sync.Mutex
-	catchingUp bool
-	pending    []Message
-	lastSeq    atomic.Uint64 // highest sequence number delivered
+	holding     bool          // live messages are held until a catch-up
+	holdAfter   uint64        // lastSeq when holding began: catch up after it
+	disconnects uint64        // counts Disconnected calls
+	pending     []Message     // live messages held back while catching up
+	missed      []Message     // read back by the catch-ups under way
+	lastSeq     atomic.Uint64 // highest sequence number delivered
 }
 
 type channel struct {
@@ -147,6 +153,11 @@ func (r *Registry) Attach(ctx context.Context, s *Subscriber) error {
 		case <-ctx.Done():
 			r.Detach(s)
 			return ctx.Err()
+		case <-r.done:
+			// Closed before the reconciler got to these channels: they
+			// will never be ready, and Close ended s already.
+			r.Detach(s)
+			return ErrClosed
 		}
 	}
 	return nil
@@ -271,7 +282,7 @@ func (c *channel) remove(s *Subscriber) bool {
 // blocks on a subscriber.
 func (r *Registry) Deliver(m Message) {
 	r.deliverMu.Lock()
-	if r.catchingUp {
+	if r.holding {
 		r.pending = append(r.pending, m)
 	} else {
 		r.deliverLocked(m)
@@ -343,15 +354,35 @@ func (r *Registry) Replay(ctx context.Context, channels []string, after uint64) 
 	return r.src.Replay(ctx, channels, after)
 }
 
+// Disconnected is called as soon as the Redis subscription is lost, before
+// anything read on a new connection is delivered: from then on live
+// messages are held, so that the catch-up starts from the last event
+// delivered before the gap and nothing newer overtakes it.
+func (r *Registry) Disconnected() {
+	r.deliverMu.Lock()
+	r.disconnects++
+	r.holdLocked()
+	r.deliverMu.Unlock()
+}
+
+func (r *Registry) holdLocked() {
+	if !r.holding {
+		r.holding = true
+		r.holdAfter = r.lastSeq.Load()
+	}
+}
+
 // Reconnected catches up the resumable channels after the Redis
 // subscription was lost and re-established: what was published in the gap
 // is read back from history and delivered before any newer live message.
+// Calls may overlap (the connection can drop again during a catch-up): live
+// messages are held back until a catch-up ends with no newer disconnect.
 func (r *Registry) Reconnected(ctx context.Context) {
 	r.deliverMu.Lock()
-	r.catchingUp = true
+	r.holdLocked()
+	after, gen := r.holdAfter, r.disconnects
 	r.deliverMu.Unlock()
 
-	after := r.lastSeq.Load()
 	var names []string
 	r.mu.RLock()
 	for name, c := range r.channels {
@@ -378,19 +409,48 @@ func (r *Registry) Reconnected(ctx context.Context) {
 			r.fanOut(name, func(sse.Format) *Frame { return f })
 		}
 	}
-	for _, m := range missed {
-		r.deliverLocked(m)
+	r.missed = append(r.missed, missed...)
+	if r.disconnects == gen {
+		r.flushLocked()
+		r.holding = false
 	}
-	for _, m := range r.pending {
-		r.deliverLocked(m)
-	}
-	r.pending = nil
-	r.catchingUp = false
 	r.deliverMu.Unlock()
 	if len(missed) > 0 {
 		r.logger.Info("caught up after reconnect",
 			zap.Int("events", len(missed)), zap.Strings("channels", names))
 	}
+}
+
+// flushLocked ends the catch-ups: it merges what they read back with the
+// live messages held back meanwhile in sequence order, which streams rely
+// on (they skip a number lower than one they sent). So a read-back message
+// goes out before every live one published after it, even across two
+// outages, and a live message of a channel that was not read back is not
+// skipped for having a lower number than a read-back one. A live message
+// without a number goes out after what was read back below the next
+// numbered live message. deliverLocked skips the duplicates.
+func (r *Registry) flushLocked() {
+	missed := r.missed
+	slices.SortStableFunc(missed, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
+	bounds := make([]uint64, len(r.pending)) // number of the next numbered live message
+	bound := uint64(math.MaxUint64)
+	for i := len(r.pending) - 1; i >= 0; i-- {
+		if seq := r.pending[i].Seq; seq != 0 {
+			bound = seq
+		}
+		bounds[i] = bound
+	}
+	i := 0
+	for j, m := range r.pending {
+		for ; i < len(missed) && missed[i].Seq < bounds[j]; i++ {
+			r.deliverLocked(missed[i])
+		}
+		r.deliverLocked(m)
+	}
+	for ; i < len(missed); i++ {
+		r.deliverLocked(missed[i])
+	}
+	r.missed, r.pending = nil, nil
 }
 
 // MissedFrame is the event telling a client that events after the given id

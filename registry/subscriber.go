@@ -23,6 +23,7 @@ const (
 	ReasonOverflow = "overflow" // the client fell `buffer` events behind
 	ReasonClosed   = "closed"   // a publisher ended the channel
 	ReasonShutdown = "shutdown" // the registry was closed
+	ReasonEvicted  = "evicted"  // a newer stream of its max_connections_per key replaced it
 )
 
 // Subscriber is one stream's end of the registry: a bounded queue of frames
@@ -47,6 +48,11 @@ type Subscriber struct {
 func NewSubscriber(channels []string, format sse.Format, buffer int, history bool) *Subscriber {
 	if buffer < 1 {
 		buffer = 1
+	}
+	if format > sse.FormatEnvelope {
+		// Decoded as raw anyway (see sse.Decode); the registry keeps one
+		// frame per known format.
+		format = sse.FormatRaw
 	}
 	return &Subscriber{
 		channels: channels,
