@@ -80,7 +80,7 @@ type Registry struct {
 	wg   sync.WaitGroup
 
 	// deliverMu orders live delivery and catch-up after a reconnect.
-	deliverMu  sync.Mutex
+	deliverMu   sync.Mutex
 	holding     bool          // live messages are held until a catch-up
 	holdAfter   uint64        // lastSeq when holding began: catch up after it
 	disconnects uint64        // counts Disconnected calls
