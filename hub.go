@@ -172,6 +172,8 @@ type brokerSink struct{ reg *registry.Registry }
 
 func (s brokerSink) HandleMessage(m broker.Message) { s.reg.Deliver(registry.Message(m)) }
 
+func (s brokerSink) HandleDisconnect() { s.reg.Disconnected() }
+
 func (s brokerSink) HandleReconnect() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
