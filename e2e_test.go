@@ -20,6 +20,7 @@ import (
 // trust store and saved config.
 const globalOptions = `{
 	admin 127.0.0.1:{ADMIN}
+	default_bind 127.0.0.1
 	auto_https off
 	skip_install_trust
 	persist_config off

@@ -40,18 +40,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return refuse(w, http.StatusMethodNotAllowed, "method", "method not allowed: use GET or POST")
 	}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	// Authentication comes before the channels resolve: the token's subject
+	// may name them ({sse.jwt.sub}), and a client without a valid token
+	// learns nothing about them.
+	g, status, reason := h.authenticate(r, repl)
+	if status != 0 {
+		return h.refuseAuth(w, status, reason)
+	}
 	channels, status, reason := h.resolve(repl)
 	if status != 0 {
 		h.logger.Debug("stream refused", zap.Int("status", status), zap.String("reason", reason),
 			zap.Strings("channels", channels))
 		return refuse(w, status, "channels", reason)
 	}
-	if status, reason := h.authorize(r, repl, channels); status != 0 {
-		h.logger.Debug("stream unauthorized", zap.Int("status", status), zap.String("reason", reason))
-		if status == http.StatusUnauthorized {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="sse"`)
-		}
-		return refuse(w, status, "auth", reason)
+	if status, reason := h.authorize(g, channels); status != 0 {
+		return h.refuseAuth(w, status, reason)
 	}
 	if n := openStreams.Add(1); h.MaxConnections > 0 && n > int64(h.MaxConnections) {
 		openStreams.Add(-1)
@@ -78,6 +81,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 
 	sub := registry.NewSubscriber(channels, h.format, h.Buffer, history)
+	// A client that stopped reading blocks the write; when its queue
+	// overflows, cut the write short instead of waiting for writeTimeout.
+	rc := http.NewResponseController(w)
+	sub.OnOverflow(func() { _ = rc.SetWriteDeadline(time.Now()) })
 	release, ok := h.admitPer(repl, sub)
 	if !ok {
 		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
@@ -106,7 +113,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		}
 	}
 
-	st := &stream{h: h, w: w, rc: http.NewResponseController(w), sub: sub, lastSeq: after}
+	st := &stream{h: h, w: w, rc: rc, sub: sub, lastSeq: after}
 	metrics.streamsOpen.Inc()
 	defer metrics.streamsOpen.Dec()
 	if err := st.open(); err != nil {
@@ -121,6 +128,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		}
 	}
 	why := st.run(r.Context())
+	if why == registry.ReasonEvicted {
+		// Tell the page, so that it closes its EventSource rather than
+		// reconnect and evict the next oldest stream of its key in turn.
+		_ = st.write(evictedFrame)
+	}
 	metrics.streamsClosed.WithLabelValues(why).Inc()
 	h.logger.Debug("stream closed", zap.Strings("channels", channels), zap.String("reason", why))
 	return nil
@@ -326,7 +338,10 @@ func (st *stream) run(ctx context.Context) string {
 func (st *stream) drain() (string, error) {
 	frames, why := st.sub.Take(st.frames)
 	st.frames = frames
-	if len(frames) == 0 {
+	if len(frames) == 0 || why == registry.ReasonOverflow {
+		// An overflowed client resumes from history on reconnect; what is
+		// queued would only be written to a socket that is not read.
+		clear(frames)
 		return why, nil
 	}
 	n := 0

@@ -23,6 +23,7 @@ func TestHTTP2AndEncode(t *testing.T) {
 	skip_install_trust
 	persist_config off
 	local_certs
+	default_bind 127.0.0.1
 	default_sni 127.0.0.1
 	storage file_system {STORAGE}
 }

@@ -34,7 +34,8 @@ type Subscriber struct {
 	history  bool
 	max      int
 
-	wake chan struct{}
+	wake       chan struct{}
+	onOverflow func()
 
 	mu     sync.Mutex
 	queue  []*Frame
@@ -62,6 +63,12 @@ func NewSubscriber(channels []string, format sse.Format, buffer int, history boo
 		wake:     make(chan struct{}, 1),
 	}
 }
+
+// OnOverflow sets f to be called, on the delivering goroutine, when the
+// queue overflows: the stream's goroutine may be blocked writing to the
+// client that fell behind, and f can interrupt that write (for example by
+// setting a past write deadline). Set it before Attach; f must not block.
+func (s *Subscriber) OnOverflow(f func()) { s.onOverflow = f }
 
 // Channels returns the channels the subscriber listens to.
 func (s *Subscriber) Channels() []string { return s.channels }
@@ -105,6 +112,9 @@ func (s *Subscriber) push(f *Frame) (dropped string) {
 		s.reason = ReasonOverflow
 		s.mu.Unlock()
 		s.signal()
+		if s.onOverflow != nil {
+			s.onOverflow()
+		}
 		return ReasonOverflow
 	}
 	s.queue = append(s.queue, f)
