@@ -77,6 +77,15 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //	    max_connections <n>
 //	    max_channels    <n>
 //	    max_duration    <duration>
+//	    max_connections_per <template> <n> [reject|evict_oldest]
+//	    jwt {
+//	        key      <secret>|<PEM file>
+//	        alg      HS256|RS256|ES256
+//	        from     header [<name>] | cookie <name> | query <name>
+//	        claim    <name>
+//	        issuer   <iss>
+//	        audience <aud>
+//	    }
 //	}
 //
 // Channels given on the directive's line and on `channel` lines (which may
@@ -98,6 +107,20 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 // `last_event_id` is the resume point (a placeholder template, such as
 // {rp.header.X-Sse-Last-Event-Id} in handle_response) of a stream whose
 // client sent no Last-Event-ID. Options other than `channel` may appear once.
+//
+// `max_connections_per` allows at most <n> concurrent streams per value of
+// <template> (expanded per request; an empty value is not limited); past it
+// `reject` (the default) answers 429 and `evict_oldest` ends the oldest
+// stream of that value.
+//
+// `jwt` requires a JSON Web Token: `key` is the HS256 secret (placeholders
+// such as {env.SSE_JWT_SECRET} are expanded at load time) or, for RS256 and
+// ES256, a PEM file with the public key; `alg` defaults to HS256; `from`
+// lines (repeatable, tried in order) say where the token is, by default the
+// Authorization header (Bearer), then the access_token cookie, then the
+// access_token query parameter; `claim` (default channels) lists the
+// channels the token grants, `*` matching any run of characters; `issuer`
+// and `audience`, when given, must match the token's iss and aud.
 func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 
@@ -169,6 +192,12 @@ func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 		case "last_event_id":
 			s.LastEventID, err = optArg(d, opt)
+
+		case "max_connections_per":
+			s.MaxConnectionsPer, err = parseConnectionLimit(d)
+
+		case "jwt":
+			s.JWT, err = parseJWT(d)
 
 		default:
 			return d.Errf("unrecognized sse option '%s'", opt)
@@ -273,6 +302,103 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Err("channel: sse_publish needs a channel template, as `sse_publish <channel>` or `channel <template>` in its block")
 	}
 	return nil
+}
+
+// parseConnectionLimit reads `max_connections_per <template> <n>
+// [reject|evict_oldest]`, whose name is the current token.
+func parseConnectionLimit(d *caddyfile.Dispenser) (*ConnectionLimit, error) {
+	const opt = "max_connections_per"
+	args, err := optArgs(d, opt, 2, 3)
+	if err != nil {
+		return nil, err
+	}
+	l := &ConnectionLimit{Key: args[0]}
+	if strings.TrimSpace(l.Key) == "" {
+		return nil, d.Errf("%s: empty key template", opt)
+	}
+	n, err := strconv.Atoi(args[1])
+	if err != nil || n < 1 {
+		return nil, d.Errf("%s: want a positive number of streams, got '%s'", opt, args[1])
+	}
+	l.Max = n
+	if len(args) == 3 {
+		switch args[2] {
+		case policyReject, policyEvictOldest:
+			l.Policy = args[2]
+		default:
+			return nil, d.Errf("%s: want reject or evict_oldest, got '%s'", opt, args[2])
+		}
+	}
+	return l, nil
+}
+
+// parseJWT reads the `jwt` block, whose name is the current token.
+func parseJWT(d *caddyfile.Dispenser) (*JWTConfig, error) {
+	if d.NextArg() {
+		return nil, d.Errf("jwt: takes a block, not arguments ('%s')", d.Val())
+	}
+	j := new(JWTConfig)
+	seen := make(map[string]bool)
+	var block bool
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		block = true
+		opt := d.Val()
+		if opt != "from" && seen[opt] {
+			return nil, d.Errf("jwt: %s: specified more than once", opt)
+		}
+		seen[opt] = true
+		var err error
+		switch opt {
+		case "key":
+			j.Key, err = optArg(d, "jwt: key")
+		case "alg":
+			j.Alg, err = optArg(d, "jwt: alg")
+			if err == nil && !contains(jwtAlgs, j.Alg) {
+				return nil, d.Errf("jwt: alg: want one of %s, got '%s'", strings.Join(jwtAlgs, ", "), j.Alg)
+			}
+		case "claim":
+			j.Claim, err = optArg(d, "jwt: claim")
+		case "issuer":
+			j.Issuer, err = optArg(d, "jwt: issuer")
+		case "audience":
+			j.Audience, err = optArg(d, "jwt: audience")
+		case "from":
+			var args []string
+			if args, err = optArgs(d, "jwt: from", 1, 2); err != nil {
+				break
+			}
+			var src JWTSource
+			switch {
+			case args[0] == "header" && len(args) == 1:
+				src.Header = "Authorization"
+			case args[0] == "header":
+				src.Header = args[1]
+			case args[0] == "cookie" && len(args) == 2:
+				src.Cookie = args[1]
+			case args[0] == "query" && len(args) == 2:
+				src.Query = args[1]
+			default:
+				return nil, d.Errf("jwt: from: want header [<name>], cookie <name> or query <name>, got '%s'", strings.Join(args, " "))
+			}
+			j.From = append(j.From, src)
+		default:
+			return nil, d.Errf("jwt: unrecognized option '%s'", opt)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if !block || j.Key == "" {
+		return nil, d.Err("jwt: key: required, as `key <secret>` or `key <PEM file>` in the jwt block")
+	}
+	if err := j.validate(); err != nil {
+		return nil, d.Err(err.Error())
+	}
+	// A literal secret can be checked now; a placeholder only at load time.
+	if (j.Alg == "" || j.Alg == "HS256") && !strings.Contains(j.Key, "{") && len(j.Key) < minHMACKey {
+		return nil, d.Errf("jwt: key: an HS256 secret must be at least %d bytes, got %d", minHMACKey, len(j.Key))
+	}
+	return j, nil
 }
 
 // parseRedis reads the `redis` option, whose name is the current token:

@@ -323,6 +323,76 @@ func TestCaddyfileAdapt(t *testing.T) {
 				"max_connections":50000,"max_channels":8,"max_duration":1800000000000}`,
 		},
 		{
+			name:      "max_connections_per reject by default",
+			directive: "sse",
+			input: `sse news {
+				max_connections_per {http.auth.user.id} 3
+			}`,
+			want: `{"handler":"sse","channels":["news"],
+				"max_connections_per":{"key":"{http.auth.user.id}","max":3}}`,
+		},
+		{
+			name:      "max_connections_per evict_oldest with shorthand",
+			directive: "sse",
+			input: `sse news {
+				max_connections_per {remote_host} 1 evict_oldest
+			}`,
+			want: `{"handler":"sse","channels":["news"],
+				"max_connections_per":{"key":"{http.request.remote.host}","max":1,"policy":"evict_oldest"}}`,
+		},
+		{
+			name:      "max_connections_per reject",
+			directive: "sse",
+			input: `sse news {
+				max_connections_per user-{http.auth.user.id} 2 reject
+			}`,
+			want: `{"handler":"sse","channels":["news"],
+				"max_connections_per":{"key":"user-{http.auth.user.id}","max":2,"policy":"reject"}}`,
+		},
+		{
+			name:      "jwt with defaults",
+			directive: "sse",
+			input: `sse user:{sse.jwt.sub} {
+				jwt {
+					key {env.SSE_JWT_SECRET}
+				}
+			}`,
+			want: `{"handler":"sse","channels":["user:{sse.jwt.sub}"],"jwt":{"key":"{env.SSE_JWT_SECRET}"}}`,
+		},
+		{
+			name:      "jwt with every option",
+			directive: "sse",
+			input: `sse {
+				channel {query.room}
+				jwt {
+					key /etc/caddy/jwt.pem
+					alg ES256
+					from header
+					from header X-Token
+					from cookie sse_token
+					from query token
+					claim https://example.com/channels
+					issuer https://auth.example.com
+					audience sse
+				}
+			}`,
+			want: `{"handler":"sse","channels":["{http.request.uri.query.room}"],"jwt":{
+				"key":"/etc/caddy/jwt.pem","alg":"ES256",
+				"from":[{"header":"Authorization"},{"header":"X-Token"},{"cookie":"sse_token"},{"query":"token"}],
+				"claim":"https://example.com/channels","issuer":"https://auth.example.com","audience":"sse"}}`,
+		},
+		{
+			name:      "jwt HS256 literal secret",
+			directive: "sse",
+			input: `sse news {
+				jwt {
+					alg HS256
+					key 0123456789abcdef0123456789abcdef
+				}
+			}`,
+			want: `{"handler":"sse","channels":["news"],"jwt":{"key":"0123456789abcdef0123456789abcdef","alg":"HS256"}}`,
+		},
+		{
 			name:      "publish channel",
 			directive: "sse_publish",
 			input: `sse_publish {
@@ -567,6 +637,35 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"last_event_id missing", "sse news {\n last_event_id\n}", "last_event_id"},
 		{"last_event_id two arguments", "sse news {\n last_event_id a b\n}", "last_event_id"},
 
+		// sse: max_connections_per
+		{"max_connections_per missing", "sse news {\n max_connections_per\n}", "max_connections_per"},
+		{"max_connections_per without n", "sse news {\n max_connections_per {remote_host}\n}", "max_connections_per"},
+		{"max_connections_per zero", "sse news {\n max_connections_per {remote_host} 0\n}", "max_connections_per"},
+		{"max_connections_per negative", "sse news {\n max_connections_per {remote_host} -2\n}", "max_connections_per"},
+		{"max_connections_per not a number", "sse news {\n max_connections_per {remote_host} many\n}", "max_connections_per"},
+		{"max_connections_per bad policy", "sse news {\n max_connections_per {remote_host} 3 evict_newest\n}", "max_connections_per"},
+		{"max_connections_per too many arguments", "sse news {\n max_connections_per {remote_host} 3 reject now\n}", "max_connections_per"},
+		{"max_connections_per empty key", "sse news {\n max_connections_per \"\" 3\n}", "max_connections_per"},
+		{"max_connections_per repeated", "sse news {\n max_connections_per a 1\n max_connections_per b 2\n}", "max_connections_per"},
+
+		// sse: jwt
+		{"jwt without block", "sse news {\n jwt\n}", "jwt: key"},
+		{"jwt empty block", "sse news {\n jwt {\n }\n}", "jwt: key"},
+		{"jwt with argument", "sse news {\n jwt secret\n}", "jwt"},
+		{"jwt without key", "sse news {\n jwt {\n alg RS256\n }\n}", "jwt: key"},
+		{"jwt key two arguments", "sse news {\n jwt {\n key a b\n }\n}", "jwt: key"},
+		{"jwt short secret", "sse news {\n jwt {\n key secret\n }\n}", "jwt: key"},
+		{"jwt alg none", "sse news {\n jwt {\n key {env.K}\n alg none\n }\n}", "jwt: alg"},
+		{"jwt alg unsupported", "sse news {\n jwt {\n key {env.K}\n alg HS512\n }\n}", "jwt: alg"},
+		{"jwt from unknown place", "sse news {\n jwt {\n key {env.K}\n from body token\n }\n}", "jwt: from"},
+		{"jwt from cookie without name", "sse news {\n jwt {\n key {env.K}\n from cookie\n }\n}", "jwt: from"},
+		{"jwt from query too many", "sse news {\n jwt {\n key {env.K}\n from query a b\n }\n}", "jwt: from"},
+		{"jwt from missing", "sse news {\n jwt {\n key {env.K}\n from\n }\n}", "jwt: from"},
+		{"jwt claim missing", "sse news {\n jwt {\n key {env.K}\n claim\n }\n}", "jwt: claim"},
+		{"jwt unknown option", "sse news {\n jwt {\n key {env.K}\n secret x\n }\n}", "jwt: unrecognized option 'secret'"},
+		{"jwt option repeated", "sse news {\n jwt {\n key {env.K}\n alg RS256\n alg ES256\n }\n}", "jwt: alg"},
+		{"jwt repeated", "sse news {\n jwt {\n key {env.K}\n }\n jwt {\n key {env.K}\n }\n}", "jwt"},
+
 		// sse_publish
 		{"publish unknown option", "sse_publish news {\n foo\n}", "unrecognized sse_publish option 'foo'"},
 		{"publish no channel", "sse_publish", "channel"},
@@ -648,6 +747,12 @@ func TestCaddyfileValidate(t *testing.T) {
 		max_connections 1000
 		max_channels 4
 		max_duration 30m
+		max_connections_per {http.auth.user.id} 3 evict_oldest
+		jwt {
+			key 0123456789abcdef0123456789abcdef
+			from query token
+			claim channels
+		}
 	}
 	sse_publish /publish {
 		redis redis://127.0.0.1:1
@@ -694,6 +799,15 @@ func TestValidateJSONErrors(t *testing.T) {
 		{"bad regexp", `"channels":["news"],"allow":"user:("`, "allow"},
 		{"bad format", `"channels":["news"],"format":"json"`, "format"},
 		{"no channel", `"format":"raw"`, "channel"},
+		{"max_connections_per without key", `"channels":["news"],"max_connections_per":{"max":3}`, "max_connections_per"},
+		{"max_connections_per zero", `"channels":["news"],"max_connections_per":{"key":"{http.auth.user.id}"}`, "max_connections_per"},
+		{"max_connections_per bad policy", `"channels":["news"],"max_connections_per":{"key":"k","max":1,"policy":"lru"}`, "max_connections_per"},
+		{"jwt without key", `"channels":["news"],"jwt":{}`, "jwt: key"},
+		{"jwt short secret", `"channels":["news"],"jwt":{"key":"short"}`, "jwt: key"},
+		{"jwt secret from an unset variable", `"channels":["news"],"jwt":{"key":"{env.CADDY_SSE_TEST_UNSET_VARIABLE}"}`, "jwt: key"},
+		{"jwt alg none", `"channels":["news"],"jwt":{"key":"0123456789abcdef0123456789abcdef","alg":"none"}`, "jwt: alg"},
+		{"jwt missing key file", `"channels":["news"],"jwt":{"key":"/nonexistent/caddy-sse/key.pem","alg":"RS256"}`, "jwt: key"},
+		{"jwt bad source", `"channels":["news"],"jwt":{"key":"0123456789abcdef0123456789abcdef","from":[{}]}`, "jwt: from"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

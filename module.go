@@ -81,16 +81,34 @@ type Handler struct {
 	// history.
 	LastEventID string `json:"last_event_id,omitempty"`
 
+	// Takeover, on unless set to false, takes an HTTP/1.x connection over
+	// once its stream is admitted: the response head is written directly,
+	// and the request's goroutine and buffers are released, so that an idle
+	// stream costs little more than its socket. Such streams bypass
+	// response-writing handlers that wrap the stream (encode). HTTP/2 and
+	// HTTP/3 streams are always served the standard way.
+	Takeover *bool `json:"takeover,omitempty"`
+
 	// MaxDuration closes a stream after about this long (with up to 10%
 	// jitter) so that load rebalances across instances; clients reconnect and
 	// resume. 0: no limit.
 	MaxDuration caddy.Duration `json:"max_duration,omitempty"`
+
+	// JWT, when set, requires every stream request to carry a valid JSON Web
+	// Token (else 401) whose claim grants each of its channels (else 403).
+	// The token's subject is {sse.jwt.sub} in the channel templates.
+	JWT *JWTConfig `json:"jwt,omitempty"`
+
+	// MaxConnectionsPer caps the concurrent streams of this process that
+	// share a key, such as the authenticated user.
+	MaxConnectionsPer *ConnectionLimit `json:"max_connections_per,omitempty"`
 
 	allow  *regexp.Regexp
 	format sse.Format
 	hub    *hub
 	hubKey string
 	logger *zap.Logger
+	detach bool
 }
 
 // RedisConfig says how to reach Redis: a URL, or addresses for a single
@@ -189,6 +207,7 @@ func (h *Handler) compile() error {
 		return fmt.Errorf("format: %w", err)
 	}
 	h.format = f
+	h.detach = h.Takeover == nil || *h.Takeover
 	if h.Keepalive == 0 {
 		h.Keepalive = caddy.Duration(defaultKeepalive)
 	}
@@ -198,7 +217,12 @@ func (h *Handler) compile() error {
 	if h.MaxChannels == 0 {
 		h.MaxChannels = defaultMaxChannels
 	}
-	return nil
+	if h.JWT != nil {
+		if err := h.JWT.compile(); err != nil {
+			return err
+		}
+	}
+	return h.MaxConnectionsPer.validate()
 }
 
 // Validate refuses values out of range; every error names its option.
@@ -216,6 +240,14 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("max_channels: must not be negative")
 	case h.MaxDuration < 0:
 		return fmt.Errorf("max_duration: must not be negative")
+	}
+	if err := h.MaxConnectionsPer.validate(); err != nil {
+		return err
+	}
+	if h.JWT != nil {
+		if err := h.JWT.validate(); err != nil {
+			return err
+		}
 	}
 	return h.History.validate()
 }
