@@ -77,6 +77,7 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //	    max_connections <n>
 //	    max_channels    <n>
 //	    max_duration    <duration>
+//	    takeover on|off
 //	    max_connections_per <template> <n> [reject|evict_oldest]
 //	    jwt {
 //	        key      <secret>|<PEM file>
@@ -104,6 +105,10 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 // Integers must not be negative and durations are Caddy durations (such as
 // 30s, 1h or 1d). `history` keeps <n> (at least 1) events per channel for
 // Last-Event-ID resume, dropped after <ttl> without a publish if given.
+// `takeover` (on by default) writes HTTP/1.x streams directly on their
+// connection once admitted, releasing the request's goroutine and buffers;
+// `takeover off` keeps them on Caddy's response writer (through encode).
+//
 // `last_event_id` is the resume point (a placeholder template, such as
 // {rp.header.X-Sse-Last-Event-Id} in handle_response) of a stream whose
 // client sent no Last-Event-ID. Options other than `channel` may appear once.
@@ -192,6 +197,22 @@ func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 		case "last_event_id":
 			s.LastEventID, err = optArg(d, opt)
+
+		case "takeover":
+			var arg string
+			if arg, err = optArg(d, opt); err != nil {
+				break
+			}
+			switch arg {
+			case "on":
+				on := true
+				s.Takeover = &on
+			case "off":
+				off := false
+				s.Takeover = &off
+			default:
+				return d.Errf("takeover: want on or off, got '%s'", arg)
+			}
 
 		case "max_connections_per":
 			s.MaxConnectionsPer, err = parseConnectionLimit(d)

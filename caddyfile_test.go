@@ -301,6 +301,14 @@ func TestCaddyfileAdapt(t *testing.T) {
 				"last_event_id":"{http.request.header.X-Resume}"}`,
 		},
 		{
+			name:      "takeover off",
+			directive: "sse",
+			input: `sse news {
+				takeover off
+			}`,
+			want: `{"handler":"sse","channels":["news"],"takeover":false}`,
+		},
+		{
 			name:      "every option",
 			directive: "sse",
 			input: `sse user:{http.auth.user.id} {
@@ -580,6 +588,8 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"unknown option", "sse news {\n foo bar\n}", "unrecognized sse option 'foo'"},
 		{"option given a block", "sse news {\n format raw {\n envelope\n }\n}", "format"},
 		{"repeated option", "sse news {\n format raw\n format envelope\n}", "format"},
+		{"takeover neither on nor off", "sse news {\n takeover maybe\n}", "takeover"},
+		{"takeover without argument", "sse news {\n takeover\n}", "takeover"},
 
 		// sse: channels
 		{"no channel at all", "sse", "channel"},

@@ -29,9 +29,15 @@ const globalOptions = `{
 
 const coreCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
+	header /path/* Access-Control-Allow-Origin "https://app.example"
 	sse /path/* {
 		redis {REDIS}
 		channel user:{path.1}
+	}
+	sse /standard/* {
+		redis {REDIS}
+		channel user:{path.1}
+		takeover off
 	}
 	sse /query {
 		redis {REDIS}
@@ -123,6 +129,8 @@ func TestStreamHeadersAndFirstComment(t *testing.T) {
 		"Content-Type":      "text/event-stream; charset=utf-8",
 		"Cache-Control":     "no-cache",
 		"X-Accel-Buffering": "no",
+		// Headers set by handlers before sse are kept.
+		"Access-Control-Allow-Origin": "https://app.example",
 	} {
 		if got := h.Get(name); got != want {
 			t.Errorf("%s = %q, want %q", name, got, want)
@@ -136,6 +144,35 @@ func TestStreamHeadersAndFirstComment(t *testing.T) {
 	if got := s.Raw(); got != ":\n" {
 		t.Fatalf("stream start = %q, want %q", got, ":\n")
 	}
+}
+
+// Both ways of writing an HTTP/1.1 stream deliver the same bytes: taken
+// over (the default) and through Caddy's response writer (takeover off).
+func TestTakeoverAndStandardWriterAgree(t *testing.T) {
+	e := startCore(t)
+	taken := e.open(t, "/path/same")
+	standard := e.open(t, "/standard/same")
+	waitNumsub(t, e.rdb, "user:same", 1)
+	for _, p := range []string{"one", "two\nlines", ""} {
+		e.publish(t, "user:same", p)
+	}
+	for _, s := range []*sseclient.Stream{taken, standard} {
+		for _, want := range []string{"one", "two\nlines", ""} {
+			if ev := next(t, s); ev.Data != want {
+				t.Fatalf("got %+v, want %q", ev, want)
+			}
+		}
+	}
+	if a, b := taken.Raw(), standard.Raw(); a != b {
+		t.Fatalf("taken over: %q\nstandard:  %q", a, b)
+	}
+	if taken.Resp.Header.Get("Content-Type") != standard.Resp.Header.Get("Content-Type") {
+		t.Fatal("the two writers sent different Content-Types")
+	}
+	// Closing the client unsubscribes promptly on both.
+	taken.Close()
+	standard.Close()
+	waitNumsub(t, e.rdb, "user:same", 0)
 }
 
 func TestPublishReachesExactlyTheSubscribedStreams(t *testing.T) {

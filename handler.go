@@ -61,7 +61,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
 		return refuse(w, http.StatusServiceUnavailable, "max_connections", "too many streams; retry later")
 	}
-	defer openStreams.Add(-1)
+	// What undoes the admission runs when the stream ends: at return, or
+	// later for a detached stream, which outlives this call.
+	var undo []func()
+	release := func() {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+	}
+	handedOver := false
+	defer func() {
+		if !handedOver {
+			release()
+		}
+	}()
+	undo = append(undo, func() { openStreams.Add(-1) })
 
 	if h.format == sse.FormatEnvelope && h.hub.closed(r.Context(), channels) {
 		// A publisher ended this channel: 204 tells EventSource to stop
@@ -81,29 +95,41 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 
 	sub := registry.NewSubscriber(channels, h.format, h.Buffer, history)
-	// A client that stopped reading blocks the write; when its queue
-	// overflows, cut the write short instead of waiting for writeTimeout.
 	rc := http.NewResponseController(w)
-	sub.OnOverflow(func() { _ = rc.SetWriteDeadline(time.Now()) })
-	release, ok := h.admitPer(repl, sub)
+	st := &stream{h: h, w: w, rc: rc, sub: sub, lastSeq: after, wake: sub.Wake()}
+	var d *detached
+	if h.detach && r.ProtoMajor == 1 {
+		d = newDetached(h, sub, channels, after)
+		st.wake = d.fallback
+		sub.OnOverflow(func() {
+			if d.mode.Load() == modeDetached {
+				d.overflow()
+			} else {
+				_ = rc.SetWriteDeadline(time.Now())
+			}
+		})
+	} else {
+		// A client that stopped reading blocks the write; when its queue
+		// overflows, cut the write short instead of waiting for writeTimeout.
+		sub.OnOverflow(func() { _ = rc.SetWriteDeadline(time.Now()) })
+	}
+	releasePer, ok := h.admitPer(repl, sub)
 	if !ok {
 		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
 		return refuse(w, http.StatusTooManyRequests, "max_connections_per", "too many streams for this client")
 	}
-	defer release()
+	undo = append(undo, releasePer)
 	if err := h.hub.reg.Attach(r.Context(), sub); err != nil {
 		return nil // the client went away, or the config is being unloaded
 	}
-	defer h.hub.reg.Detach(sub)
+	undo = append(undo, func() { h.hub.reg.Detach(sub) })
 
 	// History is read before the 200 so that the whole answer is decided
 	// before the client sees it; live frames queue meanwhile.
-	var replay []registry.Message
-	var truncated bool
+	var replay [][]byte
 	if resume {
 		ctx, cancel := context.WithTimeout(r.Context(), replayTimeout)
-		var err error
-		replay, truncated, err = h.hub.reg.Replay(ctx, channels, after)
+		msgs, truncated, err := h.hub.reg.Replay(ctx, channels, after)
 		cancel()
 		if err != nil {
 			// Serve the live stream anyway and tell the client what it
@@ -111,21 +137,29 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 			h.logger.Warn("history replay failed", zap.Strings("channels", channels), zap.Error(err))
 			truncated = true
 		}
+		replay = st.replayFrames(msgs, truncated, after)
 	}
 
-	st := &stream{h: h, w: w, rc: rc, sub: sub, lastSeq: after}
+	setHeaders(w.Header())
 	metrics.streamsOpen.Inc()
-	defer metrics.streamsOpen.Dec()
+	undo = append(undo, metrics.streamsOpen.Dec)
+	h.logger.Debug("stream open", zap.Strings("channels", channels), zap.Bool("resume", resume),
+		zap.Bool("detached", d != nil))
+	if d != nil {
+		d.release = release
+		d.lastSeq = st.lastSeq
+		if d.takeOver(w, r, rc, st.head(), replay) {
+			handedOver = true
+			return nil
+		}
+	}
 	if err := st.open(); err != nil {
 		metrics.streamsClosed.WithLabelValues("client").Inc()
 		return nil
 	}
-	h.logger.Debug("stream open", zap.Strings("channels", channels), zap.Bool("resume", resume))
-	if resume {
-		if err := st.replay(replay, truncated, after); err != nil {
-			metrics.streamsClosed.WithLabelValues("client").Inc()
-			return nil
-		}
+	if err := st.writeBatches(replay); err != nil {
+		metrics.streamsClosed.WithLabelValues("client").Inc()
+		return nil
 	}
 	why := st.run(r.Context())
 	if why == registry.ReasonEvicted {
@@ -222,25 +256,35 @@ type stream struct {
 	rc      *http.ResponseController
 	sub     *registry.Subscriber
 	lastSeq uint64 // highest sequence number written: later duplicates are skipped
+	wake    <-chan struct{}
 	frames  []*registry.Frame
+}
+
+// setHeaders sets the stream's response headers.
+func setHeaders(hdr http.Header) {
+	hdr.Set("Content-Type", "text/event-stream; charset=utf-8")
+	hdr.Set("Cache-Control", "no-cache")
+	hdr.Set("X-Accel-Buffering", "no")
+	hdr.Del("Content-Length")
+}
+
+// head is what a stream starts with: the opening comment, and the retry
+// hint when set.
+func (st *stream) head() []byte {
+	buf := append([]byte(nil), sse.Comment...)
+	if st.h.Retry > 0 {
+		buf = sse.AppendRetry(buf, time.Duration(st.h.Retry).Milliseconds())
+	}
+	return buf
 }
 
 // open sends the headers and the first comment at once, so that the client
 // (and every proxy on the way) sees the stream is alive before any event.
 func (st *stream) open() error {
-	hdr := st.w.Header()
-	hdr.Set("Content-Type", "text/event-stream; charset=utf-8")
-	hdr.Set("Cache-Control", "no-cache")
-	hdr.Set("X-Accel-Buffering", "no")
-	hdr.Del("Content-Length")
 	st.w.WriteHeader(http.StatusOK)
 	// A stream outlives any server read or write timeout.
 	_ = st.rc.SetReadDeadline(time.Time{})
-	buf := append([]byte(nil), sse.Comment...)
-	if st.h.Retry > 0 {
-		buf = sse.AppendRetry(buf, time.Duration(st.h.Retry).Milliseconds())
-	}
-	return st.write(buf)
+	return st.write(st.head())
 }
 
 // write writes b and flushes, with a deadline so that a client that stopped
@@ -257,17 +301,15 @@ func (st *stream) write(chunks ...[]byte) error {
 	return err
 }
 
-// replay writes what history kept after the client's last id, telling it
-// first when some of that was already trimmed.
-func (st *stream) replay(msgs []registry.Message, truncated bool, after uint64) error {
-	if truncated {
-		if err := st.write(registry.MissedFrame(after).Bytes); err != nil {
-			return err
-		}
-	}
-	const batch = 64
+// replayFrames encodes what history kept after the client's last id,
+// preceded by the missed-events notice when some of it was already trimmed.
+// A close among them ends the stream after it.
+func (st *stream) replayFrames(msgs []registry.Message, truncated bool, after uint64) [][]byte {
 	var out [][]byte
-	for i, m := range msgs {
+	if truncated {
+		out = append(out, registry.MissedFrame(after).Bytes)
+	}
+	for _, m := range msgs {
 		f := st.h.hub.reg.Encode(st.h.format, m)
 		if f.Seq > st.lastSeq {
 			st.lastSeq = f.Seq
@@ -275,17 +317,24 @@ func (st *stream) replay(msgs []registry.Message, truncated bool, after uint64) 
 		if len(f.Bytes) > 0 {
 			out = append(out, f.Bytes)
 		}
-		if len(out) == batch || i == len(msgs)-1 {
-			if err := st.write(out...); err != nil {
-				return err
-			}
-			metrics.delivered.Add(float64(len(out)))
-			out = out[:0]
-		}
 		if f.Close {
 			st.sub.End(registry.ReasonClosed)
 			break
 		}
+	}
+	return out
+}
+
+// writeBatches writes frames, flushing every few dozen.
+func (st *stream) writeBatches(frames [][]byte) error {
+	const batch = 64
+	for len(frames) > 0 {
+		n := min(batch, len(frames))
+		if err := st.write(frames[:n]...); err != nil {
+			return err
+		}
+		metrics.delivered.Add(float64(n))
+		frames = frames[n:]
 	}
 	return nil
 }
@@ -305,7 +354,7 @@ func (st *stream) run(ctx context.Context) string {
 	}
 	for {
 		select {
-		case <-st.sub.Wake():
+		case <-st.wake:
 			why, err := st.drain()
 			if err != nil {
 				return "client"

@@ -35,6 +35,7 @@ type Subscriber struct {
 	max      int
 
 	wake       chan struct{}
+	onWake     func()
 	onOverflow func()
 
 	mu     sync.Mutex
@@ -64,6 +65,12 @@ func NewSubscriber(channels []string, format sse.Format, buffer int, history boo
 	}
 }
 
+// OnWake sets f to be called instead of signalling Wake whenever frames are
+// queued or the subscriber must end, on the goroutine that queued them (the
+// delivering goroutine): a stream with no goroutine of its own uses it to
+// start its writer. Set it before Attach; f must not block.
+func (s *Subscriber) OnWake(f func()) { s.onWake = f }
+
 // OnOverflow sets f to be called, on the delivering goroutine, when the
 // queue overflows: the stream's goroutine may be blocked writing to the
 // client that fell behind, and f can interrupt that write (for example by
@@ -86,6 +93,15 @@ func (s *Subscriber) Take(buf []*Frame) ([]*Frame, string) {
 	reason := s.reason
 	s.mu.Unlock()
 	return frames, reason
+}
+
+// Pending reports whether frames are queued or the stream must end: a
+// writer that found nothing to do checks it again after declaring itself
+// idle, so that nothing queued in between is left behind.
+func (s *Subscriber) Pending() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.queue) > 0 || s.reason != ""
 }
 
 // End asks the stream to end for reason once it has written what is queued.
@@ -127,6 +143,10 @@ func (s *Subscriber) push(f *Frame) (dropped string) {
 }
 
 func (s *Subscriber) signal() {
+	if s.onWake != nil {
+		s.onWake()
+		return
+	}
 	select {
 	case s.wake <- struct{}{}:
 	default:
