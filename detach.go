@@ -29,9 +29,10 @@ type detached struct {
 	channels []string
 	release  func() // undoes the stream's admission; called once, at the end
 
-	mode     atomic.Int32  // modePending, modeDetached or modeStandard
-	fallback chan struct{} // wakes the standard stream loop if takeover fails
-	writing  atomic.Bool   // a writer goroutine runs or is about to
+	mode     atomic.Int32                            // modePending, modeDetached or modeStandard
+	rc       atomic.Pointer[http.ResponseController] // until taken over: to cut a blocked write
+	fallback chan struct{}                           // wakes the standard stream loop if takeover fails
+	writing  atomic.Bool                             // a writer goroutine runs or is about to
 	ended    atomic.Bool
 
 	conn      net.Conn
@@ -54,9 +55,11 @@ const (
 
 // newDetached prepares a stream to be detached; it must be wired to the
 // subscriber before Attach so that no wake is missed.
-func newDetached(h *Handler, sub *registry.Subscriber, channels []string, after uint64) *detached {
+func newDetached(h *Handler, sub *registry.Subscriber, channels []string, after uint64, rc *http.ResponseController) *detached {
 	d := &detached{h: h, sub: sub, channels: channels, lastSeq: after, fallback: make(chan struct{}, 1)}
+	d.rc.Store(rc)
 	sub.OnWake(d.wake)
+	sub.OnOverflow(d.overflow)
 	return d
 }
 
@@ -82,6 +85,10 @@ func (d *detached) wake() {
 // standard way).
 func (d *detached) takeOver(w http.ResponseWriter, r *http.Request, rc *http.ResponseController, head []byte, replay [][]byte) bool {
 	conn, brw, err := rc.Hijack()
+	// From here on nothing of ours may keep the request alive.
+	if err == nil {
+		d.rc.Store(nil)
+	}
 	if err != nil {
 		d.mode.Store(modeStandard)
 		d.wake() // frames queued meanwhile
@@ -237,16 +244,17 @@ func (d *detached) write(frames []*registry.Frame) error {
 func (d *detached) overflow() {
 	if d.mode.Load() == modeDetached {
 		_ = d.conn.SetWriteDeadline(time.Now())
+	} else if rc := d.rc.Load(); rc != nil {
+		_ = rc.SetWriteDeadline(time.Now())
 	}
 }
 
-// finish ends the stream once: the registry lets it go, the connection
-// closes and the admission is undone.
+// finish ends the stream once: the connection closes and the admission is
+// undone (release detaches it from the registry).
 func (d *detached) finish(why string) {
 	if !d.ended.CompareAndSwap(false, true) {
 		return
 	}
-	d.h.hub.reg.Detach(d.sub)
 	detachedStreams.remove(d)
 	if d.conn != nil {
 		_ = d.conn.Close()

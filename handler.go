@@ -99,15 +99,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	st := &stream{h: h, w: w, rc: rc, sub: sub, lastSeq: after, wake: sub.Wake()}
 	var d *detached
 	if h.detach && r.ProtoMajor == 1 {
-		d = newDetached(h, sub, channels, after)
+		// The subscriber outlives this call once detached: what it holds
+		// must not keep the request (and net/http's buffers) alive.
+		d = newDetached(h, sub, channels, after, rc)
 		st.wake = d.fallback
-		sub.OnOverflow(func() {
-			if d.mode.Load() == modeDetached {
-				d.overflow()
-			} else {
-				_ = rc.SetWriteDeadline(time.Now())
-			}
-		})
 	} else {
 		// A client that stopped reading blocks the write; when its queue
 		// overflows, cut the write short instead of waiting for writeTimeout.
