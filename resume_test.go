@@ -399,15 +399,5 @@ func loadFunctions(tb testing.TB, rs *redistest.Server) {
 // functions in Redis (done in the background at start).
 func waitFunctions(tb testing.TB, rdb *redis.Client) {
 	tb.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		libs, err := rdb.FunctionList(context.Background(), redis.FunctionListQuery{LibraryNamePattern: "caddy_sse"}).Result()
-		if err == nil && len(libs) == 1 {
-			return
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("the history functions were not installed in Redis: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	redistest.WaitLibrary(tb, rdb, "caddy_sse")
 }

@@ -6,6 +6,7 @@ package redistest
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"net"
 	"os/exec"
@@ -225,4 +226,21 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.String()
+}
+
+// WaitLibrary waits until a Redis function library of that name is loaded,
+// as a Caddy with history loads caddy_sse in the background when it starts.
+func WaitLibrary(tb testing.TB, rdb *redis.Client, name string) {
+	tb.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		libs, err := rdb.FunctionList(context.Background(), redis.FunctionListQuery{LibraryNamePattern: name}).Result()
+		if err == nil && len(libs) == 1 {
+			return
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("redistest: function library %s was not loaded: %v", name, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -111,17 +111,7 @@ func waitListening(t *testing.T, addr string, ran <-chan error) {
 // does in the background when it starts.
 func waitFunctions(t *testing.T, rdb *redis.Client) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		libs, err := rdb.FunctionList(context.Background(), redis.FunctionListQuery{LibraryNamePattern: "caddy_sse"}).Result()
-		if err == nil && len(libs) == 1 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Caddy did not load the sse_publish function into Redis: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	redistest.WaitLibrary(t, rdb, "caddy_sse")
 }
 
 // testWriter sends the app's log to the test's.
