@@ -1,0 +1,146 @@
+package forwardauth
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
+	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/redistest"
+	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+)
+
+// app stands for the existing app: its sessions are bearer tokens, and it
+// answers the auth subrequest with the user's channels.
+type app struct {
+	mu       sync.Mutex
+	authSeen []http.Header // the headers of each auth subrequest
+}
+
+var sessions = map[string]string{
+	"alice-token":   "user:1,team:7",
+	"bob-token":     "user:2",
+	"carol-token":   "",           // logged in, but no channels: no header
+	"mallory-token": "admin:root", // an app bug: a channel allow refuses
+}
+
+func (a *app) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Path {
+	case "/auth/sse":
+		a.mu.Lock()
+		a.authSeen = append(a.authSeen, r.Header.Clone())
+		a.mu.Unlock()
+		channels, ok := sessions[strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")]
+		if !ok {
+			w.Header().Set("WWW-Authenticate", "Bearer")
+			http.Error(w, "login required", http.StatusUnauthorized)
+			return
+		}
+		if channels != "" {
+			w.Header().Set("X-Sse-Channels", channels)
+		}
+		w.WriteHeader(http.StatusNoContent)
+	case "/events":
+		http.Error(w, "the stream must not reach the app", http.StatusTeapot)
+	default:
+		io.WriteString(w, "app page "+r.URL.Path)
+	}
+}
+
+func TestForwardAuthExample(t *testing.T) {
+	rs := redistest.Start(t)
+	a := &app{}
+	srv := httptest.NewServer(a)
+	t.Cleanup(srv.Close)
+	addr := srv.Listener.Addr().String()
+	cf := exampletest.Caddyfile(t, "Caddyfile",
+		"http://localhost:8000", "http://127.0.0.1:{HTTP}",
+		"redis://127.0.0.1:6379", rs.URL(),
+		"forward_auth /events 127.0.0.1:8080", "forward_auth /events "+addr,
+		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+addr,
+	)
+	in := caddytest.Start(t, cf, nil)
+	rdb := rs.Client()
+	ctx := context.Background()
+
+	open := func(header ...string) (*sseclient.Stream, *sseclient.StatusError) {
+		t.Helper()
+		s, err := sseclient.Get(ctx, in.URL()+"/events", header...)
+		var se *sseclient.StatusError
+		if errors.As(err, &se) {
+			return nil, se
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(s.Close)
+		return s, nil
+	}
+	refused := func(wantCode int, wantBody string, header ...string) {
+		t.Helper()
+		s, se := open(header...)
+		if s != nil {
+			s.Close()
+			t.Fatalf("%q: stream opened, want %d", header, wantCode)
+		}
+		if se.Code != wantCode || !strings.Contains(se.Body, wantBody) {
+			t.Fatalf("%q: %d %q, want %d %q", header, se.Code, se.Body, wantCode, wantBody)
+		}
+	}
+
+	// Not logged in: the app's 401 goes back as is.
+	refused(http.StatusUnauthorized, "login required")
+	refused(http.StatusUnauthorized, "login required", "Authorization", "Bearer nobody")
+	// A forged header without a session gets nothing either.
+	refused(http.StatusUnauthorized, "login required", "X-Sse-Channels", "user:2")
+	// Logged in, no channels: a forged header is removed, not used.
+	refused(http.StatusBadRequest, "no channel", "Authorization", "Bearer carol-token", "X-Sse-Channels", "user:2")
+	// The app hands out a channel allow refuses.
+	refused(http.StatusForbidden, "not allowed", "Authorization", "Bearer mallory-token")
+	if chans, err := rdb.PubSubChannels(ctx, "*").Result(); err != nil || len(chans) != 0 {
+		t.Fatalf("after refusals, subscribed channels: %v %v", chans, err)
+	}
+
+	// Alice gets her channels, and a forged header adds nothing.
+	alice, _ := open("Authorization", "Bearer alice-token", "X-Sse-Channels", "user:2")
+	bob, _ := open("Authorization", "Bearer bob-token")
+	a.mu.Lock()
+	last := a.authSeen[len(a.authSeen)-2] // alice's subrequest
+	a.mu.Unlock()
+	if got := last.Get("Authorization"); got != "Bearer alice-token" {
+		t.Fatalf("the auth subrequest carried Authorization %q", got)
+	}
+
+	exampletest.Publish(t, rdb, "user:2", "for bob")
+	exampletest.Publish(t, rdb, "team:7", "for alice's team")
+	exampletest.Publish(t, rdb, "user:1", "for alice")
+	if ev := exampletest.Next(t, bob); ev.Data != "for bob" {
+		t.Fatalf("bob got %+v", ev)
+	}
+	if ev := exampletest.Next(t, alice); ev.Data != "for alice's team" {
+		t.Fatalf("alice got %+v, want her team's event first (and never bob's)", ev)
+	}
+	if ev := exampletest.Next(t, alice); ev.Data != "for alice" {
+		t.Fatalf("alice got %+v", ev)
+	}
+	exampletest.NoEvent(t, alice, 200*time.Millisecond)
+	exampletest.NoEvent(t, bob, 10*time.Millisecond)
+
+	// Everything else is the app's.
+	resp, err := http.Get(in.URL() + "/dashboard")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != "app page /dashboard" {
+		t.Fatalf("GET /dashboard = %d %q", resp.StatusCode, body)
+	}
+}

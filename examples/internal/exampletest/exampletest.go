@@ -1,0 +1,174 @@
+// Package exampletest runs the shipped example files in tests: it reads an
+// example's Caddyfile, swaps its addresses for the test's, and adds the
+// global options a test instance needs, so that what runs is the shipped
+// file and not a copy of it.
+package exampletest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+)
+
+// testGlobals keep a test instance on loopback, on its own admin port, and
+// away from the machine's trust store and saved config. Options the shipped
+// file sets itself are left to it.
+var testGlobals = []struct{ name, line string }{
+	{"admin", "admin 127.0.0.1:{ADMIN}"},
+	{"default_bind", "default_bind 127.0.0.1"},
+	{"persist_config", "persist_config off"},
+	{"skip_install_trust", "skip_install_trust"},
+}
+
+// Caddyfile reads the file at path and replaces each old string of
+// replacements (pairs: old, new, ...) by its new one. Every old string must
+// occur in the file: a test that no longer matches the shipped file fails
+// instead of silently testing something else. Then it adds the test's global
+// options (see testGlobals) to the file's global block, or a new one.
+func Caddyfile(tb testing.TB, path string, replacements ...string) string {
+	tb.Helper()
+	s := Substitute(tb, path, replacements...)
+	return WithTestGlobals(s)
+}
+
+// Substitute reads the file at path and applies replacements as Caddyfile
+// does, without adding global options.
+func Substitute(tb testing.TB, path string, replacements ...string) string {
+	tb.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		tb.Fatalf("reading the shipped %s: %v", path, err)
+	}
+	if len(replacements)%2 != 0 {
+		tb.Fatalf("exampletest: odd number of replacement strings")
+	}
+	s := string(b)
+	for i := 0; i < len(replacements); i += 2 {
+		old, repl := replacements[i], replacements[i+1]
+		if !strings.Contains(s, old) {
+			tb.Fatalf("the shipped %s no longer contains %q: update the test with the file", path, old)
+		}
+		s = strings.ReplaceAll(s, old, repl)
+	}
+	return s
+}
+
+var globalBlock = regexp.MustCompile(`^(?:\s*#[^\n]*\n|\s*\n)*\{\s*\n`)
+
+// WithTestGlobals adds the test's global options to a Caddyfile.
+func WithTestGlobals(s string) string {
+	loc := globalBlock.FindStringIndex(s)
+	body := ""
+	end := 0
+	if loc != nil {
+		end = loc[1]
+		// The global block ends at the first line that is a lone "}".
+		if i := strings.Index(s[end:], "\n}"); i >= 0 {
+			body = s[end : end+i]
+		}
+	}
+	var add strings.Builder
+	for _, g := range testGlobals {
+		if regexp.MustCompile(`(?m)^\s*` + g.name + `\b`).MatchString(body) {
+			continue
+		}
+		add.WriteString("\t" + g.line + "\n")
+	}
+	if loc == nil {
+		return "{\n" + add.String() + "}\n\n" + s
+	}
+	return s[:end] + add.String() + s[end:]
+}
+
+// Next returns the next event of s, failing the test after 5s.
+func Next(tb testing.TB, s *sseclient.Stream) sseclient.Event {
+	tb.Helper()
+	ev, err := s.Next(5 * time.Second)
+	if err != nil {
+		tb.Fatalf("waiting for an event: %v (received so far: %q)", err, s.Raw())
+	}
+	return ev
+}
+
+// NoEvent fails the test if s gets an event within d.
+func NoEvent(tb testing.TB, s *sseclient.Stream, d time.Duration) {
+	tb.Helper()
+	if ev, err := s.Next(d); err == nil {
+		tb.Fatalf("unexpected event %+v", ev)
+	}
+}
+
+// Open opens a GET stream on url, closed at the end of the test. It fails
+// the test if the response headers take more than 5s.
+func Open(tb testing.TB, url string, header ...string) *sseclient.Stream {
+	tb.Helper()
+	s, err := TryOpen(url, 5*time.Second, header...)
+	if err != nil {
+		tb.Fatalf("opening %s: %v", url, err)
+	}
+	tb.Cleanup(s.Close)
+	return s
+}
+
+// TryOpen opens a GET stream on url, giving up when the response headers
+// take more than within. The caller closes the stream.
+func TryOpen(url string, within time.Duration, header ...string) (*sseclient.Stream, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	timer := time.AfterFunc(within, cancel)
+	s, err := sseclient.Get(ctx, url, header...)
+	if err != nil || !timer.Stop() {
+		cancel()
+		if err == nil {
+			s.Close()
+			err = context.DeadlineExceeded
+		}
+		return nil, err
+	}
+	go func() {
+		<-s.Done()
+		cancel()
+	}()
+	return s, nil
+}
+
+// NeedBinary fails the test, with the command that installs it, when name
+// is not on PATH. These tests never skip.
+func NeedBinary(tb testing.TB, name, install string) string {
+	tb.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		tb.Fatalf("%s not found on PATH: install it with `%s`", name, install)
+	}
+	return p
+}
+
+// Publish publishes payload on channel and fails the test on error; it
+// returns how many subscriptions received it.
+func Publish(tb testing.TB, rdb redis.UniversalClient, channel, payload string) int64 {
+	tb.Helper()
+	n, err := rdb.Publish(context.Background(), channel, payload).Result()
+	if err != nil {
+		tb.Fatalf("PUBLISH %s: %v", channel, err)
+	}
+	return n
+}
+
+// PublishResumable publishes payload with the history function and returns
+// the event id.
+func PublishResumable(tb testing.TB, rdb redis.UniversalClient, channel, payload string) string {
+	tb.Helper()
+	v, err := rdb.FCall(context.Background(), "sse_publish", []string{channel}, payload).Result()
+	if err != nil {
+		tb.Fatalf("FCALL sse_publish %s: %v", channel, err)
+	}
+	return fmt.Sprint(v)
+}

@@ -1,0 +1,255 @@
+package nginx
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
+	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/redistest"
+	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+)
+
+// mainConf wraps the shipped server block in the minimal nginx.conf a test
+// needs: one process in the foreground, and every path in the test's own
+// directory.
+const mainConf = `daemon off;
+master_process off;
+pid {DIR}/nginx.pid;
+error_log {DIR}/error.log info;
+events {
+	worker_connections 256;
+}
+http {
+	access_log {DIR}/access.log;
+	client_body_temp_path {DIR}/client_body;
+	proxy_temp_path {DIR}/proxy;
+	fastcgi_temp_path {DIR}/fastcgi;
+	uwsgi_temp_path {DIR}/uwsgi;
+	scgi_temp_path {DIR}/scgi;
+	include {DIR}/caddy-sse.conf;
+}
+`
+
+// nginxServer is a running nginx.
+type nginxServer struct {
+	addr string
+	dir  string
+}
+
+// startNginx runs nginx with site as its only server block and waits until
+// it accepts connections. It fails the test, saying how to install nginx,
+// when nginx is missing.
+func startNginx(t *testing.T, site string) *nginxServer {
+	t.Helper()
+	bin := exampletest.NeedBinary(t, "nginx", "apt-get install -y nginx")
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "nginx.conf")
+	if err := os.WriteFile(conf, []byte(strings.ReplaceAll(mainConf, "{DIR}", dir)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	port := caddytest.FreePort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	site = strings.ReplaceAll(site, "listen 80;", "listen "+addr+";")
+	if err := os.WriteFile(filepath.Join(dir, "caddy-sse.conf"), []byte(site), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"-e", filepath.Join(dir, "error.log"), "-p", dir, "-c", conf}
+	if out, err := exec.Command(bin, append(args, "-t")...).CombinedOutput(); err != nil {
+		t.Fatalf("nginx -t: %v\n%s", err, out)
+	}
+	cmd := exec.Command(bin, args...)
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		close(done)
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return &nginxServer{addr: addr, dir: dir}
+		}
+		select {
+		case <-done:
+			log, _ := os.ReadFile(filepath.Join(dir, "error.log"))
+			t.Fatalf("nginx exited: %s\n%s", out.String(), log)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nginx did not listen on %s within 10s", addr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (n *nginxServer) URL() string { return "http://" + n.addr }
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// setup runs the shipped Caddyfile with a real Redis in front of a test
+// app, and returns it with the shipped nginx server block pointed at it.
+func setup(t *testing.T) (*redistest.Server, *caddytest.Instance, string, *[]string) {
+	t.Helper()
+	rs := redistest.Start(t)
+	var mu sync.Mutex
+	var forwardedFor []string
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		forwardedFor = append(forwardedFor, r.Header.Get("X-Forwarded-For"))
+		mu.Unlock()
+		io.WriteString(w, "app "+r.URL.Path)
+	}))
+	t.Cleanup(app.Close)
+	in := caddytest.Start(t, exampletest.Caddyfile(t, "Caddyfile",
+		"http://:8000", "http://:{HTTP}",
+		"redis://127.0.0.1:6379", rs.URL(),
+		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+app.Listener.Addr().String(),
+	), nil)
+	site := exampletest.Substitute(t, "caddy-sse.conf",
+		"server 127.0.0.1:8000;", "server "+in.Addr()+";",
+		"listen 80;", "listen 80;", // checked here, set by startNginx
+	)
+	return rs, in, site, &forwardedFor
+}
+
+// eventsOneByOne publishes n events, each only after the previous one
+// arrived, and fails if one takes longer than within.
+func eventsOneByOne(t *testing.T, rs *redistest.Server, s *sseclient.Stream, n int, within time.Duration) {
+	t.Helper()
+	for i := 1; i <= n; i++ {
+		msg := fmt.Sprintf("event %d", i)
+		start := time.Now()
+		if got := exampletest.Publish(t, rs.Client(), "user:42", msg); got != 1 {
+			t.Fatalf("PUBLISH reached %d subscriptions", got)
+		}
+		ev, err := s.Next(within)
+		if err != nil {
+			t.Fatalf("%q did not arrive through nginx within %v: %v (received so far %q)", msg, within, err, s.Raw())
+		}
+		if ev.Data != msg {
+			t.Fatalf("got %+v, want %q", ev, msg)
+		}
+		t.Logf("%s arrived after %v", msg, time.Since(start).Round(time.Millisecond))
+	}
+}
+
+func TestNginxExample(t *testing.T) {
+	rs, _, site, forwardedFor := setup(t)
+	ngx := startNginx(t, site)
+
+	// The app behind Caddy, through nginx.
+	resp, err := http.Get(ngx.URL() + "/page")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != "app /page" {
+		t.Fatalf("GET /page through nginx = %d %q", resp.StatusCode, body)
+	}
+	// Caddy trusts nginx's X-Forwarded-For (trusted_proxies) and appends
+	// nginx's address: the browser's address comes first. Without
+	// trusted_proxies Caddy would drop it and send nginx's alone.
+	if got := (*forwardedFor)[0]; got != "127.0.0.1, 127.0.0.1" {
+		t.Fatalf("the app saw X-Forwarded-For %q, want the browser's then nginx's address", got)
+	}
+
+	s := exampletest.Open(t, ngx.URL()+"/events/42")
+	if ct := s.Resp.Header.Get("Content-Type"); ct != "text/event-stream; charset=utf-8" {
+		t.Fatalf("Content-Type through nginx = %q", ct)
+	}
+	if s.Resp.ProtoMinor != 1 || len(s.Resp.TransferEncoding) == 0 || s.Resp.TransferEncoding[0] != "chunked" {
+		t.Fatalf("through nginx: %s, Transfer-Encoding %v; want HTTP/1.1 chunked", s.Resp.Proto, s.Resp.TransferEncoding)
+	}
+	// The opening comment comes through at once, before any event.
+	deadline := time.Now().Add(2 * time.Second)
+	for s.Raw() == "" && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := s.Raw(); got != ":\n" {
+		t.Fatalf("before any event, nginx passed %q, want the opening comment", got)
+	}
+	eventsOneByOne(t, rs, s, 5, time.Second)
+	want := ":\n"
+	for i := 1; i <= 5; i++ {
+		want += fmt.Sprintf("data: event %d\n\n", i)
+	}
+	if got := s.Raw(); got != want {
+		t.Fatalf("bytes through nginx:\n%q\nwant\n%q", got, want)
+	}
+
+	// Refusals pass through with their status.
+	resp, err = http.Get(ngx.URL() + "/events/not-a-number")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("GET /events/not-a-number through nginx = %d, want 403", resp.StatusCode)
+	}
+}
+
+// The check above can fail: without the settings of the shipped location
+// (buffering on, Caddy's X-Accel-Buffering ignored, gzip on for event
+// streams), nginx holds the stream back and the same check does not see it
+// in time.
+func TestNginxBufferingIsDetected(t *testing.T) {
+	rs, _, site, _ := setup(t)
+	broken := strings.Replace(site, "proxy_buffering off;\n\t\tproxy_cache off;\n\t\tgzip off;",
+		"proxy_buffering on;\n\t\tproxy_ignore_headers X-Accel-Buffering;\n\t\tgzip on;\n\t\tgzip_types text/event-stream;", 1)
+	if broken == site {
+		t.Fatal("the shipped caddy-sse.conf no longer has proxy_buffering off, proxy_cache off and gzip off in a row")
+	}
+	ngx := startNginx(t, broken)
+	s, err := exampletest.TryOpen(ngx.URL()+"/events/42", 2*time.Second)
+	if err != nil {
+		t.Logf("with buffering, not even the headers arrived within 2s: %v", err)
+		return
+	}
+	defer s.Close()
+	exampletest.Publish(t, rs.Client(), "user:42", "held back")
+	if ev, err := s.Next(time.Second); err == nil {
+		t.Fatalf("with buffering and gzip, the event arrived at once (%+v): the check cannot tell a buffered stream", ev)
+	}
+}

@@ -1,0 +1,247 @@
+package sentinelcluster
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
+	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/redistest"
+)
+
+// Both shipped files adapt and validate as they are (validation provisions
+// the handlers; nothing needs to listen on the addresses for that).
+func TestCaddyfilesValidate(t *testing.T) {
+	bin := caddytest.Binary(t)
+	for _, name := range []string{"sentinel.Caddyfile", "cluster.Caddyfile"} {
+		for _, cmd := range []string{"adapt", "validate"} {
+			c := exec.Command(bin, cmd, "--config", name)
+			c.Env = append(os.Environ(), "HOME="+t.TempDir())
+			out, err := c.CombinedOutput()
+			if err != nil {
+				t.Fatalf("caddy %s --config %s: %v\n%s", cmd, name, err, out)
+			}
+			if cmd == "adapt" && !strings.Contains(string(out), `"handler":"sse"`) {
+				t.Fatalf("caddy adapt --config %s has no sse handler:\n%s", name, out)
+			}
+		}
+	}
+}
+
+func testApp(t *testing.T) string {
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "app")
+	}))
+	t.Cleanup(app.Close)
+	return app.Listener.Addr().String()
+}
+
+func port(addr string) string {
+	_, p, _ := net.SplitHostPort(addr)
+	return p
+}
+
+// startSentinel runs a Sentinel (redis-server --sentinel) on a free port of
+// 127.0.0.1 that monitors master as mymaster, and returns its address.
+func startSentinel(t *testing.T, master string) string {
+	t.Helper()
+	dir := t.TempDir()
+	addr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
+	conf := filepath.Join(dir, "sentinel.conf") // Sentinel rewrites it
+	err := os.WriteFile(conf, []byte(fmt.Sprintf(`port %s
+bind 127.0.0.1
+dir %s
+sentinel monitor mymaster 127.0.0.1 %s 1
+sentinel down-after-milliseconds mymaster 1000
+sentinel failover-timeout mymaster 10000
+`, port(addr), dir, port(master))), 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("redis-server", conf, "--sentinel")
+	out := &strings.Builder{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	sc := redis.NewSentinelClient(&redis.Options{Addr: addr})
+	defer sc.Close()
+	waitFor(t, 10*time.Second, "the Sentinel to answer", func() bool {
+		return sc.Ping(context.Background()).Err() == nil
+	})
+	return addr
+}
+
+// waitFor polls cond every 50ms until it holds, failing the test after d.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited %v for %s", d, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Streams through Sentinel, and across a failover: the master dies, the
+// Sentinel promotes the replica, and the open stream keeps receiving.
+func TestSentinelStreamsAndFailsOver(t *testing.T) {
+	ctx := context.Background()
+	master := redistest.Start(t)
+	replica := redistest.Start(t, "--replicaof", "127.0.0.1", port(master.Addr()))
+	waitFor(t, 10*time.Second, "the replica to sync", func() bool {
+		info, _ := replica.Client().Info(ctx, "replication").Result()
+		return strings.Contains(info, "master_link_status:up")
+	})
+	sentinel := startSentinel(t, master.Addr())
+	sc := redis.NewSentinelClient(&redis.Options{Addr: sentinel})
+	defer sc.Close()
+	waitFor(t, 15*time.Second, "the Sentinel to know the replica", func() bool {
+		r, _ := sc.Replicas(ctx, "mymaster").Result()
+		return len(r) == 1
+	})
+
+	cf := exampletest.Caddyfile(t, "sentinel.Caddyfile",
+		"http://localhost:8000", "http://127.0.0.1:{HTTP}",
+		"addrs 127.0.0.1:26379 127.0.0.1:26380 127.0.0.1:26381", "addrs "+sentinel,
+		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
+	)
+	in := caddytest.Start(t, cf, nil)
+	redistest.WaitLibrary(t, master.Client(), "caddy_sse")
+
+	s := exampletest.Open(t, in.URL()+"/events/42")
+	if n := exampletest.Publish(t, master.Client(), "user:42", "via sentinel"); n != 1 {
+		t.Fatalf("PUBLISH on the master reached %d subscriptions, want 1", n)
+	}
+	if ev := exampletest.Next(t, s); ev.Data != "via sentinel" {
+		t.Fatalf("got %+v", ev)
+	}
+	id := exampletest.PublishResumable(t, master.Client(), "user:42", "resumable via sentinel")
+	if ev := exampletest.Next(t, s); ev.Data != "resumable via sentinel" || ev.ID != id {
+		t.Fatalf("got %+v, want id %s", ev, id)
+	}
+
+	// The master dies; the Sentinel promotes the replica.
+	master.Stop()
+	waitFor(t, 30*time.Second, "the Sentinel to promote the replica", func() bool {
+		addr, err := sc.GetMasterAddrByName(ctx, "mymaster").Result()
+		return err == nil && len(addr) == 2 && addr[1] == port(replica.Addr())
+	})
+	waitFor(t, 10*time.Second, "the replica to become a master", func() bool {
+		info, _ := replica.Client().Info(ctx, "replication").Result()
+		return strings.Contains(info, "role:master")
+	})
+	// Published on the new master, resumable: it reaches the stream that
+	// stayed open, through the new subscription (or the catch-up from
+	// history if it was published while Caddy was still switching).
+	after := exampletest.PublishResumable(t, replica.Client(), "user:42", "after the failover")
+	ev, err := s.Next(20 * time.Second)
+	if err != nil {
+		t.Fatalf("after the failover, the open stream got nothing: %v (raw %q)\n%s", err, s.Raw(), in.Logs())
+	}
+	if ev.Data != "after the failover" || ev.ID != after {
+		t.Fatalf("after the failover got %+v, want id %s", ev, after)
+	}
+	select {
+	case <-s.Done():
+		t.Fatal("the stream was closed by the failover")
+	default:
+	}
+	// And fire-and-forget events flow on the new master.
+	waitFor(t, 10*time.Second, "Caddy to subscribe on the new master", func() bool {
+		n, _ := replica.Client().PubSubNumSub(ctx, "user:42").Result()
+		return n["user:42"] == 1
+	})
+	exampletest.Publish(t, replica.Client(), "user:42", "live on the new master")
+	if ev := exampletest.Next(t, s); ev.Data != "live on the new master" {
+		t.Fatalf("got %+v", ev)
+	}
+}
+
+// Streams through Redis Cluster: a PUBLISH on any node reaches the stream.
+func TestClusterStreams(t *testing.T) {
+	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
+	ctx := context.Background()
+	var nodes []*redistest.Server
+	var addrs []string
+	for range 3 {
+		n := redistest.Start(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+			"--cluster-node-timeout", "2000")
+		nodes = append(nodes, n)
+		addrs = append(addrs, n.Addr())
+	}
+	create := exec.Command("redis-cli", append(append([]string{"--cluster", "create"}, addrs...), "--cluster-yes")...)
+	if out, err := create.CombinedOutput(); err != nil {
+		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
+	}
+	for _, n := range nodes {
+		waitFor(t, 20*time.Second, "the cluster to be ok on "+n.Addr(), func() bool {
+			info, _ := n.Client().ClusterInfo(ctx).Result()
+			return strings.Contains(info, "cluster_state:ok")
+		})
+	}
+
+	cf := exampletest.Caddyfile(t, "cluster.Caddyfile",
+		"http://localhost:8000", "http://127.0.0.1:{HTTP}",
+		"addrs 127.0.0.1:7000 127.0.0.1:7001 127.0.0.1:7002", "addrs "+strings.Join(addrs, " "),
+		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
+	)
+	in := caddytest.Start(t, cf, nil)
+	s := exampletest.Open(t, in.URL()+"/events/42")
+	for i, n := range nodes {
+		msg := fmt.Sprintf("published on node %d", i)
+		exampletest.Publish(t, n.Client(), "user:42", msg)
+		if ev := exampletest.Next(t, s); ev.Data != msg {
+			t.Fatalf("got %+v, want %q", ev, msg)
+		}
+	}
+	other := exampletest.Open(t, in.URL()+"/events/7")
+	exampletest.Publish(t, nodes[2].Client(), "user:7", "for 7")
+	if ev := exampletest.Next(t, other); ev.Data != "for 7" {
+		t.Fatalf("got %+v", ev)
+	}
+	exampletest.NoEvent(t, s, 100*time.Millisecond)
+
+	// Resumable events, published as the Caddyfile's comment says, with a
+	// cluster client.
+	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs})
+	defer cc.Close()
+	waitFor(t, 15*time.Second, "Caddy to load the history functions in the cluster", func() bool {
+		return cc.FCall(ctx, "sse_publish", []string{"{sse}:h:user:0"}, "warm-up").Err() == nil
+	})
+	fcall := func(channel, payload string) string {
+		t.Helper()
+		id, err := cc.FCall(ctx, "sse_publish", []string{"{sse}:h:" + channel}, payload).Result()
+		if err != nil {
+			t.Fatalf("FCALL sse_publish 1 {sse}:h:%s: %v", channel, err)
+		}
+		return fmt.Sprint(id)
+	}
+	first := fcall("user:42", "resumable 1")
+	if ev := exampletest.Next(t, s); ev.Data != "resumable 1" || ev.ID != first {
+		t.Fatalf("got %+v, want id %s", ev, first)
+	}
+	s.Close()
+	second := fcall("user:42", "resumable 2")
+	resumed := exampletest.Open(t, in.URL()+"/events/42", "Last-Event-ID", first)
+	if ev := exampletest.Next(t, resumed); ev.Data != "resumable 2" || ev.ID != second {
+		t.Fatalf("resumed: got %+v, want id %s", ev, second)
+	}
+}
