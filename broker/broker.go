@@ -8,6 +8,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,6 +32,10 @@ var ErrClosed = errors.New("broker: closed")
 // that TCP does not report is found within 2 to 3 seconds.
 const DefaultHealthCheck = time.Second
 
+// DefaultProbe is the default Options.Probe with Sentinel or Cluster: a
+// subscription that stopped receiving is found within 2 to 3 seconds.
+const DefaultProbe = time.Second
+
 // Options configures a Broker.
 type Options struct {
 	// Redis is the go-redis configuration: one address for a single server,
@@ -47,6 +53,14 @@ type Options struct {
 	// HealthCheck still silent marks the connection dead. 0:
 	// DefaultHealthCheck.
 	HealthCheck time.Duration
+	// Probe is how often the broker publishes a message on a channel of its
+	// own and checks that the subscription connection receives it; one not
+	// received within two periods marks the connection dead. It catches
+	// what a PING cannot: after a Sentinel failover, the old master keeps
+	// the connection open and answers PINGs, but what is published now
+	// goes to the new master. 0: DefaultProbe with Sentinel or Cluster, no
+	// probe with a single server; negative: no probe.
+	Probe time.Duration
 }
 
 // Metrics are the collectors a Broker updates. The caller creates and
@@ -67,6 +81,9 @@ type Metrics struct {
 // stream of the instance shares. Its methods are safe for concurrent use.
 type Broker struct {
 	client   redis.UniversalClient
+	cluster  *redis.ClusterClient // client, when it is a cluster client
+	sub      *redis.Client        // in a cluster, the subscription connection's client
+	subAddr  atomic.Pointer[string]
 	addrs    []string // for the log
 	h        Handler
 	log      *zap.Logger
@@ -81,6 +98,12 @@ type Broker struct {
 	writerDone chan struct{}
 
 	rx atomic.Uint64 // bytes read on the subscription connection, for the watchdog
+
+	probeChan  string        // the channel the probe publishes on; "" without probe
+	probeEvery time.Duration // the probe's period
+	probeSeen  atomic.Uint64 // the last probe number received
+	probeSent  atomic.Uint64 // the last probe number published
+	probeOff   atomic.Bool   // Redis refused the probe: stop probing
 
 	mu       sync.Mutex
 	closed   bool
@@ -141,11 +164,24 @@ func New(opts Options, h Handler) (*Broker, error) {
 	}
 	ro.Dialer = b.countingDialer(ro)
 	b.client = redis.NewUniversalClient(&ro)
+	b.cluster, _ = b.client.(*redis.ClusterClient)
+	if b.cluster != nil {
+		b.sub = b.clusterSubClient(ro)
+	}
 	if b.log == nil {
 		b.log = zap.NewNop()
 	}
 	if b.interval == 0 {
 		b.interval = DefaultHealthCheck
+	}
+	b.probeEvery = opts.Probe
+	if b.probeEvery == 0 && (ro.MasterName != "" || b.cluster != nil) {
+		b.probeEvery = DefaultProbe
+	}
+	if b.probeEvery > 0 {
+		// Each instance probes on a channel of its own, so that one never
+		// takes another's probe for its own.
+		b.probeChan = "sse:probe:" + strconv.FormatUint(rand.Uint64(), 36)
 	}
 	b.ctx, b.cancel = context.WithCancel(context.Background())
 	b.psCtx = context.WithValue(b.ctx, subConnKey{}, true)
@@ -271,6 +307,9 @@ func (b *Broker) Close() error {
 	<-b.readerDone
 	<-b.writerDone
 	setGauge(b.m.Connected, 0)
+	if b.sub != nil {
+		_ = b.sub.Close()
+	}
 	if err := b.client.Close(); err != nil && !errors.Is(err, redis.ErrClosed) {
 		return fmt.Errorf("broker: close redis client: %w", err)
 	}

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -161,6 +163,42 @@ func (b *Broker) countingDialer(ro redis.UniversalOptions) func(context.Context,
 	}
 }
 
+// clusterSubClient is the client of the subscription connection in a
+// cluster. It dials whichever master serves the {sse} slot at the time:
+// every resumable event is published there, so they reach the connection
+// in the order of their ids without crossing the cluster bus. (Through the
+// bus, events of a master that just handed the slot over can arrive after
+// those of its successor, and a lower id after a higher one is taken for a
+// duplicate.) Plain PUBLISHes reach it from any node, as anywhere.
+func (b *Broker) clusterSubClient(ro redis.UniversalOptions) *redis.Client {
+	o := ro.Simple()
+	dial := ro.Dialer
+	o.Dialer = func(ctx context.Context, network, _ string) (net.Conn, error) {
+		m, err := b.cluster.MasterForKey(ctx, ClusterSeqKey)
+		if err != nil {
+			return nil, err
+		}
+		addr := m.Options().Addr
+		b.subAddr.Store(&addr)
+		return dial(ctx, network, addr)
+	}
+	return redis.NewClient(o)
+}
+
+// followSlot reports why ps must move, in a cluster, when the master it is
+// on no longer serves the {sse} slot (a failover or resharding moved it),
+// and asks for a fresh view of the slots for the next call: go-redis would
+// otherwise only notice a move on a MOVED reply or after a minute.
+func (b *Broker) followSlot() error {
+	defer b.cluster.ReloadState(b.ctx)
+	on := b.subAddr.Load()
+	m, err := b.cluster.MasterForKey(b.ctx, ClusterSeqKey)
+	if err != nil || on == nil || m.Options().Addr == *on {
+		return nil
+	}
+	return fmt.Errorf("the history slot moved from %s to %s: following it", *on, m.Options().Addr)
+}
+
 // countingConn counts the bytes read from a connection.
 type countingConn struct {
 	net.Conn
@@ -295,7 +333,12 @@ func (b *Broker) barrierLocked() op {
 // channel followed by a barrier PING: Redis answers in order, so the
 // barrier's pong means every channel is confirmed. The reader dials.
 func (b *Broker) connect() *redis.PubSub {
-	ps := b.client.Subscribe(b.psCtx)
+	var ps *redis.PubSub
+	if b.sub != nil {
+		ps = b.sub.Subscribe(b.psCtx)
+	} else {
+		ps = b.client.Subscribe(b.psCtx)
+	}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -303,6 +346,9 @@ func (b *Broker) connect() *redis.PubSub {
 		return nil
 	}
 	b.ps, b.ready = ps, false
+	if b.probeChan != "" && !b.probeOff.Load() {
+		b.pending = append(b.pending, op{kind: kindSubscribe, channels: []string{b.probeChan}})
+	}
 	chans := make([]string, 0, len(b.channels))
 	for c := range b.channels {
 		chans = append(chans, c)
@@ -341,6 +387,9 @@ func (b *Broker) receive(ps *redis.PubSub) error {
 	stop := make(chan struct{})
 	defer close(stop)
 	go b.watch(ps, stop)
+	if b.probeChan != "" || b.cluster != nil {
+		go b.probe(ps, stop)
+	}
 
 	for {
 		// No read deadline: a deadline that fires in the middle of a large
@@ -362,6 +411,12 @@ func (b *Broker) receive(ps *redis.PubSub) error {
 		}
 		switch v := v.(type) {
 		case *redis.Message:
+			if v.Channel == b.probeChan && b.probeChan != "" {
+				if n, err := strconv.ParseUint(v.Payload, 10, 64); err == nil && n > b.probeSeen.Load() {
+					b.probeSeen.Store(n)
+				}
+				continue
+			}
 			inc(b.m.Received)
 			b.h.HandleMessage(decode(v.Channel, v.Payload))
 		case *redis.Subscription:
@@ -400,6 +455,71 @@ func (b *Broker) watch(ps *redis.PubSub, stop <-chan struct{}) {
 		default:
 			b.kill(ps, fmt.Errorf("no reply to PING within %s", b.interval))
 			return
+		}
+	}
+}
+
+// probe checks end to end that ps receives what is published now: every
+// period it publishes a number on the broker's own channel through the
+// command client (which follows a Sentinel failover or the cluster's
+// topology), and kills ps when that number has not arrived two periods
+// later. A publish that fails proves nothing either way (Redis is down,
+// which the watchdog sees) and is tried again at the next period. In a
+// cluster it also moves ps after the {sse} slot (see followSlot), even
+// with the probe off.
+func (b *Broker) probe(ps *redis.PubSub, stop <-chan struct{}) {
+	every := b.probeEvery
+	if every <= 0 {
+		every = DefaultProbe
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var due uint64 // the probe that must arrive, 0 if none is out
+	var late int   // periods it has been out
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		probing := b.probeChan != "" && !b.probeOff.Load()
+		if probing && due != 0 {
+			if b.probeSeen.Load() < due {
+				if late++; late < 2 {
+					continue
+				}
+				b.kill(ps, fmt.Errorf("a probe published %s ago was not received: the connection no longer gets what is published (a failover?)", 2*every))
+				return
+			}
+			due = 0
+		}
+		b.mu.Lock()
+		up := b.ps == ps && b.up
+		b.mu.Unlock()
+		if !up {
+			continue // the probe channel is not confirmed yet
+		}
+		if b.cluster != nil {
+			if err := b.followSlot(); err != nil {
+				b.kill(ps, err)
+				return
+			}
+		}
+		if !probing {
+			continue
+		}
+		n := b.probeSent.Add(1)
+		ctx, cancel := context.WithTimeout(b.ctx, every)
+		err := b.client.Publish(ctx, b.probeChan, strconv.FormatUint(n, 10)).Err()
+		cancel()
+		var rerr redis.Error
+		switch {
+		case err == nil:
+			due, late = n, 0
+		case errors.As(err, &rerr) && strings.HasPrefix(rerr.Error(), "NOPERM"):
+			b.log.Warn("redis refuses the subscription probe; running without it",
+				zap.String("channel", b.probeChan), zap.Error(err))
+			b.probeOff.Store(true)
 		}
 	}
 }
@@ -506,6 +626,11 @@ func (b *Broker) refused(rerr redis.Error) error {
 	}
 	for _, c := range chans {
 		delete(b.channels, c)
+		if c == b.probeChan {
+			// An ACL that forbids the probe's channel: do without it rather
+			// than take every probe for a lost connection.
+			b.probeOff.Store(true)
+		}
 	}
 	setGauge(b.m.Channels, float64(len(b.channels)))
 	b.mu.Unlock()
@@ -543,6 +668,11 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp, first bool) {
 	for _, w := range failed {
 		w.finish(fmt.Errorf("subscribe %q: %w", w.channels, ErrDown))
 	}
+	if b.cluster != nil {
+		// The next attempt dials a node at random among those go-redis
+		// knows: make it forget a failed one.
+		b.cluster.ReloadState(b.ctx)
+	}
 	setGauge(b.m.Connected, 0)
 	switch {
 	case !first:
@@ -561,6 +691,11 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp, first bool) {
 // a Redis that restarted without persistence lost the function library, and
 // the Handler must learn that messages were missed.
 func (b *Broker) afterReconnect() {
+	if b.cluster != nil {
+		// A lost connection in a cluster often means a failed node: what
+		// follows should not be routed to it.
+		b.cluster.ReloadState(b.ctx)
+	}
 	b.reloadHistory()
 	if b.ctx.Err() == nil {
 		b.h.HandleReconnect()

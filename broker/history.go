@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -25,6 +26,26 @@ import (
 // channel framed as "\x1esse:<id>\x1e<payload>", which the reader strips.
 // One counter for the whole Redis orders events across channels, so a
 // stream on several channels resumes from one Last-Event-ID.
+//
+// In a Redis Cluster one command can only touch keys of one slot, so every
+// history key carries the hash tag {sse}: the counter is ClusterSeqKey, a
+// channel's stream ClusterKeyPrefix+<channel>, and the publisher names that
+// key (which routes the FCALL to its shard) instead of the channel:
+//
+//	FCALL sse_publish 1 {sse}:h:<channel> <payload> [<maxlen> [<ttl_seconds>]]
+//
+// That form works on a single server too. The price is that resumable
+// events are all written by one shard and published with PUBLISH, which the
+// cluster broadcasts; the gain is one id order across every channel, which
+// resume and the registry's duplicate suppression rely on (per-channel
+// counters on different shards have no order between them). The
+// subscription connection lives on that shard's master and follows the
+// slot, so that those events arrive in id order (see clusterSubClient).
+//
+// An id is never below the server's clock in microseconds: after a
+// failover that lost the last writes of the old master, the new master's
+// ids still pass every id a client may have seen, so no new event is
+// mistaken for one already delivered.
 
 const (
 	// LibraryName is the Redis function library EnsureHistory loads.
@@ -35,6 +56,11 @@ const (
 	SeqKey = "sse:seq"
 	// HistoryKeyPrefix + channel is the stream holding a channel's history.
 	HistoryKeyPrefix = "sse:h:"
+	// ClusterSeqKey is the event id counter in a Redis Cluster.
+	ClusterSeqKey = "{sse}:seq"
+	// ClusterKeyPrefix + channel is the key a publisher names in FCALL in a
+	// Redis Cluster (accepted everywhere), and there the channel's history.
+	ClusterKeyPrefix = "{sse}:h:"
 	// FramePrefix starts a payload published by sse_publish; the id follows
 	// in decimal, then FrameSep, then the original payload.
 	FramePrefix = "\x1esse:"
@@ -42,8 +68,8 @@ const (
 	FrameSep = "\x1e"
 )
 
-// library is the Lua source of the function library; the defaults are
-// substituted in by libraryCode.
+// library is the Lua source of the function library; the defaults and the
+// key names are substituted in by libraryCode.
 //
 // Each stream entry holds the payload (d) and the previous id on the same
 // channel (p). Trimming removes the oldest entries, so the first entry after
@@ -55,11 +81,17 @@ const (
 const library = `#!lua name=caddy_sse
 -- caddy-sse: resumable Server-Sent Events over Redis pub/sub.
 -- FCALL sse_publish 1 <channel> <payload> [<maxlen> [<ttl_seconds>]]
+-- FCALL sse_publish 1 {sse}:h:<channel> <payload> [<maxlen> [<ttl_seconds>]]
+-- (the second form everywhere, and the only one in a Redis Cluster)
 -- returns the event id. Defaults: maxlen {{MAXLEN}}, ttl_seconds {{TTL}}
 -- (0: the history never expires).
 
 local default_maxlen = {{MAXLEN}}
 local default_ttl = {{TTL}}
+local cluster = {{CLUSTER}}
+local seq_key = '{{SEQ}}'
+local history_prefix = '{{HISTORY}}'
+local tagged = '{sse}:h:'
 
 local function sse_publish(keys, args)
   if #keys ~= 1 or #args < 1 or #args > 3 then
@@ -75,17 +107,24 @@ local function sse_publish(keys, args)
     return redis.error_reply('ERR sse_publish: ttl_seconds must be a non-negative integer')
   end
   local channel, payload = keys[1], args[1]
-
-  if redis.call('EXISTS', 'sse:seq') == 0 then
-    -- Start from the clock in microseconds, so that ids never go backwards
-    -- when a Redis that lost its data comes back.
-    local t = redis.call('TIME')
-    redis.call('SET', 'sse:seq', t[1] .. string.format('%06d', tonumber(t[2])))
+  if string.sub(channel, 1, #tagged) == tagged then
+    channel = string.sub(channel, #tagged + 1)
+  elseif cluster then
+    return redis.error_reply('ERR sse_publish: in a Redis Cluster name the history key, not the channel: FCALL sse_publish 1 {sse}:h:<channel> <payload>')
   end
-  local seq = redis.call('INCR', 'sse:seq')
+
+  -- The id is the counter plus one, but never below the clock in
+  -- microseconds (Redis keeps it exact up to 2^53).
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local seq = redis.call('INCR', seq_key)
+  if seq < now then
+    seq = now
+    redis.call('SET', seq_key, string.format('%.0f', now))
+  end
   local id = string.format('%.0f', seq)
 
-  local key = 'sse:h:' .. channel
+  local key = history_prefix .. channel
   local prev = '0'
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
   if last[1] then prev = string.match(last[1][1], '^%d+') or '0' end
@@ -99,11 +138,26 @@ end
 redis.register_function('sse_publish', sse_publish)
 `
 
-func libraryCode(r Retention) string {
+func libraryCode(r Retention, cluster bool) string {
+	seq, hist := SeqKey, HistoryKeyPrefix
+	if cluster {
+		seq, hist = ClusterSeqKey, ClusterKeyPrefix
+	}
 	return strings.NewReplacer(
 		"{{MAXLEN}}", strconv.FormatInt(r.MaxLen, 10),
 		"{{TTL}}", strconv.FormatInt(ttlSeconds(r.TTL), 10),
+		"{{CLUSTER}}", strconv.FormatBool(cluster),
+		"{{SEQ}}", seq,
+		"{{HISTORY}}", hist,
 	).Replace(library)
+}
+
+// historyKey is the key holding channel's history.
+func (b *Broker) historyKey(channel string) string {
+	if b.cluster != nil {
+		return ClusterKeyPrefix + channel
+	}
+	return HistoryKeyPrefix + channel
 }
 
 // history is what this process baked into the library.
@@ -155,15 +209,37 @@ func (b *Broker) reloadHistory() {
 }
 
 func (b *Broker) loadLibrary(ctx context.Context, r Retention, replace bool) error {
-	code := libraryCode(r)
-	var err error
-	if replace {
-		err = b.client.FunctionLoadReplace(ctx, code).Err()
-	} else {
-		err = b.client.FunctionLoad(ctx, code).Err()
+	code := libraryCode(r, b.cluster != nil)
+	load := func(ctx context.Context, c redis.Cmdable) error {
+		if replace {
+			return c.FunctionLoadReplace(ctx, code).Err()
+		}
+		err := c.FunctionLoad(ctx, code).Err()
 		if err != nil && strings.Contains(err.Error(), "already exists") {
 			err = nil
 		}
+		return err
+	}
+	var err error
+	if b.cluster != nil {
+		// Functions live per node. The master of the {sse} slot must have
+		// the library (its replicas get it from it); the other masters get
+		// it too, best effort, so that it is there if resharding moves the
+		// slot to one of them.
+		err = b.topology(ctx, func() error {
+			m, err := b.cluster.MasterForKey(ctx, ClusterSeqKey)
+			if err == nil {
+				err = load(ctx, m)
+			}
+			return err
+		})
+		if err == nil {
+			_ = b.cluster.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
+				return load(ctx, c)
+			})
+		}
+	} else {
+		err = load(ctx, b.client)
 	}
 	if err != nil {
 		return fmt.Errorf("broker: load redis function library %s (history %d, ttl %s): %w",
@@ -180,7 +256,7 @@ func (b *Broker) Publish(ctx context.Context, channel string, payload []byte, r 
 		return 0, fmt.Errorf("publish on %q: %w", channel, err)
 	}
 	if r.MaxLen == 0 {
-		if err := b.client.Publish(ctx, channel, payload).Err(); err != nil {
+		if err := b.topology(ctx, func() error { return b.client.Publish(ctx, channel, payload).Err() }); err != nil {
 			return 0, fmt.Errorf("publish on %q: %w", channel, err)
 		}
 		return 0, nil
@@ -199,8 +275,16 @@ func (b *Broker) Publish(ctx context.Context, channel string, payload []byte, r 
 }
 
 func (b *Broker) publishHistory(ctx context.Context, channel string, payload []byte, r Retention) (uint64, error) {
-	n, err := b.client.FCall(ctx, PublishFunction, []string{channel},
-		payload, r.MaxLen, ttlSeconds(r.TTL)).Int64()
+	key := channel
+	if b.cluster != nil {
+		key = ClusterKeyPrefix + channel
+	}
+	var n int64
+	err := b.topology(ctx, func() (err error) {
+		n, err = b.client.FCall(ctx, PublishFunction, []string{key},
+			payload, r.MaxLen, ttlSeconds(r.TTL)).Int64()
+		return err
+	})
 	if err != nil {
 		return 0, err
 	}
@@ -219,12 +303,16 @@ func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (R
 		return Replay{}, nil
 	}
 	start := strconv.FormatUint(after+1, 10) // XRANGE takes "n" as "n-0"
-	pipe := b.client.Pipeline()
 	cmds := make([]*redis.XMessageSliceCmd, len(channels))
-	for i, c := range channels {
-		cmds[i] = pipe.XRange(ctx, HistoryKeyPrefix+c, start, "+")
-	}
-	if _, err := pipe.Exec(ctx); err != nil {
+	err := b.topology(ctx, func() error {
+		pipe := b.client.Pipeline()
+		for i, c := range channels {
+			cmds[i] = pipe.XRange(ctx, b.historyKey(c), start, "+")
+		}
+		_, err := pipe.Exec(ctx)
+		return err
+	})
+	if err != nil {
 		return Replay{}, fmt.Errorf("replay %q after %d: %w", channels, after, err)
 	}
 	var rp Replay
@@ -300,6 +388,43 @@ func unframe(p string) (seq uint64, body string, ok bool) {
 		return 0, "", false
 	}
 	return seq, body, true
+}
+
+// topology runs fn and, in a cluster, runs it again while it fails because
+// a node is gone or the cluster is reconfiguring: go-redis keeps routing to
+// a failed master until its view of the slots is reloaded, which is asked
+// for here. It gives up when ctx ends.
+func (b *Broker) topology(ctx context.Context, fn func() error) error {
+	err := fn()
+	for b.cluster != nil && err != nil && retryable(err) {
+		b.cluster.ReloadState(ctx)
+		t := time.NewTimer(topologyRetry)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		err = fn()
+	}
+	return err
+}
+
+// topologyRetry is the pause before a cluster command is tried again.
+const topologyRetry = 200 * time.Millisecond
+
+// retryable tells a failure that a new view of the cluster may cure: a
+// network error or a cluster that is reconfiguring, not a refusal.
+func retryable(err error) bool {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, redis.ErrClosed) {
+		return false
+	}
+	var rerr redis.Error
+	if errors.As(err, &rerr) {
+		msg := rerr.Error()
+		return strings.HasPrefix(msg, "CLUSTERDOWN") || strings.HasPrefix(msg, "TRYAGAIN") || strings.HasPrefix(msg, "MASTERDOWN")
+	}
+	return true
 }
 
 func isNoFunction(err error) bool {

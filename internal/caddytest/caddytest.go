@@ -176,6 +176,9 @@ func (in *Instance) URL() string { return "http://" + in.Addr() }
 // AdminURL is the base URL of the admin endpoint.
 func (in *Instance) AdminURL() string { return fmt.Sprintf("http://127.0.0.1:%d", in.AdminPort) }
 
+// Pid is the Caddy process's id, for reading its memory use.
+func (in *Instance) Pid() int { return in.cmd.Process.Pid }
+
 // Logs returns what the process has printed so far.
 func (in *Instance) Logs() string { return in.logs.String() }
 

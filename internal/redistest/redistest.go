@@ -25,14 +25,16 @@ const startTimeout = 10 * time.Second
 type Server struct {
 	tb   testing.TB
 	port int
+	conf string // a config file put first on the command line, if any
 	args []string
 	dir  string
 
-	mu      sync.Mutex
-	cmd     *exec.Cmd
-	exited  chan struct{}
-	client  *redis.Client
-	stopped bool
+	mu       sync.Mutex
+	cmd      *exec.Cmd
+	exited   chan struct{}
+	client   *redis.Client
+	sentinel *redis.SentinelClient // for a Sentinel process
+	stopped  bool
 }
 
 // Start starts a redis-server on a free port of 127.0.0.1, without
@@ -46,21 +48,36 @@ func Start(tb testing.TB, args ...string) *Server {
 		tb.Fatalf("redistest: redis-server not found on PATH (%v): install Redis 7 or later (for example `apt-get install redis-server` or `brew install redis`) to run these tests", err)
 	}
 	s := &Server{tb: tb, args: args, dir: tb.TempDir()}
-	tb.Cleanup(s.cleanup)
+	return s.launch(nil)
+}
+
+// launch starts s on a fresh free port, retrying a few times: the port is
+// found by binding and releasing it, so another process may take it in
+// between. prepare, if set, runs before each attempt with the port chosen
+// (to write a config file that names it).
+func (s *Server) launch(prepare func(port int) error) *Server {
+	s.tb.Helper()
+	s.tb.Cleanup(s.cleanup)
 	var err error
-	// The free port is found by binding and releasing it, so another process
-	// may take it in between: retry a few times on a fresh port.
 	for range 5 {
 		if s.port, err = freePort(); err != nil {
-			tb.Fatalf("redistest: find a free port: %v", err)
+			s.tb.Fatalf("redistest: find a free port: %v", err)
+		}
+		if prepare != nil {
+			if err = prepare(s.port); err != nil {
+				s.tb.Fatalf("redistest: %v", err)
+			}
 		}
 		if err = s.start(); err == nil {
 			return s
 		}
 	}
-	tb.Fatalf("redistest: %v", err)
+	s.tb.Fatalf("redistest: %v", err)
 	return nil
 }
+
+// Port is the server's TCP port.
+func (s *Server) Port() int { return s.port }
 
 // Addr is the server's host:port.
 func (s *Server) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port)) }
@@ -119,13 +136,17 @@ func (s *Server) stopLocked() {
 // start launches the process and waits for PING; on failure the process is
 // gone and the error carries its output.
 func (s *Server) start() error {
-	argv := []string{
+	var argv []string
+	if s.conf != "" {
+		argv = append(argv, s.conf)
+	}
+	argv = append(argv,
 		"--port", strconv.Itoa(s.port),
 		"--bind", "127.0.0.1",
 		"--save", "",
 		"--appendonly", "no",
 		"--dir", s.dir,
-	}
+	)
 	argv = append(argv, s.args...)
 	cmd := exec.Command("redis-server", argv...)
 	out := &syncBuffer{}
@@ -156,6 +177,10 @@ func (s *Server) cleanup() {
 	if s.client != nil {
 		_ = s.client.Close()
 		s.client = nil
+	}
+	if s.sentinel != nil {
+		_ = s.sentinel.Close()
+		s.sentinel = nil
 	}
 	s.stopLocked()
 }

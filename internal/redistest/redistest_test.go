@@ -39,3 +39,38 @@ func TestTwoServers(t *testing.T) {
 		t.Fatalf("two servers on %s", a.Addr())
 	}
 }
+
+func TestSentinelFailover(t *testing.T) {
+	st := StartSentinel(t, 1, 3)
+	old := st.Master()
+	if old != st.Servers[0] {
+		t.Fatalf("master %s, want %s", old.Addr(), st.Servers[0].Addr())
+	}
+	c := st.Client()
+	if err := c.Set(context.Background(), "k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	m := st.Failover()
+	if m == old {
+		t.Fatal("the master did not change")
+	}
+	if err := c.Set(context.Background(), "k", "w", 0).Err(); err != nil {
+		t.Fatalf("write after failover: %v", err)
+	}
+}
+
+func TestCluster(t *testing.T) {
+	c := StartCluster(t, 3, 0)
+	if n := len(c.Masters()); n != 3 {
+		t.Fatalf("%d masters, want 3", n)
+	}
+	cc := c.Client()
+	for _, k := range []string{"a", "b", "c", "d"} {
+		if err := cc.Set(context.Background(), k, "v", 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c.MasterOf("a") == c.MasterOf("b") && c.MasterOf("b") == c.MasterOf("c") {
+		t.Log("keys on one master")
+	}
+}
