@@ -291,6 +291,20 @@ func (s *detachedSet) remove(d *detached) {
 	s.mu.Unlock()
 }
 
+// wait returns once every detached stream has ended, or after at most d.
+func (s *detachedSet) wait(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		s.mu.Lock()
+		n := len(s.streams)
+		s.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // scanInterval is how often keepalives and max_duration are checked: it
 // bounds how late they may be.
 const scanInterval = 250 * time.Millisecond

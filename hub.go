@@ -142,6 +142,12 @@ func (h *hub) closed(ctx context.Context, channels []string) bool {
 
 // Destruct runs when the last config using this Redis is unloaded.
 func (h *hub) Destruct() error {
+	if caddy.Exiting() {
+		// Caddy does not wait for taken-over connections: let their
+		// jittered ends run first, so that clients do not all reconnect
+		// at the same instant.
+		detachedStreams.wait(exitJitter + 250*time.Millisecond)
+	}
 	h.reg.Close()
 	return h.brk.Close()
 }
