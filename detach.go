@@ -84,19 +84,17 @@ func (d *detached) wake() {
 // when the connection cannot be hijacked (the caller then streams the
 // standard way).
 func (d *detached) takeOver(w http.ResponseWriter, r *http.Request, rc *http.ResponseController, head []byte, replay [][]byte) bool {
-	conn, brw, err := rc.Hijack()
-	// From here on nothing of ours may keep the request alive.
-	if err == nil {
-		d.rc.Store(nil)
-	}
+	// Bytes the client sent after the request (a POST body, say), left in
+	// the returned reader, are not ours to read: only the write side
+	// matters.
+	conn, _, err := rc.Hijack()
 	if err != nil {
 		d.mode.Store(modeStandard)
 		d.wake() // frames queued meanwhile
 		return false
 	}
-	// Bytes the client sent after the request (a POST body, say) are not
-	// ours to read; what matters is the write side.
-	_ = brw
+	// From here on nothing of ours may keep the request alive.
+	d.rc.Store(nil)
 	_ = conn.SetReadDeadline(time.Time{})
 	d.conn = conn
 	out := make(net.Buffers, 0, 2+len(replay))
