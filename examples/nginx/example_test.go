@@ -16,6 +16,7 @@ import (
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
 	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -69,7 +70,7 @@ func startNginx(t *testing.T, site string) *nginxServer {
 		t.Fatalf("nginx -t: %v\n%s", err, out)
 	}
 	cmd := exec.Command(bin, args...)
-	var out syncBuffer
+	var out outbuf.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -109,23 +110,6 @@ func startNginx(t *testing.T, site string) *nginxServer {
 }
 
 func (n *nginxServer) URL() string { return "http://" + n.addr }
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
 
 // setup runs the shipped Caddyfile with a real Redis in front of a test
 // app, and returns it with the shipped nginx server block pointed at it.

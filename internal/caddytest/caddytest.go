@@ -3,7 +3,6 @@
 package caddytest
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +15,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 )
 
 var (
@@ -76,7 +77,7 @@ type Instance struct {
 	dir       string
 	AdminPort int
 	HTTPPort  int
-	logs      *syncBuffer
+	logs      *outbuf.Buffer
 	done      chan struct{}
 }
 
@@ -109,7 +110,7 @@ func start(tb testing.TB, caddyfile string, vars Options, env []string) (*Instan
 		dir:       tb.TempDir(),
 		AdminPort: FreePort(tb),
 		HTTPPort:  FreePort(tb),
-		logs:      &syncBuffer{},
+		logs:      &outbuf.Buffer{},
 		done:      make(chan struct{}),
 	}
 	path := filepath.Join(in.dir, "Caddyfile")
@@ -233,21 +234,4 @@ func (in *Instance) cleanup() {
 	if logs := in.logs.String(); strings.Contains(logs, "WARNING: DATA RACE") || strings.Contains(logs, "panic:") {
 		in.tb.Errorf("caddy reported a data race or panic:\n%s", logs)
 	}
-}
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

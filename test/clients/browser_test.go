@@ -16,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
@@ -94,7 +95,7 @@ func inOrder(states []string, want ...string) bool {
 // demo is a running cmd/sse-demo process.
 type demo struct {
 	cmd   *exec.Cmd
-	out   *syncBuffer
+	out   *outbuf.Buffer
 	done  chan struct{}
 	redis string // the embedded Redis's address
 }
@@ -142,7 +143,7 @@ var embeddedRedis = regexp.MustCompile(`embedded fake Redis on (127\.0\.0\.1:\d+
 // built once), on addr, and waits until it listens.
 func startDemo(t *testing.T, addr string) *demo {
 	t.Helper()
-	d := &demo{cmd: exec.Command(demoBinary(t), "-listen", addr), out: &syncBuffer{}, done: make(chan struct{})}
+	d := &demo{cmd: exec.Command(demoBinary(t), "-listen", addr), out: &outbuf.Buffer{}, done: make(chan struct{})}
 	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)

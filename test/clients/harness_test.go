@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 )
 
 // msg is one JSON line printed by a node script; each script uses the
@@ -63,7 +65,7 @@ type node struct {
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
 	lines  chan msg
-	stderr *syncBuffer
+	stderr *outbuf.Buffer
 	done   chan struct{}
 
 	mu  sync.Mutex
@@ -96,7 +98,7 @@ func startNode(t *testing.T, script string, args ...string) *node {
 		name:   script,
 		cmd:    exec.Command(bin, append([]string{script}, args...)...),
 		lines:  make(chan msg, 4096),
-		stderr: &syncBuffer{},
+		stderr: &outbuf.Buffer{},
 		done:   make(chan struct{}),
 	}
 	n.cmd.Stderr = n.stderr
@@ -184,23 +186,6 @@ func (n *node) send(v any) {
 	if _, err := n.stdin.Write(append(b, '\n')); err != nil {
 		n.t.Fatalf("writing to %s: %v", n.name, err)
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // publishTicks publishes n resumable envelopes {"event":"tick","data":"<i>"}
