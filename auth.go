@@ -234,6 +234,7 @@ func readKeyFile(path string) ([]byte, error) {
 // patterns its token allows. nil when the handler needs no token.
 type grant struct {
 	patterns []string
+	expires  time.Time // the token's exp: the stream ends by then
 }
 
 // authenticate checks the request's token, if the handler wants one, and
@@ -268,7 +269,11 @@ func (h *Handler) authenticate(r *http.Request, repl *caddy.Replacer) (*grant, i
 	if sub, _ := claims.GetSubject(); sub != "" && repl != nil {
 		repl.Set("sse.jwt.sub", sub)
 	}
-	return &grant{patterns: claimStrings(claims[j.claim])}, 0, ""
+	g := &grant{patterns: claimStrings(claims[j.claim])}
+	if exp, _ := claims.GetExpirationTime(); exp != nil {
+		g.expires = exp.Time
+	}
+	return g, 0, ""
 }
 
 func (j *JWTConfig) keyFunc(*jwt.Token) (any, error) { return j.key, nil }

@@ -29,16 +29,15 @@ type detached struct {
 	channels []string
 	release  func() // undoes the stream's admission; called once, at the end
 
-	mode     atomic.Int32                            // modePending, modeDetached or modeStandard
-	rc       atomic.Pointer[http.ResponseController] // until taken over: to cut a blocked write
-	fallback chan struct{}                           // wakes the standard stream loop if takeover fails
-	writing  atomic.Bool                             // a writer goroutine runs or is about to
+	mode     atomic.Int32  // modePending, modeDetached or modeStandard
+	fallback chan struct{} // wakes the standard stream loop if takeover fails
+	writing  atomic.Bool   // a writer goroutine runs or is about to
 	ended    atomic.Bool
 
-	conn      net.Conn
+	conn      net.Conn     // set before mode becomes modeDetached
 	lastWrite atomic.Int64 // unix nanoseconds
-	closeAt   int64        // max_duration end, unix nanoseconds; 0: none
-	keepalive atomic.Bool  // a keepalive is due
+	end       streamDeadline
+	keepalive atomic.Bool // a keepalive is due
 
 	// Owned by the one writer goroutine running at a time.
 	lastSeq uint64
@@ -55,9 +54,8 @@ const (
 
 // newDetached prepares a stream to be detached; it must be wired to the
 // subscriber before Attach so that no wake is missed.
-func newDetached(h *Handler, sub *registry.Subscriber, channels []string, after uint64, rc *http.ResponseController) *detached {
-	d := &detached{h: h, sub: sub, channels: channels, lastSeq: after, fallback: make(chan struct{}, 1)}
-	d.rc.Store(rc)
+func newDetached(h *Handler, sub *registry.Subscriber, channels []string) *detached {
+	d := &detached{h: h, sub: sub, channels: channels, fallback: make(chan struct{}, 1)}
 	sub.OnWake(d.wake)
 	sub.OnOverflow(d.overflow)
 	return d
@@ -80,52 +78,81 @@ func (d *detached) wake() {
 }
 
 // takeOver hijacks the connection and writes the response head, the opening
-// comment and the replayed events. It returns false, with nothing written,
-// when the connection cannot be hijacked (the caller then streams the
-// standard way).
-func (d *detached) takeOver(w http.ResponseWriter, r *http.Request, rc *http.ResponseController, head []byte, replay [][]byte) bool {
-	// Bytes the client sent after the request (a POST body, say), left in
-	// the returned reader, are not ours to read: only the write side
-	// matters.
-	conn, _, err := rc.Hijack()
+// comment and, when the client resumes, the history it missed, page by
+// page. It returns false, with nothing written, when the connection cannot
+// be hijacked (the caller then streams the standard way).
+func (d *detached) takeOver(w http.ResponseWriter, r *http.Request, head []byte, resume bool, after uint64, end streamDeadline) bool {
+	conn, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		d.mode.Store(modeStandard)
 		d.wake() // frames queued meanwhile
 		return false
 	}
-	// From here on nothing of ours may keep the request alive.
-	d.rc.Store(nil)
+	// Bytes the client sent after its request (a POST body, say) are not
+	// ours to read; only how many there are matters (see watch).
+	budget := int64(afterRequestBudget) + max(r.ContentLength, 0) - int64(brw.Reader.Buffered())
 	_ = conn.SetReadDeadline(time.Time{})
 	d.conn = conn
-	out := make(net.Buffers, 0, 2+len(replay))
-	out = append(out, responseHead(w.Header(), r), head)
-	out = append(out, replay...)
-	_ = conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-	if _, err := out.WriteTo(conn); err != nil {
-		d.finish("client")
+	d.lastSeq = after
+	if err := d.writeBufs(net.Buffers{responseHead(w.Header(), r), head}); err != nil {
+		d.sub.AbortReplay()
+		d.finish(reasonClient)
 		return true
 	}
-	metrics.delivered.Add(float64(len(replay)))
-	d.lastWrite.Store(time.Now().UnixNano())
-	if md := time.Duration(d.h.MaxDuration); md > 0 {
-		d.closeAt = time.Now().Add(md - time.Duration(rand.Int64N(int64(md/10)+1))).UnixNano()
+	if resume {
+		last, err := d.h.replay(r.Context(), d.sub, after, func(frames [][]byte) error {
+			if err := d.writeBufs(frames); err != nil {
+				return err
+			}
+			metrics.delivered.Add(float64(len(frames)))
+			return nil
+		})
+		d.lastSeq = last
+		if err != nil {
+			d.finish(d.failed())
+			return true
+		}
 	}
+	d.lastWrite.Store(time.Now().UnixNano())
+	d.end = end
 	detachedStreams.add(d)
 	d.mode.Store(modeDetached)
 	d.wake() // frames queued meanwhile
-	go d.watch()
+	go d.watch(budget)
 	return true
 }
 
+// writeBufs writes bufs to the taken-over connection in one writev, with
+// a deadline so that a client that stopped reading cannot hold it forever.
+func (d *detached) writeBufs(bufs net.Buffers) error {
+	_ = d.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	_, err := bufs.WriteTo(d.conn)
+	return err
+}
+
+// afterRequestBudget is how many bytes a client may send after its request
+// (beyond a body it declared) before its connection is closed: an SSE
+// response never ends, so nothing it sends can be a request we will answer.
+const afterRequestBudget = 64 << 10
+
 // watch notices the client closing the connection (the stream would
 // otherwise only find out at its next write), so that its channels are
-// unsubscribed promptly. A goroutine blocked in Read on a one-byte buffer
-// is the cheapest way Go offers to wait for that.
-func (d *detached) watch() {
-	var b [1]byte
+// unsubscribed promptly. Whatever the client sends is read in bulk and
+// discarded, and past the budget the connection is closed: reading it a
+// byte at a time would let a client burn a core.
+func (d *detached) watch(budget int64) {
+	defer recoverStream(d.h.logger, func() { d.sub.End(reasonClient) })
+	var b [512]byte
 	for {
-		if _, err := d.conn.Read(b[:]); err != nil {
-			d.sub.End("client")
+		n, err := d.conn.Read(b[:])
+		budget -= int64(n)
+		if err != nil || budget < 0 {
+			d.sub.End(reasonClient)
+			if err == nil {
+				// Unblock a writer stuck on a client that sends but
+				// does not read.
+				_ = d.conn.SetWriteDeadline(time.Now())
+			}
 			return
 		}
 	}
@@ -175,13 +202,14 @@ func responseHead(hdr http.Header, r *http.Request) []byte {
 // flush writes what is queued, in one write per round, until the queue is
 // empty, then lets the goroutine go.
 func (d *detached) flush() {
+	defer recoverStream(d.h.logger, func() { d.finish("panic") })
 	for {
 		frames, why := d.sub.Take(d.frames)
 		d.frames = frames
 		if why != registry.ReasonOverflow {
 			if err := d.write(frames); err != nil {
 				clear(frames)
-				d.finish("client")
+				d.finish(d.failed())
 				return
 			}
 		}
@@ -227,8 +255,7 @@ func (d *detached) write(frames []*registry.Frame) error {
 	}
 	// WriteTo consumes the slice; keep the backing array for next time.
 	d.bufs = bufs[:0]
-	_ = d.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-	_, err := bufs.WriteTo(d.conn)
+	err := d.writeBufs(bufs)
 	clear(d.bufs[:cap(d.bufs)])
 	if err != nil {
 		return err
@@ -238,13 +265,22 @@ func (d *detached) write(frames []*registry.Frame) error {
 	return nil
 }
 
-// overflow cuts short a write blocked on a client that stopped reading.
+// overflow cuts short a write blocked on a client that stopped reading. It
+// runs on the delivering goroutine and touches only the taken-over
+// connection, whose deadlines are safe to set from any goroutine; before the
+// takeover nothing is written yet but the replay, which has its own.
 func (d *detached) overflow() {
 	if d.mode.Load() == modeDetached {
 		_ = d.conn.SetWriteDeadline(time.Now())
-	} else if rc := d.rc.Load(); rc != nil {
-		_ = rc.SetWriteDeadline(time.Now())
 	}
+}
+
+// failed is why a stream whose write failed ended.
+func (d *detached) failed() string {
+	if d.sub.Reason() == registry.ReasonOverflow {
+		return registry.ReasonOverflow
+	}
+	return reasonClient
 }
 
 // finish ends the stream once: the connection closes and the admission is
@@ -254,13 +290,11 @@ func (d *detached) finish(why string) {
 		return
 	}
 	detachedStreams.remove(d)
-	if d.conn != nil {
-		_ = d.conn.Close()
-	}
+	_ = d.conn.Close()
 	d.release()
 	metrics.streamsClosed.WithLabelValues(why).Inc()
 	if ce := d.h.logger.Check(zap.DebugLevel, "stream closed"); ce != nil {
-		ce.Write(zap.Strings("channels", d.channels), zap.String("reason", why), zap.Bool("detached", true))
+		ce.Write(zap.Strings("channels", d.channels), zap.String("reason", why), zap.Bool("takeover", true))
 	}
 }
 
@@ -320,7 +354,7 @@ func (s *detachedSet) scan() {
 			s.mu.Lock()
 			for d := range s.streams {
 				d := d
-				time.AfterFunc(time.Duration(rand.Int64N(int64(exitJitter))), func() { d.sub.End("shutdown") })
+				time.AfterFunc(time.Duration(rand.Int64N(int64(exitJitter))), func() { d.sub.End(reasonShutdown) })
 			}
 			s.mu.Unlock()
 			return
@@ -330,7 +364,7 @@ func (s *detachedSet) scan() {
 		s.mu.Lock()
 		for d := range s.streams {
 			switch {
-			case d.closeAt != 0 && now >= d.closeAt:
+			case !d.end.at.IsZero() && now >= d.end.at.UnixNano():
 				due = append(due, d)
 			case now-d.lastWrite.Load() >= int64(d.h.Keepalive):
 				d.keepalive.Store(true)
@@ -339,8 +373,8 @@ func (s *detachedSet) scan() {
 		}
 		s.mu.Unlock()
 		for _, d := range due {
-			if d.closeAt != 0 && now >= d.closeAt {
-				d.sub.End("max_duration")
+			if !d.end.at.IsZero() && now >= d.end.at.UnixNano() {
+				d.sub.End(d.end.why)
 				continue
 			}
 			d.wake()

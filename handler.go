@@ -3,9 +3,11 @@ package caddysse
 import (
 	"context"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -25,15 +27,28 @@ const (
 	// writeTimeout bounds one write to a client that stopped reading; its
 	// queue overflows meanwhile and the stream is closed.
 	writeTimeout = 10 * time.Second
+	// stallGrace is how long past writeTimeout a write may stay blocked
+	// before the stream is given up and its connection closed: over
+	// HTTP/2 the reset that the write deadline queues cannot reach a
+	// client that does not read its socket at all.
+	stallGrace = 5 * time.Second
 	// exitJitter spreads the reconnects of streams ended by a shutdown.
 	exitJitter = 500 * time.Millisecond
-	// replayTimeout bounds the history read of a resuming stream.
+	// replayTimeout bounds the read of one page of history.
 	replayTimeout = 10 * time.Second
 )
 
+// Reasons a stream ends besides the registry's, also metric labels.
+const (
+	reasonClient      = "client"       // the client went away or stopped reading
+	reasonMaxDuration = "max_duration" // max_duration was reached
+	reasonExpired     = "token_expired"
+	reasonShutdown    = "shutdown"
+)
+
 // ServeHTTP resolves the request's channels, admits it, attaches it to the
-// registry and writes events until the client goes, the stream must end, or
-// Caddy exits.
+// registry, replays what the client missed and writes events until the
+// client goes, the stream must end, or Caddy exits.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	if r.Method != http.MethodGet && r.Method != http.MethodPost {
 		w.Header().Set("Allow", "GET, POST")
@@ -61,28 +76,18 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
 		return refuse(w, http.StatusServiceUnavailable, "max_connections", "too many streams; retry later")
 	}
-	// What undoes the admission runs when the stream ends: at return, or
-	// later for a detached stream, which outlives this call.
-	var undo []func()
-	release := func() {
-		for i := len(undo) - 1; i >= 0; i-- {
-			undo[i]()
-		}
-	}
-	handedOver := false
-	defer func() {
-		if !handedOver {
-			release()
-		}
-	}()
-	undo = append(undo, func() { openStreams.Add(-1) })
+	adm := &admission{}
+	defer adm.releaseUnlessHandedOver()
+	adm.add(func() { openStreams.Add(-1) })
 
-	if h.format == sse.FormatEnvelope && h.hub.closed(r.Context(), channels) {
-		// A publisher ended this channel: 204 tells EventSource to stop
-		// reconnecting.
-		metrics.streamsRejected.WithLabelValues("closed").Inc()
-		w.WriteHeader(http.StatusNoContent)
-		return nil
+	if h.format == sse.FormatEnvelope {
+		// A publisher ended these channels: serve the others, and tell
+		// EventSource to stop reconnecting (204) when none is left.
+		if channels = h.hub.openChannels(r.Context(), channels); len(channels) == 0 {
+			metrics.streamsRejected.WithLabelValues("closed").Inc()
+			w.WriteHeader(http.StatusNoContent)
+			return nil
+		}
 	}
 
 	history := h.History.retention().MaxLen > 0
@@ -95,99 +100,154 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 
 	sub := registry.NewSubscriber(channels, h.format, h.Buffer, history)
-	rc := http.NewResponseController(w)
-	st := &stream{h: h, w: w, rc: rc, sub: sub, lastSeq: after, wake: sub.Wake()}
+	if resume {
+		sub.Replaying()
+	}
 	var d *detached
 	if h.detach && r.ProtoMajor == 1 {
-		// The subscriber outlives this call once detached: what it holds
-		// must not keep the request (and net/http's buffers) alive.
-		d = newDetached(h, sub, channels, after, rc)
-		st.wake = d.fallback
-	} else {
-		// A client that stopped reading blocks the write; when its queue
-		// overflows, cut the write short instead of waiting for writeTimeout.
-		sub.OnOverflow(func() { _ = rc.SetWriteDeadline(time.Now()) })
+		d = newDetached(h, sub, channels)
 	}
 	releasePer, ok := h.admitPer(repl, sub)
 	if !ok {
 		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
 		return refuse(w, http.StatusTooManyRequests, "max_connections_per", "too many streams for this client")
 	}
-	undo = append(undo, releasePer)
+	adm.add(releasePer)
 	if err := h.hub.reg.Attach(r.Context(), sub); err != nil {
 		return nil // the client went away, or the config is being unloaded
 	}
-	undo = append(undo, func() { h.hub.reg.Detach(sub) })
-
-	// History is read before the 200 so that the whole answer is decided
-	// before the client sees it; live frames queue meanwhile.
-	var replay [][]byte
-	if resume {
-		ctx, cancel := context.WithTimeout(r.Context(), replayTimeout)
-		msgs, truncated, err := h.hub.reg.Replay(ctx, channels, after)
-		cancel()
-		if err != nil {
-			// Serve the live stream anyway and tell the client what it
-			// may have missed rather than refusing it while Redis is out.
-			h.logger.Warn("history replay failed", zap.Strings("channels", channels), zap.Error(err))
-			truncated = true
-		}
-		replay = st.replayFrames(msgs, truncated, after)
-	}
+	adm.add(func() { h.hub.reg.Detach(sub) })
 
 	setHeaders(w.Header())
 	metrics.streamsOpen.Inc()
-	undo = append(undo, metrics.streamsOpen.Dec)
+	adm.add(metrics.streamsOpen.Dec)
+	end := h.streamEnd(g)
 	h.logger.Debug("stream open", zap.Strings("channels", channels), zap.Bool("resume", resume),
-		zap.Bool("detached", d != nil))
+		zap.Bool("takeover", d != nil))
 	if d != nil {
-		d.release = release
-		d.lastSeq = st.lastSeq
-		if d.takeOver(w, r, rc, st.head(), replay) {
-			handedOver = true
+		d.release = adm.release
+		if d.takeOver(w, r, h.head(), resume, after, end) {
+			adm.handOver()
 			return nil
 		}
 	}
+	st := &stream{h: h, w: w, rc: http.NewResponseController(w), sub: sub, lastSeq: after, wake: sub.Wake(),
+		channels: channels, adm: adm}
+	if d != nil {
+		st.wake = d.fallback
+	}
+	if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
+		st.conn = c
+	}
+	st.stall = time.AfterFunc(time.Hour, st.abandon)
+	st.stall.Stop()
 	if err := st.open(); err != nil {
-		metrics.streamsClosed.WithLabelValues("client").Inc()
+		st.finish(st.failed())
 		return nil
 	}
-	if err := st.writeBatches(replay); err != nil {
-		metrics.streamsClosed.WithLabelValues("client").Inc()
-		return nil
+	if resume {
+		last, err := h.replay(r.Context(), sub, after, st.writeBatches)
+		st.lastSeq = last
+		if err != nil {
+			st.finish(st.failed())
+			return nil
+		}
 	}
-	why := st.run(r.Context())
+	why := st.run(r.Context(), end)
 	if why == registry.ReasonEvicted {
 		// Tell the page, so that it closes its EventSource rather than
 		// reconnect and evict the next oldest stream of its key in turn.
 		_ = st.write(evictedFrame)
 	}
-	metrics.streamsClosed.WithLabelValues(why).Inc()
-	h.logger.Debug("stream closed", zap.Strings("channels", channels), zap.String("reason", why))
+	st.finish(why)
 	return nil
 }
 
-// resolve expands the channel templates. It returns the channels, or a
-// status and reason when the request must be refused.
+// admission is what a stream holds from being admitted: released once, when
+// the stream ends, by whoever ends it first (the handler, a stall watchdog,
+// or a taken-over stream's writer long after the handler returned).
+type admission struct {
+	mu         sync.Mutex
+	undo       []func()
+	released   bool
+	handedOver bool
+}
+
+func (a *admission) add(f func()) {
+	a.mu.Lock()
+	a.undo = append(a.undo, f)
+	a.mu.Unlock()
+}
+
+// release undoes the admission in reverse order, once.
+func (a *admission) release() {
+	a.mu.Lock()
+	undo := a.undo
+	a.undo, a.released = nil, true
+	a.mu.Unlock()
+	for i := len(undo) - 1; i >= 0; i-- {
+		undo[i]()
+	}
+}
+
+// handOver marks the stream as taken over: its release is the writer's.
+func (a *admission) handOver() {
+	a.mu.Lock()
+	a.handedOver = true
+	a.mu.Unlock()
+}
+
+func (a *admission) releaseUnlessHandedOver() {
+	a.mu.Lock()
+	h := a.handedOver
+	a.mu.Unlock()
+	if !h {
+		a.release()
+	}
+}
+
+// streamEnd is when the stream must end and why: max_duration (less up to
+// 10% jitter, so that streams opened together do not all reconnect
+// together), or the expiry of the token that admitted it (less a little
+// jitter, so that the client reconnects with a fresh one before it is
+// refused). Zero time: never.
+func (h *Handler) streamEnd(g *grant) streamDeadline {
+	var end streamDeadline
+	now := time.Now()
+	if d := time.Duration(h.MaxDuration); d > 0 {
+		end = streamDeadline{at: now.Add(d - time.Duration(rand.Int64N(int64(d/10)+1))), why: reasonMaxDuration}
+	}
+	if g != nil && !g.expires.IsZero() {
+		left := g.expires.Sub(now)
+		jitter := min(left/10, 5*time.Second)
+		at := g.expires.Add(-time.Duration(rand.Int64N(int64(max(jitter, 0)) + 1)))
+		if end.at.IsZero() || at.Before(end.at) {
+			end = streamDeadline{at: at, why: reasonExpired}
+		}
+	}
+	return end
+}
+
+// streamDeadline is when a stream must end, and the reason it ends for.
+type streamDeadline struct {
+	at  time.Time
+	why string
+}
+
+// resolve expands the channel templates (see expandChannels). It returns
+// the channels, or a status and reason when the request must be refused.
 func (h *Handler) resolve(repl *caddy.Replacer) ([]string, int, string) {
 	var channels []string
-	for _, tmpl := range h.Channels {
-		v := tmpl
-		if repl != nil {
-			// A template with an empty or unknown placeholder names no
-			// channel: "user:" must not become a channel every anonymous
-			// client shares.
-			var err error
-			if v, err = repl.ReplaceOrErr(tmpl, true, true); err != nil {
-				continue
-			}
+	for i, tmpl := range h.Channels {
+		names, err := expandChannels(repl, tmpl, h.listTemplate[i])
+		if err != nil {
+			ce := err.(*channelError)
+			return channels, ce.status, ce.reason
 		}
-		for _, c := range strings.Split(v, ",") {
-			c = strings.TrimSpace(c)
-			if c == "" || contains(channels, c) {
-				continue
+		for _, c := range names {
+			if !contains(channels, c) {
+				channels = append(channels, c)
 			}
-			channels = append(channels, c)
 		}
 	}
 	switch {
@@ -244,17 +304,6 @@ func refuse(w http.ResponseWriter, status int, label, reason string) error {
 	return nil
 }
 
-// stream writes one client's events.
-type stream struct {
-	h       *Handler
-	w       http.ResponseWriter
-	rc      *http.ResponseController
-	sub     *registry.Subscriber
-	lastSeq uint64 // highest sequence number written: later duplicates are skipped
-	wake    <-chan struct{}
-	frames  []*registry.Frame
-}
-
 // setHeaders sets the stream's response headers.
 func setHeaders(hdr http.Header) {
 	hdr.Set("Content-Type", "text/event-stream; charset=utf-8")
@@ -265,12 +314,112 @@ func setHeaders(hdr http.Header) {
 
 // head is what a stream starts with: the opening comment, and the retry
 // hint when set.
-func (st *stream) head() []byte {
+func (h *Handler) head() []byte {
 	buf := append([]byte(nil), sse.Comment...)
-	if st.h.Retry > 0 {
-		buf = sse.AppendRetry(buf, time.Duration(st.h.Retry).Milliseconds())
+	if h.Retry > 0 {
+		buf = sse.AppendRetry(buf, time.Duration(h.Retry).Milliseconds())
 	}
 	return buf
+}
+
+// Replay pages: the first page reads this many events per channel, later
+// ones as many as make about replayPageBytes, so that a resuming stream
+// holds a bounded amount of history however large the events are.
+const (
+	replayFirstPage = 16
+	replayPageBytes = 512 << 10
+	replayMinPage   = 4
+	replayMaxPage   = 512
+)
+
+// replay writes the history of sub's channels after id after, one page at
+// a time: a page is written (write blocks on a slow client) before the
+// next is read. It returns the last id written. Live frames queue
+// meanwhile; the resumable ones that find the queue full are read from
+// history instead (see Subscriber.Replaying). A close found in history
+// ends that channel of the stream.
+func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, after uint64, write func([][]byte) error) (uint64, error) {
+	channels := sub.Channels()
+	last, count := after, int64(replayFirstPage)
+	missed := false
+	var closed []string
+	var frames [][]byte
+	for {
+		pctx, cancel := context.WithTimeout(ctx, replayTimeout)
+		page, err := h.hub.reg.ReplayPage(pctx, channels, last, count)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				sub.AbortReplay()
+				return last, ctx.Err()
+			}
+			// Serve the live stream anyway and tell the client what it
+			// may have missed rather than end it while Redis is out.
+			h.logger.Warn("history replay failed", zap.Strings("channels", channels), zap.Error(err))
+			page = registry.Page{Truncated: true}
+		}
+		frames = frames[:0]
+		if page.Truncated && !missed {
+			missed = true
+			frames = append(frames, registry.MissedFrame(after).Bytes)
+		}
+		size, done := 0, false
+		for _, m := range page.Messages {
+			if contains(closed, m.Channel) {
+				continue
+			}
+			size += len(m.Payload)
+			f := h.hub.reg.Encode(h.format, true, m)
+			last = max(last, f.Seq)
+			if len(f.Bytes) > 0 {
+				frames = append(frames, f.Bytes)
+			}
+			if f.Close {
+				closed = append(closed, m.Channel)
+				if done = h.hub.reg.Leave(sub, m.Channel); done {
+					break
+				}
+			}
+		}
+		if !done {
+			last = max(last, page.Next)
+		}
+		if werr := write(frames); werr != nil {
+			sub.AbortReplay()
+			return last, werr
+		}
+		clear(frames)
+		if err != nil || done {
+			sub.AbortReplay()
+			return last, nil
+		}
+		if n := len(page.Messages); n > 0 {
+			count = min(max(int64(replayPageBytes/max(size/n, 1)/len(channels)), replayMinPage), replayMaxPage)
+		}
+		if !page.More && sub.EndReplay() {
+			return last, nil
+		}
+	}
+}
+
+// stream writes one client's events through Caddy's response writer: HTTP/2,
+// HTTP/3, and HTTP/1.x when it is not taken over.
+type stream struct {
+	h        *Handler
+	w        http.ResponseWriter
+	rc       *http.ResponseController
+	sub      *registry.Subscriber
+	channels []string
+	adm      *admission
+	lastSeq  uint64 // highest sequence number written: later duplicates are skipped
+	wake     <-chan struct{}
+	frames   []*registry.Frame
+
+	// conn is the client's connection when Caddy's server lets us see it;
+	// stall closes it when a write stays blocked (see stallGrace).
+	conn  net.Conn
+	stall *time.Timer
+	ended sync.Once
 }
 
 // open sends the headers and the first comment at once, so that the client
@@ -279,45 +428,64 @@ func (st *stream) open() error {
 	st.w.WriteHeader(http.StatusOK)
 	// A stream outlives any server read or write timeout.
 	_ = st.rc.SetReadDeadline(time.Time{})
-	return st.write(st.head())
+	return st.write(st.h.head())
 }
 
-// write writes b and flushes, with a deadline so that a client that stopped
-// reading cannot hold the goroutine forever.
+// write writes chunks and flushes, with a deadline so that a client that
+// stopped reading cannot hold the goroutine forever.
 func (st *stream) write(chunks ...[]byte) error {
-	_ = st.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	st.begin()
+	defer st.done()
 	for _, b := range chunks {
 		if _, err := st.w.Write(b); err != nil {
 			return err
 		}
 	}
-	err := st.rc.Flush()
-	_ = st.rc.SetWriteDeadline(time.Time{})
-	return err
+	return st.rc.Flush()
 }
 
-// replayFrames encodes what history kept after the client's last id,
-// preceded by the missed-events notice when some of it was already trimmed.
-// A close among them ends the stream after it.
-func (st *stream) replayFrames(msgs []registry.Message, truncated bool, after uint64) [][]byte {
-	var out [][]byte
-	if truncated {
-		out = append(out, registry.MissedFrame(after).Bytes)
+// begin and done bracket every write: the write deadline bounds it, and the
+// stall watchdog gives the stream up if even that cannot end it.
+func (st *stream) begin() {
+	_ = st.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	st.stall.Reset(writeTimeout + stallGrace)
+}
+
+func (st *stream) done() {
+	st.stall.Stop()
+	_ = st.rc.SetWriteDeadline(time.Time{})
+}
+
+// abandon runs on the watchdog's goroutine when a write stayed blocked past
+// its deadline: it never touches the response writer (the handler's
+// goroutine is inside it), it ends the stream's admission and closes the
+// connection, which is what unblocks the handler.
+func (st *stream) abandon() {
+	defer recoverStream(st.h.logger, nil)
+	st.finish(st.failed())
+	if st.conn != nil {
+		_ = st.conn.Close()
 	}
-	for _, m := range msgs {
-		f := st.h.hub.reg.Encode(st.h.format, m)
-		if f.Seq > st.lastSeq {
-			st.lastSeq = f.Seq
-		}
-		if len(f.Bytes) > 0 {
-			out = append(out, f.Bytes)
-		}
-		if f.Close {
-			st.sub.End(registry.ReasonClosed)
-			break
-		}
+}
+
+// failed is why a stream whose write failed ended: the client fell behind
+// (its queue overflowed while the write was blocked), or went away.
+func (st *stream) failed() string {
+	if st.sub.Reason() == registry.ReasonOverflow {
+		return registry.ReasonOverflow
 	}
-	return out
+	return reasonClient
+}
+
+// finish ends the stream once: the admission is undone and the end counted.
+func (st *stream) finish(why string) {
+	st.ended.Do(func() {
+		st.adm.release()
+		metrics.streamsClosed.WithLabelValues(why).Inc()
+		if ce := st.h.logger.Check(zap.DebugLevel, "stream closed"); ce != nil {
+			ce.Write(zap.Strings("channels", st.channels), zap.String("reason", why))
+		}
+	})
 }
 
 // writeBatches writes frames, flushing every few dozen.
@@ -336,23 +504,21 @@ func (st *stream) writeBatches(frames [][]byte) error {
 
 // run is the stream's loop: it sleeps until frames are queued, a keepalive
 // is due, or the stream must end, and returns why it ended.
-func (st *stream) run(ctx context.Context) string {
+func (st *stream) run(ctx context.Context, end streamDeadline) string {
 	keepalive := time.NewTimer(time.Duration(st.h.Keepalive))
 	defer keepalive.Stop()
-	var maxDuration <-chan time.Time
-	if d := time.Duration(st.h.MaxDuration); d > 0 {
-		// Up to 10% jitter, so that streams opened together do not all
-		// reconnect together.
-		t := time.NewTimer(d - time.Duration(rand.Int64N(int64(d/10)+1)))
+	var deadline <-chan time.Time
+	if !end.at.IsZero() {
+		t := time.NewTimer(time.Until(end.at))
 		defer t.Stop()
-		maxDuration = t.C
+		deadline = t.C
 	}
 	for {
 		select {
 		case <-st.wake:
 			why, err := st.drain()
 			if err != nil {
-				return "client"
+				return st.failed()
 			}
 			if why != "" {
 				return why
@@ -360,20 +526,20 @@ func (st *stream) run(ctx context.Context) string {
 			keepalive.Reset(time.Duration(st.h.Keepalive))
 		case <-keepalive.C:
 			if st.write(sse.Comment) != nil {
-				return "client"
+				return st.failed()
 			}
 			keepalive.Reset(time.Duration(st.h.Keepalive))
 		case <-ctx.Done():
-			return "client"
-		case <-maxDuration:
-			return "max_duration"
+			return reasonClient
+		case <-deadline:
+			return end.why
 		case <-exiting:
 			// Spread the reconnects, but stay prompt: Caddy waits for us.
 			select {
 			case <-time.After(time.Duration(rand.Int64N(int64(exitJitter)))):
 			case <-ctx.Done():
 			}
-			return "shutdown"
+			return reasonShutdown
 		}
 	}
 }
@@ -389,7 +555,8 @@ func (st *stream) drain() (string, error) {
 		return why, nil
 	}
 	n := 0
-	_ = st.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	st.begin()
+	defer st.done()
 	for _, f := range frames {
 		if f.Seq != 0 {
 			if f.Seq <= st.lastSeq {
@@ -401,13 +568,42 @@ func (st *stream) drain() (string, error) {
 			continue
 		}
 		if _, err := st.w.Write(f.Bytes); err != nil {
+			clear(frames)
 			return why, err
 		}
 		n++
 	}
 	clear(frames) // let the frames go; the slice is reused
 	err := st.rc.Flush()
-	_ = st.rc.SetWriteDeadline(time.Time{})
 	metrics.delivered.Add(float64(n))
 	return why, err
+}
+
+// recoverStream, deferred in a goroutine that serves one stream, keeps a
+// panic there from taking the whole process down: it is logged with its
+// stack and the stream ends.
+func recoverStream(logger *zap.Logger, end func()) {
+	v := recover()
+	if v == nil {
+		return
+	}
+	logger.Error("stream goroutine panicked; ending the stream", zap.Any("panic", v), zap.Stack("stack"))
+	if end != nil {
+		end()
+	}
+}
+
+// connKey holds, in a request's context, the client connection it came on:
+// Caddy's servers hand it to the ConnContext hooks that modules register.
+type connKey struct{}
+
+// registerConnContext makes the connection of each request of srv visible
+// to the streams, so that one whose writes stall can be cut off.
+func registerConnContext(srv *caddyhttp.Server) {
+	srv.RegisterConnContext(func(ctx context.Context, c net.Conn) context.Context {
+		if ctx.Value(connKey{}) != nil {
+			return ctx
+		}
+		return context.WithValue(ctx, connKey{}, c)
+	})
 }

@@ -128,16 +128,26 @@ func (h *hub) markClosed(channel string) {
 	}()
 }
 
-// closed reports whether a publisher ended one of channels. While Redis
-// cannot tell, the stream is served.
-func (h *hub) closed(ctx context.Context, channels []string) bool {
+// openChannels returns the channels a publisher has not ended. While Redis
+// cannot tell, every channel is served.
+func (h *hub) openChannels(ctx context.Context, channels []string) []string {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	closed, err := h.brk.AnyClosed(ctx, channels)
+	closed, err := h.brk.Closed(ctx, channels)
 	if err != nil {
 		h.logger.Debug("cannot check for closed channels", zap.Error(err))
+		return channels
 	}
-	return closed
+	if len(closed) == 0 {
+		return channels
+	}
+	open := make([]string, 0, len(channels)-len(closed))
+	for _, c := range channels {
+		if !contains(closed, c) {
+			open = append(open, c)
+		}
+	}
+	return open
 }
 
 // Destruct runs when the last config using this Redis is unloaded.
@@ -171,6 +181,19 @@ func (s *brokerSource) Replay(ctx context.Context, channels []string, after uint
 		msgs[i] = registry.Message(m)
 	}
 	return msgs, rep.Truncated, nil
+}
+
+// ReplayPage reads one page of history. TEMPORARY until the broker pages.
+func (s *brokerSource) ReplayPage(ctx context.Context, channels []string, after uint64, _ int64) (registry.Page, error) {
+	msgs, truncated, err := s.Replay(ctx, channels, after)
+	if err != nil {
+		return registry.Page{}, err
+	}
+	next := after
+	if len(msgs) > 0 {
+		next = msgs[len(msgs)-1].Seq
+	}
+	return registry.Page{Messages: msgs, Truncated: truncated, Next: next}, nil
 }
 
 // brokerSink hands what the broker reads to the registry.

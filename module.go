@@ -103,12 +103,13 @@ type Handler struct {
 	// share a key, such as the authenticated user.
 	MaxConnectionsPer *ConnectionLimit `json:"max_connections_per,omitempty"`
 
-	allow  *regexp.Regexp
-	format sse.Format
-	hub    *hub
-	hubKey string
-	logger *zap.Logger
-	detach bool
+	allow        *regexp.Regexp
+	listTemplate []bool // per channel template: a lone placeholder, whose value is a list
+	format       sse.Format
+	hub          *hub
+	hubKey       string
+	logger       *zap.Logger
+	detach       bool
 }
 
 // RedisConfig says how to reach Redis: a URL, or addresses for a single
@@ -167,6 +168,9 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // registry and its Redis broker) shared by every config using the same Redis.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
+		registerConnContext(srv)
+	}
 	if err := h.compile(); err != nil {
 		return err
 	}
@@ -190,10 +194,17 @@ func (h *Handler) compile() error {
 	if len(h.Channels) == 0 {
 		return fmt.Errorf("channel: at least one channel template is required")
 	}
-	for _, c := range h.Channels {
+	h.listTemplate = make([]bool, len(h.Channels))
+	for i, c := range h.Channels {
 		if strings.TrimSpace(c) == "" {
 			return fmt.Errorf("channel: empty channel template")
 		}
+		if !strings.Contains(c, "{") {
+			if _, err := checkNames([]string{c}); err != nil {
+				return fmt.Errorf("channel: %q: %w", c, err)
+			}
+		}
+		h.listTemplate[i] = isListTemplate(c)
 	}
 	if h.Allow != "" {
 		re, err := regexp.Compile(`^(?:` + h.Allow + `)$`)

@@ -74,6 +74,11 @@ func (p *Publish) Validate() error {
 	if strings.TrimSpace(p.Channel) == "" {
 		return fmt.Errorf("channel: a channel template is required")
 	}
+	if !strings.Contains(p.Channel, "{") {
+		if _, err := checkNames([]string{p.Channel}); err != nil {
+			return fmt.Errorf("channel: %q: %w", p.Channel, err)
+		}
+	}
 	if p.MaxSize < 0 {
 		return fmt.Errorf("max_size: must not be negative")
 	}
@@ -95,14 +100,14 @@ func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return p.answer(w, http.StatusMethodNotAllowed, "method", "method not allowed: use POST")
 	}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	channel := p.Channel
-	if repl != nil {
-		channel = repl.ReplaceAll(channel, "")
+	// One channel per request, whatever the template: a value's comma
+	// never makes a second one (see expandChannels).
+	names, err := expandChannels(repl, p.Channel, false)
+	if err != nil {
+		ce := err.(*channelError)
+		return p.answer(w, ce.status, "channel", ce.reason)
 	}
-	channel = strings.TrimSpace(channel)
-	if channel == "" {
-		return p.answer(w, http.StatusBadRequest, "channel", "no channel")
-	}
+	channel := names[0]
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, p.MaxSize))
 	if err != nil {
 		var tooLarge *http.MaxBytesError

@@ -24,25 +24,22 @@ func (b *Broker) MarkClosed(ctx context.Context, channel string) error {
 	return nil
 }
 
-// AnyClosed reports whether one of channels was ended by its publisher.
-func (b *Broker) AnyClosed(ctx context.Context, channels []string) (bool, error) {
-	keys := make([]string, len(channels))
-	for i, c := range channels {
-		keys[i] = ClosedKeyPrefix + c
-	}
+// Closed returns those of channels that were ended by their publisher.
+func (b *Broker) Closed(ctx context.Context, channels []string) ([]string, error) {
 	// One EXISTS per key: in a cluster the keys live on different slots.
 	pipe := b.client.Pipeline()
-	cmds := make([]interface{ Val() int64 }, len(keys))
-	for i, k := range keys {
-		cmds[i] = pipe.Exists(ctx, k)
+	cmds := make([]interface{ Val() int64 }, len(channels))
+	for i, c := range channels {
+		cmds[i] = pipe.Exists(ctx, ClosedKeyPrefix+c)
 	}
 	if _, err := pipe.Exec(ctx); err != nil {
-		return false, fmt.Errorf("broker: check closed channels: %w", err)
+		return nil, fmt.Errorf("broker: check closed channels: %w", err)
 	}
-	for _, c := range cmds {
+	var closed []string
+	for i, c := range cmds {
 		if c.Val() > 0 {
-			return true, nil
+			closed = append(closed, channels[i])
 		}
 	}
-	return false, nil
+	return closed, nil
 }

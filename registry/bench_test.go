@@ -20,6 +20,9 @@ func (nopSource) Unsubscribe(...string)                      {}
 func (nopSource) Replay(context.Context, []string, uint64) ([]Message, bool, error) {
 	return nil, false, nil
 }
+func (nopSource) ReplayPage(context.Context, []string, uint64, int64) (Page, error) {
+	return Page{}, nil
+}
 
 // BenchmarkFanOut10k delivers one message to 10,000 subscribers of one
 // channel. Only Deliver is timed: the queues are drained, timer stopped,
@@ -76,7 +79,7 @@ func BenchmarkTakeAndWrite(b *testing.B) {
 	r := newRegistry(b, nopSource{}, Metrics{})
 	src := make([]*Frame, n)
 	for i := range src {
-		src[i] = r.Encode(sse.FormatRaw, Message{Channel: "a", Payload: benchPayload, Seq: uint64(i + 1)})
+		src[i] = r.Encode(sse.FormatRaw, true, Message{Channel: "a", Payload: benchPayload, Seq: uint64(i + 1)})
 	}
 	s := NewSubscriber([]string{"a"}, sse.FormatRaw, n, false)
 	s.Take(make([]*Frame, 0, n))

@@ -40,6 +40,22 @@ type Source interface {
 	// Replay returns the history of channels after the given sequence
 	// number, merged in sequence order, and whether some of it was trimmed.
 	Replay(ctx context.Context, channels []string, after uint64) ([]Message, bool, error)
+	// ReplayPage returns one page of that history: about count messages
+	// per channel, so that a resuming stream holds a bounded amount.
+	ReplayPage(ctx context.Context, channels []string, after uint64, count int64) (Page, error)
+}
+
+// Page is one page of history.
+type Page struct {
+	// Messages are every retained message of the channels after the
+	// requested sequence number up to Next, in sequence order.
+	Messages []Message
+	// Truncated: some history after the requested number is gone.
+	Truncated bool
+	// More: there may be more after Next; ask again from Next.
+	More bool
+	// Next is the sequence number up to which the page is complete.
+	Next uint64
 }
 
 // Metrics are the registry's counters; any may be nil.
@@ -297,45 +313,106 @@ func (r *Registry) deliverLocked(m Message) {
 		}
 		r.lastSeq.Store(m.Seq)
 	}
-	closed := r.fanOut(m.Channel, func(format sse.Format) *Frame { return r.Encode(format, m) })
-	if closed && r.OnClose != nil {
-		r.OnClose(m.Channel)
+	// A resumable message has the same id on every stream: only a plain
+	// one is encoded apart for streams with history.
+	closed := r.fanOut(m.Channel, m.Seq == 0, func(format sse.Format, history bool) *Frame {
+		return r.Encode(format, history, m)
+	})
+	if closed != (closedFormats{}) {
+		r.leaveClosed(m.Channel, closed)
+		if r.OnClose != nil {
+			r.OnClose(m.Channel)
+		}
 	}
 }
 
+// closedFormats tells, per format, whether a message closed its channel:
+// only an envelope can.
+type closedFormats [2]bool
+
 // fanOut queues a frame on every subscriber of channel; frame is called at
-// most once per format, so a message is encoded once however many streams
-// receive it. It reports whether a frame closed the streams.
-func (r *Registry) fanOut(channel string, frame func(sse.Format) *Frame) (closed bool) {
+// most once per format (and history setting, if byHistory), so a message is
+// encoded once per kind of stream however many streams receive it. It
+// reports the formats for which the frame closed the channel.
+func (r *Registry) fanOut(channel string, byHistory bool, frame func(format sse.Format, history bool) *Frame) (closed closedFormats) {
 	r.mu.RLock()
 	c := r.channels[channel]
 	r.mu.RUnlock()
 	if c == nil {
-		return false
+		return closed
 	}
-	var frames [2]*Frame
+	var frames [2][2]*Frame
 	for _, s := range *c.subs.Load() {
-		f := frames[s.format]
+		h := 0
+		if byHistory && s.history {
+			h = 1
+		}
+		f := frames[s.format][h]
 		if f == nil {
-			f = frame(s.format)
-			frames[s.format] = f
+			f = frame(s.format, s.history)
+			frames[s.format][h] = f
 		}
 		if reason := s.push(f); reason != "" && r.metrics.Dropped != nil {
 			r.metrics.Dropped.WithLabelValues(reason).Inc()
 		}
-		closed = closed || f.Close
+		closed[s.format] = closed[s.format] || f.Close
 	}
 	return closed
 }
 
-// Encode turns a message into a frame for the given format, counting the
-// repairs it needed. A resumable message's sequence number is its id.
-func (r *Registry) Encode(format sse.Format, m Message) *Frame {
-	ev, fault := sse.Decode(format, m.Payload)
-	if m.Seq != 0 {
-		ev.ID = strconv.FormatUint(m.Seq, 10)
+// leaveClosed detaches from channel the streams a publisher's close ended
+// it for: they have the close queued and go on with their other channels.
+// A channel nobody listens to any more is unsubscribed.
+func (r *Registry) leaveClosed(name string, closed closedFormats) {
+	r.mu.Lock()
+	if c := r.channels[name]; c != nil {
+		old := *c.subs.Load()
+		next := make([]*Subscriber, 0, len(old))
+		for _, s := range old {
+			if !closed[s.format] {
+				next = append(next, s)
+			}
+		}
+		c.subs.Store(&next)
+		c.refs -= len(old) - len(next)
+		if c.refs == 0 {
+			delete(r.channels, name)
+			r.dirty[name] = struct{}{}
+		}
 	}
-	f := &Frame{Seq: m.Seq, Close: ev.Close}
+	r.mu.Unlock()
+	r.signal()
+}
+
+// Leave detaches s from one channel a publisher closed, found in its
+// replayed history; it reports whether every channel of s is closed now.
+func (r *Registry) Leave(s *Subscriber, channel string) (all bool) {
+	r.mu.Lock()
+	if c := r.channels[channel]; c != nil && c.remove(s) {
+		c.refs--
+		if c.refs == 0 {
+			delete(r.channels, channel)
+			r.dirty[channel] = struct{}{}
+		}
+	}
+	r.mu.Unlock()
+	r.signal()
+	return s.CloseChannel(channel)
+}
+
+// Encode turns a message into a frame for the given format, counting the
+// repairs it needed. A resumable message's sequence number is its id; for a
+// stream with history, a message that is not resumable carries no id at
+// all, so that the client's Last-Event-ID is always a resume point.
+func (r *Registry) Encode(format sse.Format, history bool, m Message) *Frame {
+	ev, fault := sse.Decode(format, m.Payload)
+	switch {
+	case m.Seq != 0:
+		ev.ID = strconv.FormatUint(m.Seq, 10)
+	case history:
+		ev.ID = ""
+	}
+	f := &Frame{Channel: m.Channel, Seq: m.Seq, Close: ev.Close}
 	if !ev.Close || len(ev.Data) > 0 || ev.Event != "" {
 		var more sse.Fault
 		f.Bytes, more = sse.AppendEvent(make([]byte, 0, len(ev.Data)+len(ev.ID)+len(ev.Event)+32), &ev)
@@ -349,9 +426,10 @@ func (r *Registry) Encode(format sse.Format, m Message) *Frame {
 	return f
 }
 
-// Replay reads the history of channels after the given sequence number.
-func (r *Registry) Replay(ctx context.Context, channels []string, after uint64) ([]Message, bool, error) {
-	return r.src.Replay(ctx, channels, after)
+// ReplayPage reads one page of the history of channels after the given
+// sequence number.
+func (r *Registry) ReplayPage(ctx context.Context, channels []string, after uint64, count int64) (Page, error) {
+	return r.src.ReplayPage(ctx, channels, after, count)
 }
 
 // Disconnected is called as soon as the Redis subscription is lost, before
@@ -406,7 +484,7 @@ func (r *Registry) Reconnected(ctx context.Context) {
 	if truncated || err != nil {
 		f := MissedFrame(after)
 		for _, name := range names {
-			r.fanOut(name, func(sse.Format) *Frame { return f })
+			r.fanOut(name, false, func(sse.Format, bool) *Frame { return f })
 		}
 	}
 	r.missed = append(r.missed, missed...)
@@ -481,19 +559,6 @@ func (r *Registry) Close() {
 	r.wg.Wait()
 	for _, s := range all {
 		s.End(ReasonShutdown)
-	}
-}
-
-// EndAll asks every open stream to end, for example when the process exits.
-func (r *Registry) EndAll(reason string) {
-	r.mu.RLock()
-	var all []*Subscriber
-	for _, c := range r.channels {
-		all = append(all, *c.subs.Load()...)
-	}
-	r.mu.RUnlock()
-	for _, s := range all {
-		s.End(reason)
 	}
 }
 

@@ -109,6 +109,11 @@ func (f *fakeSource) Replay(ctx context.Context, channels []string, after uint64
 	}
 }
 
+// ReplayPage is not used by the registry itself: the streams page history.
+func (f *fakeSource) ReplayPage(context.Context, []string, uint64, int64) (Page, error) {
+	return Page{}, nil
+}
+
 // count returns how many calls of op named channel.
 func (f *fakeSource) count(op, channel string) int {
 	f.mu.Lock()
@@ -710,8 +715,13 @@ func TestEnvelopeClose(t *testing.T) {
 	if frames, why := take(raw); why != "" || len(frames) != 2 || frames[0].Close {
 		t.Errorf("raw subscriber: %d frames, reason %q; want 2 frames and open", len(frames), why)
 	}
-	if n := testutil.ToFloat64(dropped.WithLabelValues(ReasonClosed)); n != 1 {
-		t.Errorf("dropped{closed} = %v, want 1 (the event after the close)", n)
+	// The closed streams left the channel: the event after the close is
+	// not even offered to them.
+	if n := testutil.ToFloat64(dropped.WithLabelValues(ReasonClosed)); n != 0 {
+		t.Errorf("dropped{closed} = %v, want 0", n)
+	}
+	if st := r.Snapshot(); st.Subscribers["a"] != 1 || st.Subscribers["b"] != 0 {
+		t.Errorf("subscribers after the closes: %v, want a: 1 (the raw stream), b gone", st.Subscribers)
 	}
 	if !slices.Equal(closed, []string{"a", "b"}) {
 		t.Errorf("OnClose got %q, want [a b]", closed)
@@ -1013,25 +1023,6 @@ func TestAttachDuringClose(t *testing.T) {
 	}
 }
 
-func TestEndAll(t *testing.T) {
-	r := newRegistry(t, &fakeSource{}, Metrics{})
-	a := NewSubscriber([]string{"a"}, sse.FormatRaw, 8, false)
-	b := NewSubscriber([]string{"a", "b"}, sse.FormatRaw, 8, false)
-	attach(t, r, a)
-	attach(t, r, b)
-	r.EndAll("exiting")
-	for _, s := range []*Subscriber{a, b} {
-		if _, why := take(s); why != "exiting" {
-			t.Errorf("reason %q, want exiting", why)
-		}
-	}
-	// The first reason stays.
-	a.End("other")
-	if _, why := take(a); why != "exiting" {
-		t.Errorf("reason %q after a second End, want exiting", why)
-	}
-}
-
 func TestDetachTwice(t *testing.T) {
 	src := &fakeSource{}
 	r := newRegistry(t, src, Metrics{})
@@ -1077,5 +1068,76 @@ func TestDeliverAllocationsIndependentOfSubscribers(t *testing.T) {
 	small, large := allocs(10), allocs(1000)
 	if small != large {
 		t.Fatalf("Deliver allocates %v times with 10 subscribers and %v with 1000", small, large)
+	}
+}
+
+// A publisher's close ends its channel only: a stream on two channels goes
+// on with the other one, and ends when both are closed.
+func TestCloseEndsThatChannelOnly(t *testing.T) {
+	r := newRegistry(t, &fakeSource{}, Metrics{})
+	s := NewSubscriber([]string{"a", "b"}, sse.FormatEnvelope, 8, false)
+	attach(t, r, s)
+
+	r.Deliver(Message{Channel: "a", Payload: []byte(`{"data":"bye","close":true}`)})
+	r.Deliver(Message{Channel: "a", Payload: []byte(`{"data":"late"}`)})
+	r.Deliver(Message{Channel: "b", Payload: []byte(`{"data":"on b"}`)})
+	frames, why := take(s)
+	if why != "" || len(frames) != 2 || string(frames[0].Bytes) != "data: bye\n\n" || string(frames[1].Bytes) != "data: on b\n\n" {
+		t.Fatalf("after closing a: %d frames, reason %q; want bye and on b, still open", len(frames), why)
+	}
+	r.Deliver(Message{Channel: "b", Payload: []byte(`{"close":true}`)})
+	if _, why := take(s); why != ReasonClosed {
+		t.Errorf("after closing b too: reason %q, want %q", why, ReasonClosed)
+	}
+}
+
+// On a stream with history, an id is always a resume id: a publisher's own
+// envelope id goes out only on streams without history.
+func TestHistoryStreamsSendOnlyResumeIDs(t *testing.T) {
+	r := newRegistry(t, &fakeSource{}, Metrics{})
+	hist := NewSubscriber([]string{"a"}, sse.FormatEnvelope, 8, true)
+	plain := NewSubscriber([]string{"a"}, sse.FormatEnvelope, 8, false)
+	attach(t, r, hist)
+	attach(t, r, plain)
+	r.Deliver(Message{Channel: "a", Payload: []byte(`{"id":"999","data":"x"}`)})
+	r.Deliver(Message{Channel: "a", Payload: []byte(`{"id":"999","data":"y"}`), Seq: 7})
+	got := func(s *Subscriber) []string {
+		frames, _ := take(s)
+		var out []string
+		for _, f := range frames {
+			out = append(out, string(f.Bytes))
+		}
+		return out
+	}
+	if g, want := got(hist), []string{"data: x\n\n", "id: 7\ndata: y\n\n"}; !slices.Equal(g, want) {
+		t.Errorf("history stream got %q, want %q", g, want)
+	}
+	if g, want := got(plain), []string{"id: 999\ndata: x\n\n", "id: 7\ndata: y\n\n"}; !slices.Equal(g, want) {
+		t.Errorf("stream without history got %q, want %q", g, want)
+	}
+}
+
+// While a stream replays history, resumable frames that find its queue full
+// are left to the replay instead of overflowing it; plain ones still count.
+func TestReplayingLeavesResumableFramesToHistory(t *testing.T) {
+	r := newRegistry(t, &fakeSource{}, Metrics{})
+	s := NewSubscriber([]string{"a"}, sse.FormatRaw, 2, true)
+	s.Replaying()
+	attach(t, r, s)
+	for i := uint64(1); i <= 5; i++ {
+		r.Deliver(Message{Channel: "a", Payload: []byte("x"), Seq: i})
+	}
+	if s.Reason() != "" {
+		t.Fatalf("reason %q while replaying, want none", s.Reason())
+	}
+	if s.EndReplay() {
+		t.Fatal("EndReplay after skipped frames: true, want false (read history again)")
+	}
+	if !s.EndReplay() {
+		t.Fatal("second EndReplay: false, want true")
+	}
+	r.Deliver(Message{Channel: "a", Payload: []byte("x"), Seq: 6})
+	if s.Reason() != ReasonOverflow {
+		t.Errorf("reason %q after the replay with a full queue, want %q", s.Reason(), ReasonOverflow)
 	}
 }

@@ -9,25 +9,28 @@ import (
 // Frame is one encoded event, immutable and shared by every subscriber that
 // receives it.
 type Frame struct {
+	// Channel is the channel the event was published on.
+	Channel string
 	// Seq is the history sequence number (the event id), 0 when the event
 	// is not resumable.
 	Seq uint64
 	// Bytes is the wire form; empty for a close without an event.
 	Bytes []byte
-	// Close ends the stream once this frame is written.
+	// Close ends the stream's subscription to Channel once this frame is
+	// written, and the stream when it was its last open channel.
 	Close bool
 }
 
 // Reasons a subscriber is closed, also used as metric labels.
 const (
 	ReasonOverflow = "overflow" // the client fell `buffer` events behind
-	ReasonClosed   = "closed"   // a publisher ended the channel
+	ReasonClosed   = "closed"   // a publisher ended every channel of the stream
 	ReasonShutdown = "shutdown" // the registry was closed
 	ReasonEvicted  = "evicted"  // a newer stream of its max_connections_per key replaced it
 )
 
 // Subscriber is one stream's end of the registry: a bounded queue of frames
-// filled by the registry and drained by the stream's goroutine.
+// filled by the registry and drained by the stream's writer.
 type Subscriber struct {
 	channels []string
 	format   sse.Format
@@ -38,15 +41,19 @@ type Subscriber struct {
 	onWake     func()
 	onOverflow func()
 
-	mu     sync.Mutex
-	queue  []*Frame
-	reason string // why the stream must end; "" while open
+	mu        sync.Mutex
+	queue     []*Frame
+	reason    string // why the stream must end; "" while open
+	closed    []bool // per channel: a publisher ended it
+	open      int    // channels not closed
+	replaying bool   // history is being replayed: see Replaying
+	skipped   bool   // a resumable frame was left to the replay
 }
 
 // NewSubscriber returns a subscriber to channels whose queue holds at most
 // buffer frames. format selects the encoding of its frames;
 // history marks the channels as resumable so that the registry catches them
-// up after a Redis outage.
+// up after a Redis outage, and makes every id the stream sends a resume id.
 func NewSubscriber(channels []string, format sse.Format, buffer int, history bool) *Subscriber {
 	if buffer < 1 {
 		buffer = 1
@@ -62,6 +69,8 @@ func NewSubscriber(channels []string, format sse.Format, buffer int, history boo
 		history:  history,
 		max:      buffer,
 		wake:     make(chan struct{}, 1),
+		closed:   make([]bool, len(channels)),
+		open:     len(channels),
 	}
 }
 
@@ -72,9 +81,10 @@ func NewSubscriber(channels []string, format sse.Format, buffer int, history boo
 func (s *Subscriber) OnWake(f func()) { s.onWake = f }
 
 // OnOverflow sets f to be called, on the delivering goroutine, when the
-// queue overflows: the stream's goroutine may be blocked writing to the
-// client that fell behind, and f can interrupt that write (for example by
-// setting a past write deadline). Set it before Attach; f must not block.
+// queue overflows: f can interrupt a write blocked on the client that fell
+// behind, through a handle that is safe to use from any goroutine at any
+// time (a net.Conn's deadline; never an http.ResponseWriter, which is the
+// handler's alone). Set it before Attach; f must not block.
 func (s *Subscriber) OnOverflow(f func()) { s.onOverflow = f }
 
 // Channels returns the channels the subscriber listens to.
@@ -104,6 +114,13 @@ func (s *Subscriber) Pending() bool {
 	return len(s.queue) > 0 || s.reason != ""
 }
 
+// Reason is why the stream must end, "" while it may go on.
+func (s *Subscriber) Reason() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.reason
+}
+
 // End asks the stream to end for reason once it has written what is queued.
 func (s *Subscriber) End(reason string) {
 	s.mu.Lock()
@@ -112,6 +129,67 @@ func (s *Subscriber) End(reason string) {
 	}
 	s.mu.Unlock()
 	s.signal()
+}
+
+// Replaying marks the stream as replaying history: until EndReplay, a
+// resumable frame that finds the queue full is left to the replay (which
+// reads it from history) instead of overflowing the queue, so that a long
+// replay does not count against the buffer. Set it before Attach.
+func (s *Subscriber) Replaying() {
+	s.mu.Lock()
+	s.replaying = true
+	s.mu.Unlock()
+}
+
+// EndReplay ends the replay unless a resumable frame was left to it since
+// the last call; then it returns false and the replay must read history
+// once more.
+func (s *Subscriber) EndReplay() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.skipped {
+		s.skipped = false
+		return false
+	}
+	s.replaying = false
+	return true
+}
+
+// AbortReplay ends the replay at once, whatever it left to history: the
+// stream is ending, or tells its client what it may have missed.
+func (s *Subscriber) AbortReplay() {
+	s.mu.Lock()
+	s.replaying, s.skipped = false, false
+	s.mu.Unlock()
+}
+
+// CloseChannel records that a publisher ended channel, and reports whether
+// every channel of the stream is closed now (the stream then ends once
+// what is queued is written). Closing a channel twice is harmless.
+func (s *Subscriber) CloseChannel(channel string) (all bool) {
+	s.mu.Lock()
+	all = s.closeLocked(channel)
+	s.mu.Unlock()
+	if all {
+		s.signal()
+	}
+	return all
+}
+
+func (s *Subscriber) closeLocked(channel string) bool {
+	for i, c := range s.channels {
+		if c == channel && !s.closed[i] {
+			s.closed[i] = true
+			s.open--
+		}
+	}
+	if s.open > 0 {
+		return false
+	}
+	if s.reason == "" {
+		s.reason = ReasonClosed
+	}
+	return true
 }
 
 // push queues f without blocking. When the frame cannot be queued it
@@ -125,6 +203,11 @@ func (s *Subscriber) push(f *Frame) (dropped string) {
 		return dropped
 	}
 	if len(s.queue) >= s.max {
+		if s.replaying && f.Seq != 0 {
+			s.skipped = true
+			s.mu.Unlock()
+			return ""
+		}
 		s.reason = ReasonOverflow
 		s.mu.Unlock()
 		s.signal()
@@ -135,7 +218,7 @@ func (s *Subscriber) push(f *Frame) (dropped string) {
 	}
 	s.queue = append(s.queue, f)
 	if f.Close {
-		s.reason = ReasonClosed
+		s.closeLocked(f.Channel)
 	}
 	s.mu.Unlock()
 	s.signal()
