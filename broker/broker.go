@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -27,6 +28,11 @@ var ErrDown = errors.New("broker: redis subscription connection is down")
 
 // ErrClosed is returned by the methods of a closed Broker.
 var ErrClosed = errors.New("broker: closed")
+
+// ErrReservedChannel is returned by Subscribe and Publish for a channel
+// whose name starts with ResumableChannelPrefix: such a name is another
+// channel's resumable twin.
+var ErrReservedChannel = errors.New("broker: channel names starting with " + ResumableChannelPrefix + " are reserved")
 
 // DefaultHealthCheck is the default Options.HealthCheck: a dead connection
 // that TCP does not report is found within 2 to 3 seconds.
@@ -75,7 +81,18 @@ type Metrics struct {
 	Channels prometheus.Gauge
 	// Received counts messages read from Redis.
 	Received prometheus.Counter
+	// Rejected counts messages that claimed an id they cannot carry, by
+	// reason: "forged_frame" (a plain PUBLISH whose payload starts with
+	// FramePrefix: delivered as plain data, without an id) and "bad_frame"
+	// (a message on a resumable twin that is not a frame: dropped).
+	Rejected *prometheus.CounterVec
 }
+
+// Reasons of Metrics.Rejected.
+const (
+	rejectForged = "forged_frame"
+	rejectBad    = "bad_frame"
+)
 
 // Broker owns one Redis client and the one pub/sub connection that every
 // stream of the instance shares. Its methods are safe for concurrent use.
@@ -89,6 +106,9 @@ type Broker struct {
 	log      *zap.Logger
 	m        Metrics
 	interval time.Duration
+
+	rejForged, rejBad prometheus.Counter // Metrics.Rejected's series, nil without it
+	rejectLog         rejectLimiter      // the reader's only
 
 	ctx        context.Context // ends at Close
 	psCtx      context.Context // ctx, marking the subscription connection's dials
@@ -171,6 +191,10 @@ func New(opts Options, h Handler) (*Broker, error) {
 	if b.log == nil {
 		b.log = zap.NewNop()
 	}
+	if b.m.Rejected != nil {
+		b.rejForged = b.m.Rejected.WithLabelValues(rejectForged)
+		b.rejBad = b.m.Rejected.WithLabelValues(rejectBad)
+	}
 	if b.interval == 0 {
 		b.interval = DefaultHealthCheck
 	}
@@ -196,13 +220,18 @@ func New(opts Options, h Handler) (*Broker, error) {
 	return b, nil
 }
 
-// Subscribe subscribes the connection to channels and returns once Redis has
-// confirmed every one of them, so that a message published after it returns
-// is received. It returns ctx.Err() if ctx ends first (the subscription
+// Subscribe subscribes the connection to channels, each with its resumable
+// twin (ResumableChannelPrefix+channel) in the same command, and returns
+// once Redis has confirmed every one of them, so that a message published
+// after it returns is received. It returns ctx.Err() if ctx ends first (the subscription
 // still completes in the background), ErrDown at once if the connection is
 // down (the channels are subscribed when it is back), and the Redis error if
 // Redis refuses the command (for example an ACL that forbids a channel: the
 // channels are then not subscribed).
+//
+// A channel named with the reserved prefix fails the whole call with
+// ErrReservedChannel, nothing subscribed. (An ACL on channels must allow
+// the twins too.)
 //
 // Subscribe does no reference counting: a channel subscribed twice is
 // subscribed once, and one Unsubscribe ends it.
@@ -210,6 +239,11 @@ func (b *Broker) Subscribe(ctx context.Context, channels ...string) error {
 	channels = dedupe(channels)
 	if len(channels) == 0 {
 		return nil
+	}
+	for _, c := range channels {
+		if reserved(c) {
+			return fmt.Errorf("subscribe %q: %w", c, ErrReservedChannel)
+		}
 	}
 	b.mu.Lock()
 	if b.closed {
@@ -235,7 +269,8 @@ func (b *Broker) Subscribe(ctx context.Context, channels ...string) error {
 		b.kick()
 		return fmt.Errorf("subscribe %q: %w", channels, ErrDown)
 	}
-	w := &waiter{channels: channels, remaining: len(channels), done: make(chan struct{})}
+	// Two confirmations per channel: its own and its twin's.
+	w := &waiter{channels: channels, remaining: 2 * len(channels), done: make(chan struct{})}
 	b.pending = append(b.pending, op{kind: kindSubscribe, channels: channels, w: w})
 	b.mu.Unlock()
 	b.kick()
@@ -248,10 +283,12 @@ func (b *Broker) Subscribe(ctx context.Context, channels ...string) error {
 	}
 }
 
-// Unsubscribe unsubscribes the connection from channels. It queues the
-// UNSUBSCRIBE and returns without waiting for Redis.
+// Unsubscribe unsubscribes the connection from channels and their twins. It
+// queues the UNSUBSCRIBE and returns without waiting for Redis.
 func (b *Broker) Unsubscribe(channels ...string) {
-	channels = dedupe(channels)
+	// A reserved name was never subscribed; as is, it would name the twin
+	// of a channel that still has listeners.
+	channels = slices.DeleteFunc(slices.Clone(dedupe(channels)), reserved)
 	if len(channels) == 0 {
 		return
 	}

@@ -22,10 +22,21 @@ import (
 //
 // The function (library caddy_sse, loaded by EnsureHistory) takes the next
 // id from the global counter SeqKey, appends the payload to the channel's
-// stream HistoryKeyPrefix+<channel> under that id and publishes it on the
-// channel framed as "\x1esse:<id>\x1e<payload>", which the reader strips.
-// One counter for the whole Redis orders events across channels, so a
-// stream on several channels resumes from one Last-Event-ID.
+// stream HistoryKeyPrefix+<channel> under that id and publishes it, framed
+// as "\x1esse:<id>\x1e<payload>", on the channel's twin
+// ResumableChannelPrefix+<channel>, never on the channel itself. Subscribe
+// covers both; only what arrives on the twin is unframed. Whatever a plain
+// PUBLISH on the channel carries, even bytes that look like a frame, is
+// plain data without an id: a backend that relays an end user's text can
+// never let it set a resume point. Channel names that start with
+// ResumableChannelPrefix are reserved (an ACL on channels must allow the
+// twins too). One counter for the whole Redis orders events across
+// channels, so a stream on several channels resumes from one Last-Event-ID.
+//
+// The function also keeps EpochKey: the first id it issued after the
+// counter was found missing (the first publish ever, or Redis lost its
+// data). A client resuming from an id below it may have missed events that
+// no longer exist anywhere, and is told so.
 //
 // In a Redis Cluster one command can only touch keys of one slot, so every
 // history key carries the hash tag {sse}: the counter is ClusterSeqKey, a
@@ -61,8 +72,13 @@ const (
 	// ClusterKeyPrefix + channel is the key a publisher names in FCALL in a
 	// Redis Cluster (accepted everywhere), and there the channel's history.
 	ClusterKeyPrefix = "{sse}:h:"
-	// FramePrefix starts a payload published by sse_publish; the id follows
-	// in decimal, then FrameSep, then the original payload.
+	// ResumableChannelPrefix + channel is the channel sse_publish publishes
+	// channel's resumable events on. Subscribe subscribes it beside the
+	// channel; callers never name it.
+	ResumableChannelPrefix = "sse:r:"
+	// FramePrefix starts a payload sse_publish publishes on a resumable
+	// channel; the id follows in decimal, then FrameSep, then the original
+	// payload. On a plain channel it means nothing.
 	FramePrefix = "\x1esse:"
 	// FrameSep ends the id of a framed payload.
 	FrameSep = "\x1e"
@@ -91,6 +107,7 @@ local default_ttl = {{TTL}}
 local cluster = {{CLUSTER}}
 local seq_key = '{{SEQ}}'
 local history_prefix = '{{HISTORY}}'
+local twin_prefix = '{{TWIN}}'
 local tagged = '{sse}:h:'
 
 local function sse_publish(keys, args)
@@ -112,6 +129,9 @@ local function sse_publish(keys, args)
   elseif cluster then
     return redis.error_reply('ERR sse_publish: in a Redis Cluster name the history key, not the channel: FCALL sse_publish 1 {sse}:h:<channel> <payload>')
   end
+  if string.sub(channel, 1, #twin_prefix) == twin_prefix then
+    return redis.error_reply('ERR sse_publish: channel names starting with ' .. twin_prefix .. ' are reserved')
+  end
 
   -- The id is the counter plus one, but never below the clock in
   -- microseconds (Redis keeps it exact up to 2^53).
@@ -131,7 +151,8 @@ local function sse_publish(keys, args)
   -- Numbers are formatted by hand: Lua would write 1e+15.
   redis.call('XADD', key, 'MAXLEN', string.format('%.0f', maxlen), id .. '-0', 'd', payload, 'p', prev)
   if ttl > 0 then redis.call('EXPIRE', key, string.format('%.0f', ttl)) end
-  redis.call('PUBLISH', channel, '\30sse:' .. id .. '\30' .. payload)
+  -- On the twin only: a frame on the channel itself is never trusted.
+  redis.call('PUBLISH', twin_prefix .. channel, '\30sse:' .. id .. '\30' .. payload)
   return seq
 end
 
@@ -149,6 +170,7 @@ func libraryCode(r Retention, cluster bool) string {
 		"{{CLUSTER}}", strconv.FormatBool(cluster),
 		"{{SEQ}}", seq,
 		"{{HISTORY}}", hist,
+		"{{TWIN}}", ResumableChannelPrefix,
 	).Replace(library)
 }
 
@@ -255,6 +277,9 @@ func (b *Broker) Publish(ctx context.Context, channel string, payload []byte, r 
 	if err := r.validate(); err != nil {
 		return 0, fmt.Errorf("publish on %q: %w", channel, err)
 	}
+	if reserved(channel) {
+		return 0, fmt.Errorf("publish on %q: %w", channel, ErrReservedChannel)
+	}
 	if r.MaxLen == 0 {
 		if err := b.topology(ctx, func() error { return b.client.Publish(ctx, channel, payload).Err() }); err != nil {
 			return 0, fmt.Errorf("publish on %q: %w", channel, err)
@@ -358,14 +383,12 @@ func parseID(id string) (uint64, error) {
 	return strconv.ParseUint(ms, 10, 64)
 }
 
-// decode turns a received pub/sub payload into a Message, stripping the
-// framing sse_publish adds.
-func decode(channel, payload string) Message {
-	if seq, body, ok := unframe(payload); ok {
-		return Message{Channel: channel, Payload: []byte(body), Seq: seq}
-	}
-	return Message{Channel: channel, Payload: []byte(payload)}
-}
+// twinOf is the twin of a caller's channel.
+func twinOf(channel string) string { return ResumableChannelPrefix + channel }
+
+// reserved reports whether a caller may not name channel: it would be
+// taken for another channel's twin.
+func reserved(channel string) bool { return strings.HasPrefix(channel, ResumableChannelPrefix) }
 
 // unframe splits "\x1esse:<seq>\x1e<body>". Anything else, including a
 // payload that only starts like a frame, is not a frame.

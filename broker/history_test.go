@@ -99,7 +99,7 @@ func TestPublishPlain(t *testing.T) {
 	msgs := rec.waitMessages(t, len(payloads))
 	want := []Message{
 		{Channel: "p", Payload: []byte("x")},
-		{Channel: "p", Payload: []byte("body"), Seq: 12}, // a publisher may frame by hand
+		{Channel: "p", Payload: []byte("\x1esse:12\x1ebody")}, // only sse_publish sets an id
 		{Channel: "p", Payload: []byte("\x1esse:x\x1ey")},
 		{Channel: "p", Payload: []byte("\x1esse:12")},
 	}
