@@ -72,6 +72,11 @@ const (
 	// ClusterKeyPrefix + channel is the key a publisher names in FCALL in a
 	// Redis Cluster (accepted everywhere), and there the channel's history.
 	ClusterKeyPrefix = "{sse}:h:"
+	// EpochKey holds the first id sse_publish issued after it found SeqKey
+	// missing: history before it may be lost ("1" when unknown).
+	EpochKey = "sse:epoch"
+	// ClusterEpochKey is EpochKey in a Redis Cluster.
+	ClusterEpochKey = "{sse}:epoch"
 	// ResumableChannelPrefix + channel is the channel sse_publish publishes
 	// channel's resumable events on. Subscribe subscribes it beside the
 	// channel; callers never name it.
@@ -106,6 +111,7 @@ local default_maxlen = {{MAXLEN}}
 local default_ttl = {{TTL}}
 local cluster = {{CLUSTER}}
 local seq_key = '{{SEQ}}'
+local epoch_key = '{{EPOCH}}'
 local history_prefix = '{{HISTORY}}'
 local twin_prefix = '{{TWIN}}'
 local tagged = '{sse}:h:'
@@ -138,11 +144,20 @@ local function sse_publish(keys, args)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local seq = redis.call('INCR', seq_key)
+  local fresh = seq == 1
   if seq < now then
     seq = now
     redis.call('SET', seq_key, string.format('%.0f', now))
   end
   local id = string.format('%.0f', seq)
+  if fresh then
+    -- The counter was missing: the first publish, or Redis lost its data.
+    -- Whatever had an id below this one cannot be replayed.
+    redis.call('SET', epoch_key, id)
+  else
+    -- Upgraded from a library without the epoch: no loss is known.
+    redis.call('SET', epoch_key, '1', 'NX')
+  end
 
   local key = history_prefix .. channel
   local prev = '0'
@@ -160,15 +175,16 @@ redis.register_function('sse_publish', sse_publish)
 `
 
 func libraryCode(r Retention, cluster bool) string {
-	seq, hist := SeqKey, HistoryKeyPrefix
+	seq, hist, epoch := SeqKey, HistoryKeyPrefix, EpochKey
 	if cluster {
-		seq, hist = ClusterSeqKey, ClusterKeyPrefix
+		seq, hist, epoch = ClusterSeqKey, ClusterKeyPrefix, ClusterEpochKey
 	}
 	return strings.NewReplacer(
 		"{{MAXLEN}}", strconv.FormatInt(r.MaxLen, 10),
 		"{{TTL}}", strconv.FormatInt(ttlSeconds(r.TTL), 10),
 		"{{CLUSTER}}", strconv.FormatBool(cluster),
 		"{{SEQ}}", seq,
+		"{{EPOCH}}", epoch,
 		"{{HISTORY}}", hist,
 		"{{TWIN}}", ResumableChannelPrefix,
 	).Replace(library)
@@ -329,11 +345,13 @@ func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (R
 	}
 	start := strconv.FormatUint(after+1, 10) // XRANGE takes "n" as "n-0"
 	cmds := make([]*redis.XMessageSliceCmd, len(channels))
+	var marks *redis.SliceCmd
 	err := b.topology(ctx, func() error {
 		pipe := b.client.Pipeline()
 		for i, c := range channels {
 			cmds[i] = pipe.XRange(ctx, b.historyKey(c), start, "+")
 		}
+		marks = pipe.MGet(ctx, b.epochKeys()...)
 		_, err := pipe.Exec(ctx)
 		return err
 	})
@@ -341,6 +359,7 @@ func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (R
 		return Replay{}, fmt.Errorf("replay %q after %d: %w", channels, after, err)
 	}
 	var rp Replay
+	rp.Truncated = lost(after, marks.Val())
 	for i, cmd := range cmds {
 		entries := cmd.Val()
 		for j, e := range entries {
@@ -367,6 +386,31 @@ func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (R
 		})
 	}
 	return rp, nil
+}
+
+// epochKeys are the epoch and the counter, in the order lost reads them.
+// They share the {sse} slot in a cluster, so one MGET reads both.
+func (b *Broker) epochKeys() []string {
+	if b.cluster != nil {
+		return []string{ClusterEpochKey, ClusterSeqKey}
+	}
+	return []string{EpochKey, SeqKey}
+}
+
+// lost reports whether events after id after may be gone with data Redis
+// lost, from the values of epochKeys: after is below the epoch, or neither
+// the epoch nor the counter exists (everything lost, nothing published
+// since). after == 0 asks for whatever is retained and is never told so.
+func lost(after uint64, marks []any) bool {
+	if after == 0 || len(marks) != 2 {
+		return false
+	}
+	epoch, _ := marks[0].(string)
+	if epoch == "" {
+		return marks[1] == nil
+	}
+	e, err := strconv.ParseUint(epoch, 10, 64)
+	return err == nil && after < e
 }
 
 // entryPrev is an entry's previous id on its channel; 0 when unknown (an

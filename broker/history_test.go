@@ -235,6 +235,60 @@ func TestReplayTruncated(t *testing.T) {
 	}
 }
 
+// FLUSHALL (or a restart without persistence) loses the history and the
+// counter: a client resuming from an id before the loss cannot be shown
+// that it missed nothing, so the replay says it may have.
+func TestReplayAfterFlushAll(t *testing.T) {
+	srv := redistest.Start(t)
+	b := newBroker(t, srv, newRecorder(), Metrics{})
+	ctx := ctxT(t)
+	c := srv.Client()
+	var ids []uint64
+	publish := func(p string) {
+		t.Helper()
+		seq, err := b.Publish(ctx, "f", []byte(p), keep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, seq)
+	}
+	replay := func(after uint64, n int, truncated bool) {
+		t.Helper()
+		rp, err := b.Replay(ctx, []string{"f"}, after)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(rp.Messages) != n || rp.Truncated != truncated {
+			t.Fatalf("Replay after %d: %d messages, truncated %v; want %d, %v", after, len(rp.Messages), rp.Truncated, n, truncated)
+		}
+	}
+	for _, p := range []string{"1", "2", "3"} {
+		publish(p)
+	}
+	replay(ids[1], 1, false)
+	if err := c.FlushAll(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	// Nothing published since: everything is gone, the counter too.
+	replay(ids[2], 0, true)
+	replay(0, 0, false)
+	publish("4")
+	replay(ids[1], 1, true)
+	replay(ids[2], 1, true)
+	replay(ids[3], 0, false) // resumes from after the loss: nothing missed
+	replay(0, 1, false)      // "everything retained" claims nothing
+
+	// A library upgraded in place (counter, no epoch) claims nothing.
+	if err := c.Del(ctx, EpochKey).Err(); err != nil {
+		t.Fatal(err)
+	}
+	publish("5")
+	if v := c.Get(ctx, EpochKey).Val(); v != "1" {
+		t.Fatalf("epoch after an upgrade = %q, want 1", v)
+	}
+	replay(ids[3], 1, false)
+}
+
 // The one-command path: any Redis client publishes a resumable event with
 // FCALL, using the defaults baked in by EnsureHistory.
 func TestRawFCall(t *testing.T) {
