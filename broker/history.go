@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -335,13 +336,48 @@ func (b *Broker) publishHistory(ctx context.Context, channel string, payload []b
 	return uint64(n), nil
 }
 
-// Replay returns what the history of channels holds after id after, merged
-// in id order, in one round trip. A channel without history contributes
+// DefaultPageSize is ReplayPage's count when it is given none.
+const DefaultPageSize = 128
+
+// replayPageSize is the page Replay reads at a time: it collects all of
+// them anyway, so larger pages only save round trips.
+const replayPageSize = 1024
+
+// Replay returns everything the history of channels holds after id after,
+// merged in id order, read page by page. Its memory grows with the
+// history: a client's resume reads with ReplayPage instead and writes each
+// page before it reads the next. A channel without history contributes
 // nothing and is not truncated.
 func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (Replay, error) {
+	var rp Replay
+	for {
+		pg, err := b.ReplayPage(ctx, channels, after, replayPageSize)
+		if err != nil {
+			return Replay{}, err
+		}
+		rp.Messages = append(rp.Messages, pg.Messages...)
+		rp.Truncated = rp.Truncated || pg.Truncated
+		if !pg.More {
+			return rp, nil
+		}
+		after = pg.Next
+	}
+}
+
+// ReplayPage reads one page of what the history of channels holds after id
+// after, in one round trip: at most count entries per channel (count <= 0:
+// DefaultPageSize), so a page holds at most count*len(channels) messages.
+// When a channel fills its count, what it holds beyond its last entry is
+// unread, so the page ends at the smallest such last entry, and every other
+// channel's later entries wait for the next page.
+func (b *Broker) ReplayPage(ctx context.Context, channels []string, after uint64, count int64) (Page, error) {
+	if count <= 0 {
+		count = DefaultPageSize
+	}
+	pg := Page{Next: after}
 	channels = dedupe(channels)
 	if len(channels) == 0 || after == math.MaxUint64 {
-		return Replay{}, nil
+		return pg, nil
 	}
 	start := strconv.FormatUint(after+1, 10) // XRANGE takes "n" as "n-0"
 	cmds := make([]*redis.XMessageSliceCmd, len(channels))
@@ -349,43 +385,50 @@ func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (R
 	err := b.topology(ctx, func() error {
 		pipe := b.client.Pipeline()
 		for i, c := range channels {
-			cmds[i] = pipe.XRange(ctx, b.historyKey(c), start, "+")
+			cmds[i] = pipe.XRangeN(ctx, b.historyKey(c), start, "+", count)
 		}
 		marks = pipe.MGet(ctx, b.epochKeys()...)
 		_, err := pipe.Exec(ctx)
 		return err
 	})
 	if err != nil {
-		return Replay{}, fmt.Errorf("replay %q after %d: %w", channels, after, err)
+		return Page{}, fmt.Errorf("replay %q after %d: %w", channels, after, err)
 	}
-	var rp Replay
-	rp.Truncated = lost(after, marks.Val())
+	pg.Truncated = lost(after, marks.Val())
 	for i, cmd := range cmds {
-		entries := cmd.Val()
-		for j, e := range entries {
+		if entries := cmd.Val(); int64(len(entries)) == count {
+			last, err := parseID(entries[len(entries)-1].ID)
+			if err != nil {
+				return Page{}, fmt.Errorf("replay %q: history entry %s: %w", channels[i], entries[len(entries)-1].ID, err)
+			}
+			if !pg.More || last < pg.Next {
+				pg.Next, pg.More = last, true
+			}
+		}
+	}
+	for i, cmd := range cmds {
+		for j, e := range cmd.Val() {
 			seq, err := parseID(e.ID)
 			if err != nil {
-				return Replay{}, fmt.Errorf("replay %q: history entry %s: %w", channels[i], e.ID, err)
+				return Page{}, fmt.Errorf("replay %q: history entry %s: %w", channels[i], e.ID, err)
 			}
 			if j == 0 && entryPrev(e) > after {
-				rp.Truncated = true
+				pg.Truncated = true
+			}
+			if pg.More && seq > pg.Next {
+				break
 			}
 			d, _ := e.Values["d"].(string)
-			rp.Messages = append(rp.Messages, Message{Channel: channels[i], Payload: []byte(d), Seq: seq})
+			pg.Messages = append(pg.Messages, Message{Channel: channels[i], Payload: []byte(d), Seq: seq})
 		}
 	}
 	if len(channels) > 1 {
-		slices.SortFunc(rp.Messages, func(x, y Message) int {
-			switch {
-			case x.Seq < y.Seq:
-				return -1
-			case x.Seq > y.Seq:
-				return 1
-			}
-			return 0
-		})
+		slices.SortFunc(pg.Messages, func(x, y Message) int { return cmp.Compare(x.Seq, y.Seq) })
 	}
-	return rp, nil
+	if n := len(pg.Messages); !pg.More && n > 0 {
+		pg.Next = pg.Messages[n-1].Seq
+	}
+	return pg, nil
 }
 
 // epochKeys are the epoch and the counter, in the order lost reads them.
