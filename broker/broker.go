@@ -133,6 +133,7 @@ type Broker struct {
 	up       bool                // ps is confirmed: every channel subscribed
 	outage   bool                // down since downAt, not yet reported up
 	downAt   time.Time           // start of the current outage
+	refusal  string              // the last error reply of the current outage logged at warn
 	channels map[string]struct{} // what Redis should have us subscribed to
 	pending  []op                // queued for the writer, for ps
 	inflight replyQueue          // replies ps owes, in command order

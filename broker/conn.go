@@ -742,6 +742,16 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp, first bool) {
 	first = !b.outage
 	if first {
 		b.outage, b.downAt = true, time.Now()
+		b.refusal = ""
+	}
+	// Redis answering with an error (WRONGPASS after a password rotation,
+	// NOAUTH, an ACL) is not an outage that passes by itself: an operator
+	// must see the reason at warn, once per reason, even when the outage
+	// began as a plain disconnect.
+	refusal := refusalOf(err)
+	newRefusal := refusal != "" && refusal != b.refusal
+	if newRefusal {
+		b.refusal = refusal
 	}
 	n := len(b.channels)
 	b.mu.Unlock()
@@ -757,6 +767,9 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp, first bool) {
 	}
 	setGauge(b.m.Connected, 0)
 	switch {
+	case !first && newRefusal:
+		b.log.Warn("redis refuses the subscription connection; retrying",
+			zap.Strings("redis", b.addrs), zap.Error(err), zap.Int("channels", n))
 	case !first:
 		b.log.Debug("redis reconnect attempt failed", zap.Error(err))
 	case wasUp:
@@ -767,6 +780,15 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp, first bool) {
 			zap.Strings("redis", b.addrs), zap.Error(err), zap.Int("channels", n))
 	}
 	return wasUp, first
+}
+
+// refusalOf is the error reply Redis gave in err, "" if err is not one.
+func refusalOf(err error) string {
+	var rerr redis.Error
+	if errors.As(err, &rerr) {
+		return rerr.Error()
+	}
+	return ""
 }
 
 // afterReconnect runs in its own goroutine once a reconnect is confirmed:
