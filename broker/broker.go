@@ -5,6 +5,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -42,6 +43,9 @@ const DefaultHealthCheck = time.Second
 // subscription that stopped receiving is found within 2 to 3 seconds.
 const DefaultProbe = time.Second
 
+// DefaultLibraryCheck is the default Options.LibraryCheck.
+const DefaultLibraryCheck = 10 * time.Second
+
 // Options configures a Broker.
 type Options struct {
 	// Redis is the go-redis configuration: one address for a single server,
@@ -67,6 +71,12 @@ type Options struct {
 	// goes to the new master. 0: DefaultProbe with Sentinel or Cluster, no
 	// probe with a single server; negative: no probe.
 	Probe time.Duration
+	// LibraryCheck is how often, once EnsureHistory has loaded the function
+	// library, the broker checks that Redis still has it and loads it again
+	// if not (FUNCTION FLUSH, a failover to a node without it), so that
+	// backends calling FCALL sse_publish directly recover without waiting
+	// for a reconnect. 0: DefaultLibraryCheck; negative: no check.
+	LibraryCheck time.Duration
 }
 
 // Metrics are the collectors a Broker updates. The caller creates and
@@ -116,6 +126,9 @@ type Broker struct {
 	wake       chan struct{} // tells the writer that pending has work
 	readerDone chan struct{}
 	writerDone chan struct{}
+	libDone    chan struct{} // closed when the library check ends
+
+	libEvery time.Duration // the library check's period; <= 0: none
 
 	rx atomic.Uint64 // bytes read on the subscription connection, for the watchdog
 
@@ -181,7 +194,9 @@ func New(opts Options, h Handler) (*Broker, error) {
 		wake:       make(chan struct{}, 1),
 		readerDone: make(chan struct{}),
 		writerDone: make(chan struct{}),
+		libDone:    make(chan struct{}),
 		channels:   make(map[string]struct{}),
+		libEvery:   cmp.Or(opts.LibraryCheck, DefaultLibraryCheck),
 	}
 	ro.Dialer = b.countingDialer(ro)
 	b.client = redis.NewUniversalClient(&ro)
@@ -218,6 +233,7 @@ func New(opts Options, h Handler) (*Broker, error) {
 	ps := b.connect()
 	go b.readLoop(ps)
 	go b.writeLoop()
+	go b.checkLibrary()
 	return b, nil
 }
 
@@ -344,6 +360,7 @@ func (b *Broker) Close() error {
 	}
 	<-b.readerDone
 	<-b.writerDone
+	<-b.libDone
 	setGauge(b.m.Connected, 0)
 	if b.sub != nil {
 		_ = b.sub.Close()

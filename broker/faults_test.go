@@ -95,6 +95,49 @@ func TestPasswordRotatedLogged(t *testing.T) {
 	}
 }
 
+// FUNCTION FLUSH (or a failover to a replica without the library) leaves
+// Redis without sse_publish while the broker stays connected: backends that
+// FCALL it directly must get it back without waiting for a reconnect or a
+// publish through the broker.
+func TestLibraryCheckReloads(t *testing.T) {
+	srv := redistest.Start(t)
+	opts, err := ParseURL(srv.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.DebugLevel)
+	b, err := New(Options{Redis: opts, Logger: zap.New(core), HealthCheck: 200 * time.Millisecond,
+		LibraryCheck: 200 * time.Millisecond}, newRecorder())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := ctxT(t)
+	if err := b.EnsureHistory(ctx, keep); err != nil {
+		t.Fatal(err)
+	}
+	c := srv.Client()
+	for round := range 2 {
+		if err := c.FunctionFlush(ctx).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.FCall(ctx, PublishFunction, []string{"x"}, "y").Err(); !isNoFunction(err) {
+			t.Fatalf("FCALL right after FUNCTION FLUSH = %v, want %q", err, "Function not found")
+		}
+		eventually(t, "FCALL to work again", func() bool {
+			return c.FCall(ctx, PublishFunction, []string{"x"}, "y").Err() == nil
+		})
+		// One warning per loss, not one per check.
+		eventually(t, "the warning", func() bool {
+			return logs.FilterMessageSnippet("function library").FilterLevelExact(zap.WarnLevel).Len() == round+1
+		})
+	}
+	time.Sleep(600 * time.Millisecond) // a few more checks find it in place
+	if n := logs.FilterMessageSnippet("function library").FilterLevelExact(zap.WarnLevel).Len(); n != 2 {
+		t.Fatalf("%d warnings for two losses, want 2", n)
+	}
+}
+
 // fmtFields is an entry's fields as text, to look for a reason in.
 func fmtFields(e observer.LoggedEntry) string {
 	return fmt.Sprint(e.ContextMap())

@@ -247,6 +247,69 @@ func (b *Broker) reloadHistory() {
 	}
 }
 
+// checkLibrary is the library check goroutine (see Options.LibraryCheck).
+// It ends with the broker.
+func (b *Broker) checkLibrary() {
+	defer close(b.libDone)
+	if b.libEvery <= 0 {
+		return
+	}
+	t := time.NewTicker(b.libEvery)
+	defer t.Stop()
+	failing := false // the last reload failed and was logged
+	for {
+		select {
+		case <-b.ctx.Done():
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(b.ctx, reloadTimeout)
+		err := b.restoreLibrary(ctx)
+		cancel()
+		switch {
+		case err != nil && !failing && b.ctx.Err() == nil:
+			b.log.Warn("the history function library is missing from Redis and cannot be loaded again; retrying", zap.Error(err))
+			failing = true
+		case err == nil:
+			failing = false
+		}
+	}
+}
+
+// restoreLibrary loads the library again if this process loaded it once
+// and Redis no longer has it. A failure to ask is not reported: Redis is
+// down, which the subscription connection reports.
+func (b *Broker) restoreLibrary(ctx context.Context) error {
+	b.hist.mu.Lock()
+	defer b.hist.mu.Unlock()
+	if !b.hist.loaded {
+		return nil
+	}
+	var c redis.Cmdable = b.client
+	if b.cluster != nil {
+		m, err := b.cluster.MasterForKey(ctx, ClusterSeqKey)
+		if err != nil {
+			return nil
+		}
+		c = m
+	}
+	libs, err := c.FunctionList(ctx, redis.FunctionListQuery{LibraryNamePattern: LibraryName}).Result()
+	if err != nil {
+		return nil
+	}
+	for _, l := range libs {
+		if l.Name == LibraryName {
+			return nil
+		}
+	}
+	if err := b.loadLibrary(ctx, b.hist.ret, false); err != nil {
+		return err
+	}
+	b.log.Warn("the history function library was missing from Redis (FUNCTION FLUSH, or a failover to a node without it); loaded it again",
+		zap.String("library", LibraryName))
+	return nil
+}
+
 func (b *Broker) loadLibrary(ctx context.Context, r Retention, replace bool) error {
 	code := libraryCode(r, b.cluster != nil)
 	load := func(ctx context.Context, c redis.Cmdable) error {
