@@ -60,7 +60,7 @@ func TestPlainPublishNeverResumable(t *testing.T) {
 	if n := testutil.ToFloat64(m.Rejected.WithLabelValues("forged_frame")); n != float64(len(forged)) {
 		t.Fatalf("rejected{forged_frame} = %v, want %d", n, len(forged))
 	}
-	warns := logs.FilterLevelExact(zap.WarnLevel).All()
+	warns := logs.FilterLevelExact(zap.WarnLevel).FilterField(zap.String("reason", "forged_frame")).All()
 	if len(warns) != 1 {
 		t.Fatalf("%d warnings for %d forged frames, want 1 (rate-limited)", len(warns), len(forged))
 	}
