@@ -57,9 +57,26 @@ type Replay struct {
 	Truncated bool
 }
 
+// Page is one page of history read by ReplayPage.
+type Page struct {
+	// Messages are every retained message of the channels with an id above
+	// the given one and up to Next, in Seq order.
+	Messages []Message
+	// Truncated is true when some history between the given id and the
+	// first message is gone (trimmed, expired, or lost by Redis): the
+	// client may have missed some.
+	Truncated bool
+	// More is true when there may be more after Next: call again with
+	// after = Next.
+	More bool
+	// Next is the id up to which this page is complete.
+	Next uint64
+}
+
 // Interface guard: the registry sees the broker through these methods.
 var _ interface {
 	Subscribe(ctx context.Context, channels ...string) error
 	Unsubscribe(channels ...string)
 	Replay(ctx context.Context, channels []string, after uint64) (Replay, error)
+	ReplayPage(ctx context.Context, channels []string, after uint64, count int64) (Page, error)
 } = (*Broker)(nil)

@@ -5,10 +5,12 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -28,6 +30,11 @@ var ErrDown = errors.New("broker: redis subscription connection is down")
 // ErrClosed is returned by the methods of a closed Broker.
 var ErrClosed = errors.New("broker: closed")
 
+// ErrReservedChannel is returned by Subscribe and Publish for a channel
+// whose name starts with ResumableChannelPrefix: such a name is another
+// channel's resumable twin.
+var ErrReservedChannel = errors.New("broker: channel names starting with " + ResumableChannelPrefix + " are reserved")
+
 // DefaultHealthCheck is the default Options.HealthCheck: a dead connection
 // that TCP does not report is found within 2 to 3 seconds.
 const DefaultHealthCheck = time.Second
@@ -35,6 +42,9 @@ const DefaultHealthCheck = time.Second
 // DefaultProbe is the default Options.Probe with Sentinel or Cluster: a
 // subscription that stopped receiving is found within 2 to 3 seconds.
 const DefaultProbe = time.Second
+
+// DefaultLibraryCheck is the default Options.LibraryCheck.
+const DefaultLibraryCheck = 10 * time.Second
 
 // Options configures a Broker.
 type Options struct {
@@ -61,6 +71,12 @@ type Options struct {
 	// goes to the new master. 0: DefaultProbe with Sentinel or Cluster, no
 	// probe with a single server; negative: no probe.
 	Probe time.Duration
+	// LibraryCheck is how often, once EnsureHistory has loaded the function
+	// library, the broker checks that Redis still has it and loads it again
+	// if not (FUNCTION FLUSH, a failover to a node without it), so that
+	// backends calling FCALL sse_publish directly recover without waiting
+	// for a reconnect. 0: DefaultLibraryCheck; negative: no check.
+	LibraryCheck time.Duration
 }
 
 // Metrics are the collectors a Broker updates. The caller creates and
@@ -75,7 +91,18 @@ type Metrics struct {
 	Channels prometheus.Gauge
 	// Received counts messages read from Redis.
 	Received prometheus.Counter
+	// Rejected counts messages that claimed an id they cannot carry, by
+	// reason: "forged_frame" (a plain PUBLISH whose payload starts with
+	// FramePrefix: delivered as plain data, without an id) and "bad_frame"
+	// (a message on a resumable twin that is not a frame: dropped).
+	Rejected *prometheus.CounterVec
 }
+
+// Reasons of Metrics.Rejected.
+const (
+	rejectForged = "forged_frame"
+	rejectBad    = "bad_frame"
+)
 
 // Broker owns one Redis client and the one pub/sub connection that every
 // stream of the instance shares. Its methods are safe for concurrent use.
@@ -90,12 +117,18 @@ type Broker struct {
 	m        Metrics
 	interval time.Duration
 
+	rejForged, rejBad prometheus.Counter // Metrics.Rejected's series, nil without it
+	rejectLog         rejectLimiter      // the reader's only
+
 	ctx        context.Context // ends at Close
 	psCtx      context.Context // ctx, marking the subscription connection's dials
 	cancel     context.CancelFunc
 	wake       chan struct{} // tells the writer that pending has work
 	readerDone chan struct{}
 	writerDone chan struct{}
+	libDone    chan struct{} // closed when the library check ends
+
+	libEvery time.Duration // the library check's period; <= 0: none
 
 	rx atomic.Uint64 // bytes read on the subscription connection, for the watchdog
 
@@ -113,6 +146,7 @@ type Broker struct {
 	up       bool                // ps is confirmed: every channel subscribed
 	outage   bool                // down since downAt, not yet reported up
 	downAt   time.Time           // start of the current outage
+	refusal  string              // the last error reply of the current outage logged at warn
 	channels map[string]struct{} // what Redis should have us subscribed to
 	pending  []op                // queued for the writer, for ps
 	inflight replyQueue          // replies ps owes, in command order
@@ -160,7 +194,9 @@ func New(opts Options, h Handler) (*Broker, error) {
 		wake:       make(chan struct{}, 1),
 		readerDone: make(chan struct{}),
 		writerDone: make(chan struct{}),
+		libDone:    make(chan struct{}),
 		channels:   make(map[string]struct{}),
+		libEvery:   cmp.Or(opts.LibraryCheck, DefaultLibraryCheck),
 	}
 	ro.Dialer = b.countingDialer(ro)
 	b.client = redis.NewUniversalClient(&ro)
@@ -170,6 +206,10 @@ func New(opts Options, h Handler) (*Broker, error) {
 	}
 	if b.log == nil {
 		b.log = zap.NewNop()
+	}
+	if b.m.Rejected != nil {
+		b.rejForged = b.m.Rejected.WithLabelValues(rejectForged)
+		b.rejBad = b.m.Rejected.WithLabelValues(rejectBad)
 	}
 	if b.interval == 0 {
 		b.interval = DefaultHealthCheck
@@ -193,16 +233,22 @@ func New(opts Options, h Handler) (*Broker, error) {
 	ps := b.connect()
 	go b.readLoop(ps)
 	go b.writeLoop()
+	go b.checkLibrary()
 	return b, nil
 }
 
-// Subscribe subscribes the connection to channels and returns once Redis has
-// confirmed every one of them, so that a message published after it returns
-// is received. It returns ctx.Err() if ctx ends first (the subscription
+// Subscribe subscribes the connection to channels, each with its resumable
+// twin (ResumableChannelPrefix+channel) in the same command, and returns
+// once Redis has confirmed every one of them, so that a message published
+// after it returns is received. It returns ctx.Err() if ctx ends first (the subscription
 // still completes in the background), ErrDown at once if the connection is
 // down (the channels are subscribed when it is back), and the Redis error if
 // Redis refuses the command (for example an ACL that forbids a channel: the
 // channels are then not subscribed).
+//
+// A channel named with the reserved prefix fails the whole call with
+// ErrReservedChannel, nothing subscribed. (An ACL on channels must allow
+// the twins too.)
 //
 // Subscribe does no reference counting: a channel subscribed twice is
 // subscribed once, and one Unsubscribe ends it.
@@ -210,6 +256,11 @@ func (b *Broker) Subscribe(ctx context.Context, channels ...string) error {
 	channels = dedupe(channels)
 	if len(channels) == 0 {
 		return nil
+	}
+	for _, c := range channels {
+		if reserved(c) {
+			return fmt.Errorf("subscribe %q: %w", c, ErrReservedChannel)
+		}
 	}
 	b.mu.Lock()
 	if b.closed {
@@ -235,7 +286,8 @@ func (b *Broker) Subscribe(ctx context.Context, channels ...string) error {
 		b.kick()
 		return fmt.Errorf("subscribe %q: %w", channels, ErrDown)
 	}
-	w := &waiter{channels: channels, remaining: len(channels), done: make(chan struct{})}
+	// Two confirmations per channel: its own and its twin's.
+	w := &waiter{channels: channels, remaining: 2 * len(channels), done: make(chan struct{})}
 	b.pending = append(b.pending, op{kind: kindSubscribe, channels: channels, w: w})
 	b.mu.Unlock()
 	b.kick()
@@ -248,10 +300,12 @@ func (b *Broker) Subscribe(ctx context.Context, channels ...string) error {
 	}
 }
 
-// Unsubscribe unsubscribes the connection from channels. It queues the
-// UNSUBSCRIBE and returns without waiting for Redis.
+// Unsubscribe unsubscribes the connection from channels and their twins. It
+// queues the UNSUBSCRIBE and returns without waiting for Redis.
 func (b *Broker) Unsubscribe(channels ...string) {
-	channels = dedupe(channels)
+	// A reserved name was never subscribed; as is, it would name the twin
+	// of a channel that still has listeners.
+	channels = slices.DeleteFunc(slices.Clone(dedupe(channels)), reserved)
 	if len(channels) == 0 {
 		return
 	}
@@ -306,6 +360,7 @@ func (b *Broker) Close() error {
 	}
 	<-b.readerDone
 	<-b.writerDone
+	<-b.libDone
 	setGauge(b.m.Connected, 0)
 	if b.sub != nil {
 		_ = b.sub.Close()

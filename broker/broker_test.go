@@ -426,7 +426,8 @@ func TestSubscribeRefused(t *testing.T) {
 	srv := redistest.Start(t)
 	ctx := ctxT(t)
 	c := srv.Client()
-	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok:*", "+@all", "~*").Err(); err != nil {
+	// Each channel comes with its resumable twin: an ACL allows both.
+	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok:*", "&sse:r:ok:*", "&half", "+@all", "~*").Err(); err != nil {
 		t.Fatal(err)
 	}
 	opts, err := ParseURL("redis://limited:pw@" + srv.Addr())
@@ -447,6 +448,11 @@ func TestSubscribeRefused(t *testing.T) {
 	var rerr redis.Error
 	if !errors.As(err, &rerr) {
 		t.Fatalf("Subscribe(forbidden) = %v, want a Redis error", err)
+	}
+	// Allowed without its twin is refused too: it could not receive
+	// resumable events.
+	if err := b.Subscribe(ctx, "half"); !errors.As(err, &rerr) {
+		t.Fatalf("Subscribe(half) = %v, want a Redis error", err)
 	}
 	if got := m.channels(); got != 1 {
 		t.Fatalf("Channels gauge = %v, want 1", got)
@@ -491,7 +497,7 @@ func TestResubscribeRefused(t *testing.T) {
 	srv := redistest.Start(t)
 	ctx := ctxT(t)
 	c := srv.Client()
-	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok:*", "&soon-bad", "+@all", "~*").Err(); err != nil {
+	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok:*", "&sse:r:ok:*", "&soon-bad", "&sse:r:soon-bad", "+@all", "~*").Err(); err != nil {
 		t.Fatal(err)
 	}
 	opts, err := ParseURL("redis://limited:pw@" + srv.Addr())
@@ -508,7 +514,7 @@ func TestResubscribeRefused(t *testing.T) {
 	if err := b.Subscribe(ctx, "ok:1", "soon-bad", "ok:2"); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "resetchannels", "&ok:*").Err(); err != nil {
+	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "resetchannels", "&ok:*", "&sse:r:ok:*").Err(); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "HandleReconnect", func() bool { return rec.reconnects.Load() == 1 })

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 )
@@ -78,9 +79,23 @@ const reloadTimeout = 5 * time.Second
 // op is one command queued for the writer.
 type op struct {
 	kind     kind
-	channels []string
-	w        *waiter // the Subscribe call waiting for it, if any
-	barrier  uint64  // a ping whose pong, if it is the latest barrier, marks the connection up
+	channels []string // the callers' names: the writer adds their twins
+	bare     bool     // channels have no twin (the probe's)
+	w        *waiter  // the Subscribe call waiting for it, if any
+	barrier  uint64   // a ping whose pong, if it is the latest barrier, marks the connection up
+}
+
+// names are the Redis channels o covers: each channel and its twin, side
+// by side, so that one command subscribes (or drops) both.
+func (o op) names() []string {
+	if o.bare {
+		return o.channels
+	}
+	out := make([]string, 0, 2*len(o.channels))
+	for _, c := range o.channels {
+		out = append(out, c, twinOf(c))
+	}
+	return out
 }
 
 // waiter is one Subscribe call waiting for its confirmations.
@@ -102,7 +117,7 @@ func (w *waiter) finish(err error) {
 // reply is one reply the connection owes.
 type reply struct {
 	kind    kind
-	channel string
+	channel string // the Redis channel: a caller's, or its twin
 	cmd     uint64 // the command it answers: an error reply ends all of them
 	w       *waiter
 	barrier uint64
@@ -271,10 +286,12 @@ func (b *Broker) writeOne() bool {
 		b.pending = nil
 	}
 	b.nextCmd++
+	var names []string
 	if o.kind == kindPing {
 		b.inflight.push(reply{kind: kindPing, cmd: b.nextCmd, barrier: o.barrier})
 	} else {
-		for _, c := range o.channels {
+		names = o.names()
+		for _, c := range names {
 			b.inflight.push(reply{kind: o.kind, channel: c, cmd: b.nextCmd, w: o.w})
 		}
 	}
@@ -283,9 +300,9 @@ func (b *Broker) writeOne() bool {
 	var err error
 	switch o.kind {
 	case kindSubscribe:
-		err = ps.Subscribe(b.psCtx, o.channels...)
+		err = ps.Subscribe(b.psCtx, names...)
 	case kindUnsubscribe:
-		err = ps.Unsubscribe(b.psCtx, o.channels...)
+		err = ps.Unsubscribe(b.psCtx, names...)
 	case kindPing:
 		err = ps.Ping(b.psCtx, pingPayload)
 	}
@@ -347,7 +364,7 @@ func (b *Broker) connect() *redis.PubSub {
 	}
 	b.ps, b.ready = ps, false
 	if b.probeChan != "" && !b.probeOff.Load() {
-		b.pending = append(b.pending, op{kind: kindSubscribe, channels: []string{b.probeChan}})
+		b.pending = append(b.pending, op{kind: kindSubscribe, channels: []string{b.probeChan}, bare: true})
 	}
 	chans := make([]string, 0, len(b.channels))
 	for c := range b.channels {
@@ -418,7 +435,7 @@ func (b *Broker) receive(ps *redis.PubSub) error {
 				continue
 			}
 			inc(b.m.Received)
-			b.h.HandleMessage(decode(v.Channel, v.Payload))
+			b.message(v.Channel, v.Payload)
 		case *redis.Subscription:
 			if err := b.confirmed(v); err != nil {
 				return err
@@ -431,6 +448,66 @@ func (b *Broker) receive(ps *redis.PubSub) error {
 			return fmt.Errorf("unexpected %T on the subscription connection", v)
 		}
 	}
+}
+
+// message hands over what arrived on a Redis channel. Only a twin's
+// message carries an id; a plain one never does, whatever its bytes.
+func (b *Broker) message(channel, payload string) {
+	if c, ok := strings.CutPrefix(channel, ResumableChannelPrefix); ok {
+		seq, body, ok := unframe(payload)
+		if !ok {
+			b.reject(b.rejBad, rejectBad, "dropped a message on a resumable channel that is not an sse_publish frame", c, payload)
+			return
+		}
+		b.h.HandleMessage(Message{Channel: c, Payload: []byte(body), Seq: seq})
+		return
+	}
+	if strings.HasPrefix(payload, FramePrefix) {
+		b.reject(b.rejForged, rejectForged, "a plain PUBLISH carries the resumable frame marker: delivered as plain data, without an id", channel, payload)
+	}
+	b.h.HandleMessage(Message{Channel: channel, Payload: []byte(payload)})
+}
+
+// rejectLogEvery is the least time between two log lines about rejected
+// messages: a publisher relaying forged frames must not flood the log.
+const rejectLogEvery = 10 * time.Second
+
+// rejectLogPrefix is how much of a rejected payload the log shows: enough
+// to find its source, not its content.
+const rejectLogPrefix = 32
+
+// reject counts a rejected message and logs it, rate-limited.
+func (b *Broker) reject(c prometheus.Counter, reason, msg, channel, payload string) {
+	inc(c)
+	ok, suppressed := b.rejectLog.allow(time.Now())
+	if !ok {
+		return
+	}
+	b.log.Warn(msg,
+		zap.String("reason", reason),
+		zap.String("channel", channel),
+		zap.String("payload", fmt.Sprintf("%q", payload[:min(len(payload), rejectLogPrefix)])),
+		zap.Int("bytes", len(payload)),
+		zap.Int("suppressed", suppressed))
+}
+
+// rejectLimiter lets one line through per rejectLogEvery and counts the
+// others. The reader goroutine is its only user.
+type rejectLimiter struct {
+	last       time.Time
+	suppressed int
+}
+
+// allow reports whether a line may be logged at now and, if so, how many
+// were suppressed since the last one.
+func (l *rejectLimiter) allow(now time.Time) (ok bool, suppressed int) {
+	if !l.last.IsZero() && now.Sub(l.last) < rejectLogEvery {
+		l.suppressed++
+		return false, 0
+	}
+	suppressed = l.suppressed
+	l.last, l.suppressed = now, 0
+	return true, suppressed
 }
 
 // watch is the health check of one connection: after an interval without
@@ -594,11 +671,11 @@ func (b *Broker) ponged(p *redis.Pong) error {
 }
 
 // refused handles an error reply: it answers the oldest command owed. A
-// refused SUBSCRIBE (an ACL forbidding a channel) drops its channels and
-// fails its Subscribe call; a refused resubscription batch is retried one
-// channel at a time so that only the forbidden channels are dropped, and
-// one bad channel never keeps the whole connection down. Anything else
-// means the connection cannot be trusted.
+// refused SUBSCRIBE (an ACL forbidding a channel or its twin) drops its
+// channels and fails its Subscribe call; a refused resubscription batch is
+// retried one channel at a time so that only the forbidden channels are
+// dropped, and one bad channel never keeps the whole connection down.
+// Anything else means the connection cannot be trusted.
 func (b *Broker) refused(rerr redis.Error) error {
 	b.mu.Lock()
 	r, ok := b.inflight.peek()
@@ -607,15 +684,20 @@ func (b *Broker) refused(rerr redis.Error) error {
 		return fmt.Errorf("redis refused a command on the subscription connection: %w", rerr)
 	}
 	w, cmd := r.w, r.cmd
-	var chans []string
+	var chans []string // the callers' names
 	for ok && r.cmd == cmd {
-		chans = append(chans, r.channel)
+		// A twin and its channel come side by side; callers never name a
+		// twin (reserved), so stripping the prefix is exact.
+		c := strings.TrimPrefix(r.channel, ResumableChannelPrefix)
+		if len(chans) == 0 || chans[len(chans)-1] != c {
+			chans = append(chans, c)
+		}
 		b.inflight.pop()
 		r, ok = b.inflight.peek()
 	}
 	if w == nil && len(chans) > 1 {
 		for _, c := range chans {
-			b.pending = append(b.pending, op{kind: kindSubscribe, channels: []string{c}})
+			b.pending = append(b.pending, op{kind: kindSubscribe, channels: []string{c}, bare: c == b.probeChan})
 		}
 		if !b.up {
 			b.pending = append(b.pending, b.barrierLocked())
@@ -635,7 +717,7 @@ func (b *Broker) refused(rerr redis.Error) error {
 	setGauge(b.m.Channels, float64(len(b.channels)))
 	b.mu.Unlock()
 
-	b.log.Warn("redis refused a subscription",
+	b.log.Warn("redis refused a subscription (an ACL must allow each channel and "+ResumableChannelPrefix+"<channel>)",
 		zap.Strings("channels", chans), zap.Error(rerr))
 	if w != nil {
 		w.finish(fmt.Errorf("subscribe %q: %w", chans, rerr))
@@ -660,6 +742,16 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp, first bool) {
 	first = !b.outage
 	if first {
 		b.outage, b.downAt = true, time.Now()
+		b.refusal = ""
+	}
+	// Redis answering with an error (WRONGPASS after a password rotation,
+	// NOAUTH, an ACL) is not an outage that passes by itself: an operator
+	// must see the reason at warn, once per reason, even when the outage
+	// began as a plain disconnect.
+	refusal := refusalOf(err)
+	newRefusal := refusal != "" && refusal != b.refusal
+	if newRefusal {
+		b.refusal = refusal
 	}
 	n := len(b.channels)
 	b.mu.Unlock()
@@ -675,6 +767,9 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp, first bool) {
 	}
 	setGauge(b.m.Connected, 0)
 	switch {
+	case !first && newRefusal:
+		b.log.Warn("redis refuses the subscription connection; retrying",
+			zap.Strings("redis", b.addrs), zap.Error(err), zap.Int("channels", n))
 	case !first:
 		b.log.Debug("redis reconnect attempt failed", zap.Error(err))
 	case wasUp:
@@ -685,6 +780,15 @@ func (b *Broker) down(ps *redis.PubSub, err error) (wasUp, first bool) {
 			zap.Strings("redis", b.addrs), zap.Error(err), zap.Int("channels", n))
 	}
 	return wasUp, first
+}
+
+// refusalOf is the error reply Redis gave in err, "" if err is not one.
+func refusalOf(err error) string {
+	var rerr redis.Error
+	if errors.As(err, &rerr) {
+		return rerr.Error()
+	}
+	return ""
 }
 
 // afterReconnect runs in its own goroutine once a reconnect is confirmed:

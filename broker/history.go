@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -22,10 +23,21 @@ import (
 //
 // The function (library caddy_sse, loaded by EnsureHistory) takes the next
 // id from the global counter SeqKey, appends the payload to the channel's
-// stream HistoryKeyPrefix+<channel> under that id and publishes it on the
-// channel framed as "\x1esse:<id>\x1e<payload>", which the reader strips.
-// One counter for the whole Redis orders events across channels, so a
-// stream on several channels resumes from one Last-Event-ID.
+// stream HistoryKeyPrefix+<channel> under that id and publishes it, framed
+// as "\x1esse:<id>\x1e<payload>", on the channel's twin
+// ResumableChannelPrefix+<channel>, never on the channel itself. Subscribe
+// covers both; only what arrives on the twin is unframed. Whatever a plain
+// PUBLISH on the channel carries, even bytes that look like a frame, is
+// plain data without an id: a backend that relays an end user's text can
+// never let it set a resume point. Channel names that start with
+// ResumableChannelPrefix are reserved (an ACL on channels must allow the
+// twins too). One counter for the whole Redis orders events across
+// channels, so a stream on several channels resumes from one Last-Event-ID.
+//
+// The function also keeps EpochKey: the first id it issued after the
+// counter was found missing (the first publish ever, or Redis lost its
+// data). A client resuming from an id below it may have missed events that
+// no longer exist anywhere, and is told so.
 //
 // In a Redis Cluster one command can only touch keys of one slot, so every
 // history key carries the hash tag {sse}: the counter is ClusterSeqKey, a
@@ -61,8 +73,18 @@ const (
 	// ClusterKeyPrefix + channel is the key a publisher names in FCALL in a
 	// Redis Cluster (accepted everywhere), and there the channel's history.
 	ClusterKeyPrefix = "{sse}:h:"
-	// FramePrefix starts a payload published by sse_publish; the id follows
-	// in decimal, then FrameSep, then the original payload.
+	// EpochKey holds the first id sse_publish issued after it found SeqKey
+	// missing: history before it may be lost ("1" when unknown).
+	EpochKey = "sse:epoch"
+	// ClusterEpochKey is EpochKey in a Redis Cluster.
+	ClusterEpochKey = "{sse}:epoch"
+	// ResumableChannelPrefix + channel is the channel sse_publish publishes
+	// channel's resumable events on. Subscribe subscribes it beside the
+	// channel; callers never name it.
+	ResumableChannelPrefix = "sse:r:"
+	// FramePrefix starts a payload sse_publish publishes on a resumable
+	// channel; the id follows in decimal, then FrameSep, then the original
+	// payload. On a plain channel it means nothing.
 	FramePrefix = "\x1esse:"
 	// FrameSep ends the id of a framed payload.
 	FrameSep = "\x1e"
@@ -90,7 +112,9 @@ local default_maxlen = {{MAXLEN}}
 local default_ttl = {{TTL}}
 local cluster = {{CLUSTER}}
 local seq_key = '{{SEQ}}'
+local epoch_key = '{{EPOCH}}'
 local history_prefix = '{{HISTORY}}'
+local twin_prefix = '{{TWIN}}'
 local tagged = '{sse}:h:'
 
 local function sse_publish(keys, args)
@@ -112,17 +136,29 @@ local function sse_publish(keys, args)
   elseif cluster then
     return redis.error_reply('ERR sse_publish: in a Redis Cluster name the history key, not the channel: FCALL sse_publish 1 {sse}:h:<channel> <payload>')
   end
+  if string.sub(channel, 1, #twin_prefix) == twin_prefix then
+    return redis.error_reply('ERR sse_publish: channel names starting with ' .. twin_prefix .. ' are reserved')
+  end
 
   -- The id is the counter plus one, but never below the clock in
   -- microseconds (Redis keeps it exact up to 2^53).
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local seq = redis.call('INCR', seq_key)
+  local fresh = seq == 1
   if seq < now then
     seq = now
     redis.call('SET', seq_key, string.format('%.0f', now))
   end
   local id = string.format('%.0f', seq)
+  if fresh then
+    -- The counter was missing: the first publish, or Redis lost its data.
+    -- Whatever had an id below this one cannot be replayed.
+    redis.call('SET', epoch_key, id)
+  else
+    -- Upgraded from a library without the epoch: no loss is known.
+    redis.call('SET', epoch_key, '1', 'NX')
+  end
 
   local key = history_prefix .. channel
   local prev = '0'
@@ -131,7 +167,8 @@ local function sse_publish(keys, args)
   -- Numbers are formatted by hand: Lua would write 1e+15.
   redis.call('XADD', key, 'MAXLEN', string.format('%.0f', maxlen), id .. '-0', 'd', payload, 'p', prev)
   if ttl > 0 then redis.call('EXPIRE', key, string.format('%.0f', ttl)) end
-  redis.call('PUBLISH', channel, '\30sse:' .. id .. '\30' .. payload)
+  -- On the twin only: a frame on the channel itself is never trusted.
+  redis.call('PUBLISH', twin_prefix .. channel, '\30sse:' .. id .. '\30' .. payload)
   return seq
 end
 
@@ -139,16 +176,18 @@ redis.register_function('sse_publish', sse_publish)
 `
 
 func libraryCode(r Retention, cluster bool) string {
-	seq, hist := SeqKey, HistoryKeyPrefix
+	seq, hist, epoch := SeqKey, HistoryKeyPrefix, EpochKey
 	if cluster {
-		seq, hist = ClusterSeqKey, ClusterKeyPrefix
+		seq, hist, epoch = ClusterSeqKey, ClusterKeyPrefix, ClusterEpochKey
 	}
 	return strings.NewReplacer(
 		"{{MAXLEN}}", strconv.FormatInt(r.MaxLen, 10),
 		"{{TTL}}", strconv.FormatInt(ttlSeconds(r.TTL), 10),
 		"{{CLUSTER}}", strconv.FormatBool(cluster),
 		"{{SEQ}}", seq,
+		"{{EPOCH}}", epoch,
 		"{{HISTORY}}", hist,
+		"{{TWIN}}", ResumableChannelPrefix,
 	).Replace(library)
 }
 
@@ -208,6 +247,69 @@ func (b *Broker) reloadHistory() {
 	}
 }
 
+// checkLibrary is the library check goroutine (see Options.LibraryCheck).
+// It ends with the broker.
+func (b *Broker) checkLibrary() {
+	defer close(b.libDone)
+	if b.libEvery <= 0 {
+		return
+	}
+	t := time.NewTicker(b.libEvery)
+	defer t.Stop()
+	failing := false // the last reload failed and was logged
+	for {
+		select {
+		case <-b.ctx.Done():
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(b.ctx, reloadTimeout)
+		err := b.restoreLibrary(ctx)
+		cancel()
+		switch {
+		case err != nil && !failing && b.ctx.Err() == nil:
+			b.log.Warn("the history function library is missing from Redis and cannot be loaded again; retrying", zap.Error(err))
+			failing = true
+		case err == nil:
+			failing = false
+		}
+	}
+}
+
+// restoreLibrary loads the library again if this process loaded it once
+// and Redis no longer has it. A failure to ask is not reported: Redis is
+// down, which the subscription connection reports.
+func (b *Broker) restoreLibrary(ctx context.Context) error {
+	b.hist.mu.Lock()
+	defer b.hist.mu.Unlock()
+	if !b.hist.loaded {
+		return nil
+	}
+	var c redis.Cmdable = b.client
+	if b.cluster != nil {
+		m, err := b.cluster.MasterForKey(ctx, ClusterSeqKey)
+		if err != nil {
+			return nil
+		}
+		c = m
+	}
+	libs, err := c.FunctionList(ctx, redis.FunctionListQuery{LibraryNamePattern: LibraryName}).Result()
+	if err != nil {
+		return nil
+	}
+	for _, l := range libs {
+		if l.Name == LibraryName {
+			return nil
+		}
+	}
+	if err := b.loadLibrary(ctx, b.hist.ret, false); err != nil {
+		return err
+	}
+	b.log.Warn("the history function library was missing from Redis (FUNCTION FLUSH, or a failover to a node without it); loaded it again",
+		zap.String("library", LibraryName))
+	return nil
+}
+
 func (b *Broker) loadLibrary(ctx context.Context, r Retention, replace bool) error {
 	code := libraryCode(r, b.cluster != nil)
 	load := func(ctx context.Context, c redis.Cmdable) error {
@@ -255,6 +357,9 @@ func (b *Broker) Publish(ctx context.Context, channel string, payload []byte, r 
 	if err := r.validate(); err != nil {
 		return 0, fmt.Errorf("publish on %q: %w", channel, err)
 	}
+	if reserved(channel) {
+		return 0, fmt.Errorf("publish on %q: %w", channel, ErrReservedChannel)
+	}
 	if r.MaxLen == 0 {
 		if err := b.topology(ctx, func() error { return b.client.Publish(ctx, channel, payload).Err() }); err != nil {
 			return 0, fmt.Errorf("publish on %q: %w", channel, err)
@@ -294,54 +399,124 @@ func (b *Broker) publishHistory(ctx context.Context, channel string, payload []b
 	return uint64(n), nil
 }
 
-// Replay returns what the history of channels holds after id after, merged
-// in id order, in one round trip. A channel without history contributes
+// DefaultPageSize is ReplayPage's count when it is given none.
+const DefaultPageSize = 128
+
+// replayPageSize is the page Replay reads at a time: it collects all of
+// them anyway, so larger pages only save round trips.
+const replayPageSize = 1024
+
+// Replay returns everything the history of channels holds after id after,
+// merged in id order, read page by page. Its memory grows with the
+// history: a client's resume reads with ReplayPage instead and writes each
+// page before it reads the next. A channel without history contributes
 // nothing and is not truncated.
 func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (Replay, error) {
+	var rp Replay
+	for {
+		pg, err := b.ReplayPage(ctx, channels, after, replayPageSize)
+		if err != nil {
+			return Replay{}, err
+		}
+		rp.Messages = append(rp.Messages, pg.Messages...)
+		rp.Truncated = rp.Truncated || pg.Truncated
+		if !pg.More {
+			return rp, nil
+		}
+		after = pg.Next
+	}
+}
+
+// ReplayPage reads one page of what the history of channels holds after id
+// after, in one round trip: at most count entries per channel (count <= 0:
+// DefaultPageSize), so a page holds at most count*len(channels) messages.
+// When a channel fills its count, what it holds beyond its last entry is
+// unread, so the page ends at the smallest such last entry, and every other
+// channel's later entries wait for the next page.
+func (b *Broker) ReplayPage(ctx context.Context, channels []string, after uint64, count int64) (Page, error) {
+	if count <= 0 {
+		count = DefaultPageSize
+	}
+	pg := Page{Next: after}
 	channels = dedupe(channels)
 	if len(channels) == 0 || after == math.MaxUint64 {
-		return Replay{}, nil
+		return pg, nil
 	}
 	start := strconv.FormatUint(after+1, 10) // XRANGE takes "n" as "n-0"
 	cmds := make([]*redis.XMessageSliceCmd, len(channels))
+	var marks *redis.SliceCmd
 	err := b.topology(ctx, func() error {
 		pipe := b.client.Pipeline()
 		for i, c := range channels {
-			cmds[i] = pipe.XRange(ctx, b.historyKey(c), start, "+")
+			cmds[i] = pipe.XRangeN(ctx, b.historyKey(c), start, "+", count)
 		}
+		marks = pipe.MGet(ctx, b.epochKeys()...)
 		_, err := pipe.Exec(ctx)
 		return err
 	})
 	if err != nil {
-		return Replay{}, fmt.Errorf("replay %q after %d: %w", channels, after, err)
+		return Page{}, fmt.Errorf("replay %q after %d: %w", channels, after, err)
 	}
-	var rp Replay
+	pg.Truncated = lost(after, marks.Val())
 	for i, cmd := range cmds {
-		entries := cmd.Val()
-		for j, e := range entries {
+		if entries := cmd.Val(); int64(len(entries)) == count {
+			last, err := parseID(entries[len(entries)-1].ID)
+			if err != nil {
+				return Page{}, fmt.Errorf("replay %q: history entry %s: %w", channels[i], entries[len(entries)-1].ID, err)
+			}
+			if !pg.More || last < pg.Next {
+				pg.Next, pg.More = last, true
+			}
+		}
+	}
+	for i, cmd := range cmds {
+		for j, e := range cmd.Val() {
 			seq, err := parseID(e.ID)
 			if err != nil {
-				return Replay{}, fmt.Errorf("replay %q: history entry %s: %w", channels[i], e.ID, err)
+				return Page{}, fmt.Errorf("replay %q: history entry %s: %w", channels[i], e.ID, err)
 			}
 			if j == 0 && entryPrev(e) > after {
-				rp.Truncated = true
+				pg.Truncated = true
+			}
+			if pg.More && seq > pg.Next {
+				break
 			}
 			d, _ := e.Values["d"].(string)
-			rp.Messages = append(rp.Messages, Message{Channel: channels[i], Payload: []byte(d), Seq: seq})
+			pg.Messages = append(pg.Messages, Message{Channel: channels[i], Payload: []byte(d), Seq: seq})
 		}
 	}
 	if len(channels) > 1 {
-		slices.SortFunc(rp.Messages, func(x, y Message) int {
-			switch {
-			case x.Seq < y.Seq:
-				return -1
-			case x.Seq > y.Seq:
-				return 1
-			}
-			return 0
-		})
+		slices.SortFunc(pg.Messages, func(x, y Message) int { return cmp.Compare(x.Seq, y.Seq) })
 	}
-	return rp, nil
+	if n := len(pg.Messages); !pg.More && n > 0 {
+		pg.Next = pg.Messages[n-1].Seq
+	}
+	return pg, nil
+}
+
+// epochKeys are the epoch and the counter, in the order lost reads them.
+// They share the {sse} slot in a cluster, so one MGET reads both.
+func (b *Broker) epochKeys() []string {
+	if b.cluster != nil {
+		return []string{ClusterEpochKey, ClusterSeqKey}
+	}
+	return []string{EpochKey, SeqKey}
+}
+
+// lost reports whether events after id after may be gone with data Redis
+// lost, from the values of epochKeys: after is below the epoch, or neither
+// the epoch nor the counter exists (everything lost, nothing published
+// since). after == 0 asks for whatever is retained and is never told so.
+func lost(after uint64, marks []any) bool {
+	if after == 0 || len(marks) != 2 {
+		return false
+	}
+	epoch, _ := marks[0].(string)
+	if epoch == "" {
+		return marks[1] == nil
+	}
+	e, err := strconv.ParseUint(epoch, 10, 64)
+	return err == nil && after < e
 }
 
 // entryPrev is an entry's previous id on its channel; 0 when unknown (an
@@ -358,14 +533,12 @@ func parseID(id string) (uint64, error) {
 	return strconv.ParseUint(ms, 10, 64)
 }
 
-// decode turns a received pub/sub payload into a Message, stripping the
-// framing sse_publish adds.
-func decode(channel, payload string) Message {
-	if seq, body, ok := unframe(payload); ok {
-		return Message{Channel: channel, Payload: []byte(body), Seq: seq}
-	}
-	return Message{Channel: channel, Payload: []byte(payload)}
-}
+// twinOf is the twin of a caller's channel.
+func twinOf(channel string) string { return ResumableChannelPrefix + channel }
+
+// reserved reports whether a caller may not name channel: it would be
+// taken for another channel's twin.
+func reserved(channel string) bool { return strings.HasPrefix(channel, ResumableChannelPrefix) }
 
 // unframe splits "\x1esse:<seq>\x1e<body>". Anything else, including a
 // payload that only starts like a frame, is not a frame.

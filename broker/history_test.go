@@ -99,7 +99,7 @@ func TestPublishPlain(t *testing.T) {
 	msgs := rec.waitMessages(t, len(payloads))
 	want := []Message{
 		{Channel: "p", Payload: []byte("x")},
-		{Channel: "p", Payload: []byte("body"), Seq: 12}, // a publisher may frame by hand
+		{Channel: "p", Payload: []byte("\x1esse:12\x1ebody")}, // only sse_publish sets an id
 		{Channel: "p", Payload: []byte("\x1esse:x\x1ey")},
 		{Channel: "p", Payload: []byte("\x1esse:12")},
 	}
@@ -232,6 +232,170 @@ func TestReplayTruncated(t *testing.T) {
 		if len(rp.Messages) != tc.n || rp.Truncated != tc.truncated {
 			t.Errorf("Replay after %d: %d messages, truncated %v; want %d, %v", tc.after, len(rp.Messages), rp.Truncated, tc.n, tc.truncated)
 		}
+	}
+}
+
+// FLUSHALL (or a restart without persistence) loses the history and the
+// counter: a client resuming from an id before the loss cannot be shown
+// that it missed nothing, so the replay says it may have.
+func TestReplayAfterFlushAll(t *testing.T) {
+	srv := redistest.Start(t)
+	b := newBroker(t, srv, newRecorder(), Metrics{})
+	ctx := ctxT(t)
+	c := srv.Client()
+	var ids []uint64
+	publish := func(p string) {
+		t.Helper()
+		seq, err := b.Publish(ctx, "f", []byte(p), keep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, seq)
+	}
+	replay := func(after uint64, n int, truncated bool) {
+		t.Helper()
+		rp, err := b.Replay(ctx, []string{"f"}, after)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(rp.Messages) != n || rp.Truncated != truncated {
+			t.Fatalf("Replay after %d: %d messages, truncated %v; want %d, %v", after, len(rp.Messages), rp.Truncated, n, truncated)
+		}
+	}
+	for _, p := range []string{"1", "2", "3"} {
+		publish(p)
+	}
+	replay(ids[1], 1, false)
+	if err := c.FlushAll(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	// Nothing published since: everything is gone, the counter too.
+	replay(ids[2], 0, true)
+	replay(0, 0, false)
+	publish("4")
+	replay(ids[1], 1, true)
+	replay(ids[2], 1, true)
+	replay(ids[3], 0, false) // resumes from after the loss: nothing missed
+	replay(0, 1, false)      // "everything retained" claims nothing
+
+	// A library upgraded in place (counter, no epoch) claims nothing.
+	if err := c.Del(ctx, EpochKey).Err(); err != nil {
+		t.Fatal(err)
+	}
+	publish("5")
+	if v := c.Get(ctx, EpochKey).Val(); v != "1" {
+		t.Fatalf("epoch after an upgrade = %q, want 1", v)
+	}
+	replay(ids[3], 1, false)
+}
+
+// Paging through several interleaved channels returns every message once,
+// in id order, each page bounded by count per channel.
+func TestReplayPageInterleaved(t *testing.T) {
+	srv := redistest.Start(t)
+	b := newBroker(t, srv, newRecorder(), Metrics{})
+	ctx := ctxT(t)
+	chans := []string{"a", "b", "c"}
+	type ev struct {
+		ch  string
+		seq uint64
+	}
+	var all []ev
+	for i := range 40 {
+		// Runs of one channel and gaps, so that pages end on different
+		// channels.
+		ch := chans[0]
+		switch {
+		case i%11 < 4:
+			ch = chans[1]
+		case i%5 == 0 || i > 30:
+			ch = chans[2]
+		}
+		seq, err := b.Publish(ctx, ch, []byte(strconv.Itoa(i)), keep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, ev{ch, seq})
+	}
+	for _, count := range []int64{1, 2, 3, 7, 100} {
+		for _, start := range []int{-1, 0, 12, 38, 39} {
+			var after uint64
+			if start >= 0 {
+				after = all[start].seq
+			}
+			want := all[start+1:]
+			var got []Message
+			pages := 0
+			for {
+				pg, err := b.ReplayPage(ctx, chans, after, count)
+				if err != nil {
+					t.Fatal(err)
+				}
+				pages++
+				if pg.Truncated {
+					t.Fatalf("count %d: page %d truncated", count, pages)
+				}
+				if n := int64(len(pg.Messages)); n > count*int64(len(chans)) {
+					t.Fatalf("count %d: a page of %d messages, want at most %d", count, n, count*int64(len(chans)))
+				}
+				for _, m := range pg.Messages {
+					if m.Seq <= after || m.Seq > pg.Next {
+						t.Fatalf("count %d: message %d outside (%d, %d]", count, m.Seq, after, pg.Next)
+					}
+				}
+				got = append(got, pg.Messages...)
+				if !pg.More {
+					break
+				}
+				if pg.Next <= after {
+					t.Fatalf("count %d: Next %d after %d: no progress", count, pg.Next, after)
+				}
+				after = pg.Next
+				if pages > 100 {
+					t.Fatal("too many pages")
+				}
+			}
+			if len(got) != len(want) {
+				t.Fatalf("count %d from #%d: %d messages in %d pages, want %d", count, start, len(got), pages, len(want))
+			}
+			for i, m := range got {
+				if m.Channel != want[i].ch || m.Seq != want[i].seq || string(m.Payload) != strconv.Itoa(start+1+i) {
+					t.Fatalf("count %d from #%d: message %d = %s %d %q, want %s %d", count, start, i, m.Channel, m.Seq, m.Payload, want[i].ch, want[i].seq)
+				}
+			}
+			if count == 3 && len(want) > 9 && pages < len(want)/9 {
+				t.Fatalf("count 3: %d messages in %d pages", len(want), pages)
+			}
+		}
+	}
+}
+
+// A trim between two pages shows in the next one.
+func TestReplayPageTruncated(t *testing.T) {
+	srv := redistest.Start(t)
+	b := newBroker(t, srv, newRecorder(), Metrics{})
+	ctx := ctxT(t)
+	small := Retention{MaxLen: 5}
+	var ids []uint64
+	for i := range 5 {
+		seq, err := b.Publish(ctx, "t", []byte(strconv.Itoa(i)), small)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, seq)
+	}
+	pg, err := b.ReplayPage(ctx, []string{"t"}, 0, 2)
+	if err != nil || pg.Truncated || !pg.More || len(pg.Messages) != 2 || pg.Next != ids[1] {
+		t.Fatalf("first page = %+v, %v; want 2 messages up to %d, more", pg, err, ids[1])
+	}
+	for i := 5; i < 8; i++ { // trims #0..#2: #2 was not read yet
+		if _, err := b.Publish(ctx, "t", []byte(strconv.Itoa(i)), small); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pg, err = b.ReplayPage(ctx, []string{"t"}, pg.Next, 2)
+	if err != nil || !pg.Truncated || len(pg.Messages) != 2 || string(pg.Messages[0].Payload) != "3" {
+		t.Fatalf("page after a trim = %+v, %v; want truncated, from #3", pg, err)
 	}
 }
 
@@ -436,6 +600,78 @@ func BenchmarkReplay1000(b *testing.B) {
 			b.Fatalf("%d messages", len(rp.Messages))
 		}
 	}
+}
+
+// BenchmarkReplayPaged pages through 1,000 events of 10 KB on 5 channels,
+// 32 per channel per page: what is held at once is one page, bounded by
+// the page size and not the history (compare msgs/page and payload-B/page
+// with BenchmarkReplayWhole; B/op counts every page, not what is held).
+func BenchmarkReplayPaged(b *testing.B) {
+	br, ctx, chans, first := benchHistory(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		after, n, largest, held := first, 0, 0, 0
+		for {
+			pg, err := br.ReplayPage(ctx, chans, after, 32)
+			if err != nil {
+				b.Fatal(err)
+			}
+			n += len(pg.Messages)
+			largest = max(largest, len(pg.Messages))
+			held = max(held, payloadBytes(pg.Messages))
+			if !pg.More {
+				break
+			}
+			after = pg.Next
+		}
+		if n != 1000 || largest > 32*len(chans) {
+			b.Fatalf("%d messages, largest page %d", n, largest)
+		}
+		b.ReportMetric(float64(largest), "msgs/page")
+		b.ReportMetric(float64(held), "payload-B/page")
+	}
+}
+
+func BenchmarkReplayWhole(b *testing.B) {
+	br, ctx, chans, first := benchHistory(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		rp, err := br.Replay(ctx, chans, first)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if len(rp.Messages) != 1000 {
+			b.Fatalf("%d messages", len(rp.Messages))
+		}
+		b.ReportMetric(float64(len(rp.Messages)), "msgs/page")
+		b.ReportMetric(float64(payloadBytes(rp.Messages)), "payload-B/page")
+	}
+}
+
+func payloadBytes(ms []Message) int {
+	n := 0
+	for _, m := range ms {
+		n += len(m.Payload)
+	}
+	return n
+}
+
+func benchHistory(b *testing.B) (*Broker, context.Context, []string, uint64) {
+	br, ctx := benchBroker(b)
+	r := Retention{MaxLen: 1000}
+	chans := []string{"c0", "c1", "c2", "c3", "c4"}
+	payload := bytes.Repeat([]byte("x"), 10_000)
+	var first uint64
+	for i := range 1001 {
+		seq, err := br.Publish(ctx, chans[i%len(chans)], payload, r)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if i == 0 {
+			first = seq
+		}
+	}
+	return br, ctx, chans, first
 }
 
 func benchBroker(b *testing.B) (*Broker, context.Context) {

@@ -43,7 +43,7 @@ func TestProbeRefusedByACL(t *testing.T) {
 	srv := redistest.Start(t)
 	ctx := ctxT(t)
 	c := srv.Client()
-	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok:*", "+@all", "~*").Err(); err != nil {
+	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok:*", "&sse:r:ok:*", "+@all", "~*").Err(); err != nil {
 		t.Fatal(err)
 	}
 	opts, err := ParseURL("redis://limited:pw@" + srv.Addr())
