@@ -76,6 +76,7 @@ func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hu
 			Reconnects: metrics.redisReconnects,
 			Channels:   metrics.channels,
 			Received:   metrics.received,
+			Rejected:   metrics.rejected,
 		},
 	}, brokerSink{reg})
 	if err != nil {
@@ -183,17 +184,16 @@ func (s *brokerSource) Replay(ctx context.Context, channels []string, after uint
 	return msgs, rep.Truncated, nil
 }
 
-// ReplayPage reads one page of history. TEMPORARY until the broker pages.
-func (s *brokerSource) ReplayPage(ctx context.Context, channels []string, after uint64, _ int64) (registry.Page, error) {
-	msgs, truncated, err := s.Replay(ctx, channels, after)
+func (s *brokerSource) ReplayPage(ctx context.Context, channels []string, after uint64, count int64) (registry.Page, error) {
+	p, err := s.b.ReplayPage(ctx, channels, after, count)
 	if err != nil {
 		return registry.Page{}, err
 	}
-	next := after
-	if len(msgs) > 0 {
-		next = msgs[len(msgs)-1].Seq
+	msgs := make([]registry.Message, len(p.Messages))
+	for i, m := range p.Messages {
+		msgs[i] = registry.Message(m)
 	}
-	return registry.Page{Messages: msgs, Truncated: truncated, Next: next}, nil
+	return registry.Page{Messages: msgs, Truncated: p.Truncated, More: p.More, Next: p.Next}, nil
 }
 
 // brokerSink hands what the broker reads to the registry.

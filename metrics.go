@@ -21,6 +21,7 @@ var metrics = struct {
 	redisReconnects prometheus.Counter
 	channels        prometheus.Gauge
 	published       *prometheus.CounterVec
+	rejected        *prometheus.CounterVec
 }{
 	streamsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: "caddy", Subsystem: "sse", Name: "streams_open",
@@ -66,6 +67,10 @@ var metrics = struct {
 		Namespace: "caddy", Subsystem: "sse", Name: "published_total",
 		Help: "Messages published through sse_publish, by result.",
 	}, []string{"result"}),
+	rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "sse", Name: "messages_rejected_total",
+		Help: "Messages from Redis refused as resumable frames, by reason: forged_frame (a plain PUBLISH carrying the resumable marker, delivered as plain data) or bad_frame.",
+	}, []string{"reason"}),
 }
 
 func registerMetrics(reg prometheus.Registerer) error {
@@ -76,7 +81,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 		metrics.streamsOpen, metrics.streamsRejected, metrics.streamsClosed,
 		metrics.delivered, metrics.dropped, metrics.faults, metrics.received,
 		metrics.redisConnected, metrics.redisReconnects, metrics.channels,
-		metrics.published,
+		metrics.published, metrics.rejected,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
