@@ -799,7 +799,10 @@ func TestAbuseResumeLargeHistory(t *testing.T) {
 	ids := publishHistory(t, e, "big", events)
 	start := time.Now()
 	req, _ := http.NewRequest(http.MethodGet, "http://"+e.plain+"/resume/big", nil)
-	req.Header.Set("Last-Event-ID", strconv.FormatUint(ids[0]-1, 10))
+	// 0 asks for everything retained: an id below the first one this Redis
+	// issued would be unprovable (Redis may have lost what followed it) and
+	// get sse-missed first.
+	req.Header.Set("Last-Event-ID", "0")
 	s, err := sseclient.Open(context.Background(), slowClient(t, 4<<20), req)
 	if err != nil {
 		t.Fatal(err)
@@ -854,9 +857,9 @@ func TestAbuseResumeMemoryBounded(t *testing.T) {
 	if raceBuilt() {
 		budgetMiB = budgetMiB * 5 / 2
 	}
-	ids := publishHistory(t, e, "mem", events)
+	publishHistory(t, e, "mem", events)
 	base := rssKiB(t, e.in.Pid())
-	after := strconv.FormatUint(ids[0]-1, 10)
+	after := "0" // everything retained
 	for range clients {
 		conn, err := net.DialTimeout("tcp", e.plain, 10*time.Second)
 		if err != nil {
