@@ -1,17 +1,12 @@
 package caddysse
 
 import (
-	"bytes"
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"go.uber.org/zap"
 
 	"github.com/caddy-sse/caddy-sse/registry"
 	"github.com/caddy-sse/caddy-sse/sse"
@@ -34,7 +29,8 @@ type detached struct {
 	writing  atomic.Bool   // a writer goroutine runs or is about to
 	ended    atomic.Bool
 
-	conn      net.Conn     // set before mode becomes modeDetached
+	conn      net.Conn // set before mode becomes modeDetached
+	started   time.Time
 	lastWrite atomic.Int64 // unix nanoseconds
 	end       streamDeadline
 	keepalive atomic.Bool // a keepalive is due
@@ -43,6 +39,15 @@ type detached struct {
 	lastSeq uint64
 	frames  []*registry.Frame
 	bufs    net.Buffers
+	events  int64 // written, for the record of the stream's end
+	bytes   int64
+}
+
+// count records n events of size bytes written.
+func (d *detached) count(n, size int) {
+	d.events += int64(n)
+	d.bytes += int64(size)
+	metrics.delivered.Add(float64(n))
 }
 
 // The modes of a stream prepared for takeover.
@@ -82,29 +87,49 @@ func (d *detached) wake() {
 // page. It returns false, with nothing written, when the connection cannot
 // be hijacked (the caller then streams the standard way).
 func (d *detached) takeOver(w http.ResponseWriter, r *http.Request, head []byte, resume bool, after uint64, end streamDeadline) bool {
-	conn, brw, err := http.NewResponseController(w).Hijack()
+	// net/http writes the head, so that Caddy's access log and metrics
+	// record the 200 like any response's; "identity" makes it a body that
+	// runs until the connection closes, unchunked (net/http's own setup for
+	// Server-Sent Events). An encoder that took the response (encode)
+	// cannot be bypassed once its header is out: then stream through it.
+	w.Header().Set("Transfer-Encoding", "identity")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	if err := rc.Flush(); err != nil || w.Header().Get("Content-Encoding") != "" {
+		return d.fallBack()
+	}
+	conn, brw, err := rc.Hijack()
 	if err != nil {
-		d.mode.Store(modeStandard)
-		d.wake() // frames queued meanwhile
-		return false
+		return d.fallBack()
+	}
+	// Write on the client's own connection, not through the wrappers Caddy
+	// returns from Hijack: they count bytes into the request's recorder,
+	// which the access log reads concurrently, and hide writev.
+	if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
+		conn = c
 	}
 	// Bytes the client sent after its request (a POST body, say) are not
 	// ours to read; only how many there are matters (see watch).
 	budget := int64(afterRequestBudget) + max(r.ContentLength, 0) - int64(brw.Reader.Buffered())
 	_ = conn.SetReadDeadline(time.Time{})
 	d.conn = conn
+	d.started = time.Now()
 	d.lastSeq = after
-	if err := d.writeBufs(net.Buffers{responseHead(w.Header(), r), head}); err != nil {
+	if err := d.writeBufs(net.Buffers{head}); err != nil {
 		d.sub.AbortReplay()
 		d.finish(reasonClient)
 		return true
 	}
 	if resume {
 		last, err := d.h.replay(r.Context(), d.sub, after, func(frames [][]byte) error {
+			n := 0
+			for _, f := range frames {
+				n += len(f)
+			}
 			if err := d.writeBufs(frames); err != nil {
 				return err
 			}
-			metrics.delivered.Add(float64(len(frames)))
+			d.count(len(frames), n)
 			return nil
 		})
 		d.lastSeq = last
@@ -158,45 +183,12 @@ func (d *detached) watch(budget int64) {
 	}
 }
 
-// responseHead is the HTTP/1.x status line and headers: the ones earlier
-// handlers set (CORS, say) and the stream's own. The body runs until the
-// connection closes.
-func responseHead(hdr http.Header, r *http.Request) []byte {
-	var b bytes.Buffer
-	if r.ProtoMinor == 0 {
-		b.WriteString("HTTP/1.0 200 OK\r\n")
-	} else {
-		b.WriteString("HTTP/1.1 200 OK\r\n")
-	}
-	names := make([]string, 0, len(hdr))
-	for name := range hdr {
-		switch http.CanonicalHeaderKey(name) {
-		case "Content-Length", "Transfer-Encoding", "Connection", "Content-Encoding":
-			continue
-		}
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	for _, name := range names {
-		for _, v := range hdr[name] {
-			// Header values set by handlers are trusted, but a line break
-			// would still end the head early: never write one.
-			v = strings.Map(func(r rune) rune {
-				if r == '\r' || r == '\n' {
-					return ' '
-				}
-				return r
-			}, v)
-			b.WriteString(name)
-			b.WriteString(": ")
-			b.WriteString(v)
-			b.WriteString("\r\n")
-		}
-	}
-	b.WriteString("Date: ")
-	b.WriteString(time.Now().UTC().Format(http.TimeFormat))
-	b.WriteString("\r\nConnection: close\r\n\r\n")
-	return b.Bytes()
+// fallBack gives the stream back to the request's goroutine, which streams
+// the standard way, the status already written.
+func (d *detached) fallBack() bool {
+	d.mode.Store(modeStandard)
+	d.wake() // frames queued meanwhile
+	return false
 }
 
 // flush writes what is queued, in one write per round, until the queue is
@@ -246,7 +238,10 @@ func (d *detached) write(frames []*registry.Frame) error {
 			bufs = append(bufs, f.Bytes)
 		}
 	}
-	n := len(bufs)
+	n, size := len(bufs), 0
+	for _, b := range bufs {
+		size += len(b)
+	}
 	if d.keepalive.Swap(false) && n == 0 {
 		bufs = append(bufs, sse.Comment)
 	}
@@ -261,7 +256,7 @@ func (d *detached) write(frames []*registry.Frame) error {
 		return err
 	}
 	d.lastWrite.Store(time.Now().UnixNano())
-	metrics.delivered.Add(float64(n))
+	d.count(n, size)
 	return nil
 }
 
@@ -292,10 +287,7 @@ func (d *detached) finish(why string) {
 	detachedStreams.remove(d)
 	_ = d.conn.Close()
 	d.release()
-	metrics.streamsClosed.WithLabelValues(why).Inc()
-	if ce := d.h.logger.Check(zap.DebugLevel, "stream closed"); ce != nil {
-		ce.Write(zap.Strings("channels", d.channels), zap.String("reason", why), zap.Bool("takeover", true))
-	}
+	streamEnded(d.h.logger, why, d.channels, d.started, d.events, d.bytes, true)
 }
 
 // detachedSet holds the detached streams for the scanner.

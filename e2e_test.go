@@ -2,6 +2,7 @@ package caddysse_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -24,11 +25,15 @@ const globalOptions = `{
 	auto_https off
 	skip_install_trust
 	persist_config off
+	metrics {
+		per_host
+	}
 }
 `
 
 const coreCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
+	log
 	header /path/* Access-Control-Allow-Origin "https://app.example"
 	sse /path/* {
 		redis {REDIS}
@@ -543,4 +548,73 @@ func scrape(t *testing.T, url string) string {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
+}
+
+// With the site's access log and per-host metrics on (what production sites
+// run), a stream is a 200 in the access log and in Caddy's HTTP metrics,
+// whichever path writes it, and -race finds nothing (the harness fails the
+// test on a race report in Caddy's output).
+func TestAccessLogRecordsStreams(t *testing.T) {
+	e := startCore(t)
+	for path, ch := range map[string]string{"/path/log1": "user:log1", "/standard/log2": "user:log2"} {
+		s := e.open(t, path)
+		for i := 0; i < 20; i++ {
+			e.publish(t, ch, fmt.Sprint(i))
+		}
+		for i := 0; i < 20; i++ {
+			if _, err := s.Next(5 * time.Second); err != nil {
+				t.Fatalf("%s: event %d: %v", path, i, err)
+			}
+		}
+		s.Close()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		logs := e.caddy.Logs()
+		ok := true
+		for _, path := range []string{"/path/log1", "/standard/log2"} {
+			if !accessLogged(logs, path, 200) {
+				ok = false
+			}
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("access log lacks status 200 for both streams:\n%s", grepLines(logs, "http.log.access"))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// Both streams count as 200s in Caddy's own HTTP metrics (the site
+	// served no other request).
+	body := scrape(t, e.caddy.AdminURL()+"/metrics")
+	var n float64
+	for _, l := range strings.Split(body, "\n") {
+		if strings.HasPrefix(l, "caddy_http_request_duration_seconds_count{") && strings.Contains(l, `code="200"`) {
+			var v float64
+			fmt.Sscan(l[strings.LastIndexByte(l, ' ')+1:], &v)
+			n += v
+		}
+	}
+	if n < 2 {
+		t.Fatalf("requests with code 200 in Caddy's HTTP metrics: %v, want 2:\n%s", n, grepLines(body, "caddy_http_request_duration_seconds_count"))
+	}
+}
+
+// accessLogged reports whether Caddy's access log has a line for uri with
+// status.
+func accessLogged(logs, uri string, status int) bool {
+	for _, line := range strings.Split(logs, "\n") {
+		if !strings.Contains(line, `"logger":"http.log.access`) {
+			continue
+		}
+		var entry struct {
+			Request struct{ URI string }
+			Status  int
+		}
+		if json.Unmarshal([]byte(line), &entry) == nil && entry.Request.URI == uri && entry.Status == status {
+			return true
+		}
+	}
+	return false
 }

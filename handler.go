@@ -135,6 +135,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		channels: channels, adm: adm}
 	if d != nil {
 		st.wake = d.fallback
+		st.headerSent = true // by the takeover that fell back
 	}
 	if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
 		st.conn = c
@@ -420,12 +421,22 @@ type stream struct {
 	conn  net.Conn
 	stall *time.Timer
 	ended sync.Once
+
+	headerSent bool
+	started    time.Time
+	// Written, for the record of the stream's end, which the stall
+	// watchdog may make while a write is under way.
+	events atomic.Int64
+	bytes  atomic.Int64
 }
 
 // open sends the headers and the first comment at once, so that the client
 // (and every proxy on the way) sees the stream is alive before any event.
 func (st *stream) open() error {
-	st.w.WriteHeader(http.StatusOK)
+	st.started = time.Now()
+	if !st.headerSent {
+		st.w.WriteHeader(http.StatusOK)
+	}
 	// A stream outlives any server read or write timeout.
 	_ = st.rc.SetReadDeadline(time.Time{})
 	return st.write(st.h.head())
@@ -481,11 +492,20 @@ func (st *stream) failed() string {
 func (st *stream) finish(why string) {
 	st.ended.Do(func() {
 		st.adm.release()
-		metrics.streamsClosed.WithLabelValues(why).Inc()
-		if ce := st.h.logger.Check(zap.DebugLevel, "stream closed"); ce != nil {
-			ce.Write(zap.Strings("channels", st.channels), zap.String("reason", why))
-		}
+		streamEnded(st.h.logger, why, st.channels, st.started, st.events.Load(), st.bytes.Load(), false)
 	})
+}
+
+// streamEnded counts a stream's end and records it, once per stream, with
+// what the access log cannot know: it logs the request when the stream
+// starts (a taken-over one) or cannot say why it ended.
+func streamEnded(logger *zap.Logger, why string, channels []string, started time.Time, events, bytes int64, takeover bool) {
+	metrics.streamsClosed.WithLabelValues(why).Inc()
+	if ce := logger.Check(zap.InfoLevel, "stream closed"); ce != nil {
+		ce.Write(zap.Strings("channels", channels), zap.String("reason", why),
+			zap.Duration("duration", time.Since(started)), zap.Int64("events", events),
+			zap.Int64("bytes", bytes), zap.Bool("takeover", takeover))
+	}
 }
 
 // writeBatches writes frames, flushing every few dozen.
@@ -496,7 +516,11 @@ func (st *stream) writeBatches(frames [][]byte) error {
 		if err := st.write(frames[:n]...); err != nil {
 			return err
 		}
-		metrics.delivered.Add(float64(n))
+		size := 0
+		for _, f := range frames[:n] {
+			size += len(f)
+		}
+		st.count(n, size)
 		frames = frames[n:]
 	}
 	return nil
@@ -554,7 +578,7 @@ func (st *stream) drain() (string, error) {
 		clear(frames)
 		return why, nil
 	}
-	n := 0
+	n, size := 0, 0
 	st.begin()
 	defer st.done()
 	for _, f := range frames {
@@ -572,11 +596,19 @@ func (st *stream) drain() (string, error) {
 			return why, err
 		}
 		n++
+		size += len(f.Bytes)
 	}
 	clear(frames) // let the frames go; the slice is reused
 	err := st.rc.Flush()
-	metrics.delivered.Add(float64(n))
+	st.count(n, size)
 	return why, err
+}
+
+// count records n events of size bytes written.
+func (st *stream) count(n, size int) {
+	st.events.Add(int64(n))
+	st.bytes.Add(int64(size))
+	metrics.delivered.Add(float64(n))
 }
 
 // recoverStream, deferred in a goroutine that serves one stream, keeps a
