@@ -73,6 +73,34 @@ https://127.0.0.1:{HTTP} {
 	}
 }
 
+// Over HTTP/1.1 with encode in front, a stream that would be taken over
+// streams through the encoder instead once it has taken the response: the
+// client gets a gzip stream whose events arrive one by one, never raw bytes
+// under a gzip header.
+func TestHTTP1EncodeWithTakeover(t *testing.T) {
+	rs := redistest.Start(t)
+	in := caddytest.Start(t, globalOptions+`
+http://127.0.0.1:{HTTP} {
+	encode gzip
+	sse /events/* {
+		redis {REDIS}
+		channel {path.1}
+	}
+}
+`, caddytest.Options{"{REDIS}": rs.URL()})
+	s := openAt(t, in, "/events/h1gz")
+	if !s.Resp.Uncompressed {
+		t.Fatal("the stream was not gzip-encoded: encode did not wrap it")
+	}
+	waitNumsub(t, rs.Client(), "h1gz", 1)
+	for i := 0; i < 5; i++ {
+		rs.Client().Publish(context.Background(), "h1gz", fmt.Sprint("event ", i))
+		if ev := next(t, s); ev.Data != fmt.Sprint("event ", i) {
+			t.Fatalf("got %+v", ev)
+		}
+	}
+}
+
 const outageCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /events/* {
