@@ -809,6 +809,8 @@ func TestValidateJSONErrors(t *testing.T) {
 		{"bad regexp", `"channels":["news"],"allow":"user:("`, "allow"},
 		{"bad format", `"channels":["news"],"format":"json"`, "format"},
 		{"no channel", `"format":"raw"`, "channel"},
+		{"reserved channel", `"channels":["sse:r:news"]`, "channel"},
+		{"control character in channel", `"channels":["news\u0000x"]`, "channel"},
 		{"max_connections_per without key", `"channels":["news"],"max_connections_per":{"max":3}`, "max_connections_per"},
 		{"max_connections_per zero", `"channels":["news"],"max_connections_per":{"key":"{http.auth.user.id}"}`, "max_connections_per"},
 		{"max_connections_per bad policy", `"channels":["news"],"max_connections_per":{"key":"k","max":1,"policy":"lru"}`, "max_connections_per"},
