@@ -576,20 +576,7 @@ func BenchmarkPublishHistory(b *testing.B) {
 
 // BenchmarkReplay1000 replays 1,000 events spread over 5 channels.
 func BenchmarkReplay1000(b *testing.B) {
-	br, ctx := benchBroker(b)
-	r := Retention{MaxLen: 1000}
-	chans := []string{"c0", "c1", "c2", "c3", "c4"}
-	payload := bytes.Repeat([]byte("x"), 100)
-	var first uint64
-	for i := range 1001 {
-		seq, err := br.Publish(ctx, chans[i%len(chans)], payload, r)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if i == 0 {
-			first = seq
-		}
-	}
+	br, ctx, chans, first := benchHistory(b, 100)
 	b.ReportAllocs()
 	for b.Loop() {
 		rp, err := br.Replay(ctx, chans, first)
@@ -607,7 +594,7 @@ func BenchmarkReplay1000(b *testing.B) {
 // the page size and not the history (compare msgs/page and payload-B/page
 // with BenchmarkReplayWhole; B/op counts every page, not what is held).
 func BenchmarkReplayPaged(b *testing.B) {
-	br, ctx, chans, first := benchHistory(b)
+	br, ctx, chans, first := benchHistory(b, 10_000)
 	b.ReportAllocs()
 	for b.Loop() {
 		after, n, largest, held := first, 0, 0, 0
@@ -633,7 +620,7 @@ func BenchmarkReplayPaged(b *testing.B) {
 }
 
 func BenchmarkReplayWhole(b *testing.B) {
-	br, ctx, chans, first := benchHistory(b)
+	br, ctx, chans, first := benchHistory(b, 10_000)
 	b.ReportAllocs()
 	for b.Loop() {
 		rp, err := br.Replay(ctx, chans, first)
@@ -656,11 +643,13 @@ func payloadBytes(ms []Message) int {
 	return n
 }
 
-func benchHistory(b *testing.B) (*Broker, context.Context, []string, uint64) {
+// benchHistory publishes 1,001 events of size bytes over 5 channels and
+// returns the id of the first.
+func benchHistory(b *testing.B, size int) (*Broker, context.Context, []string, uint64) {
 	br, ctx := benchBroker(b)
 	r := Retention{MaxLen: 1000}
 	chans := []string{"c0", "c1", "c2", "c3", "c4"}
-	payload := bytes.Repeat([]byte("x"), 10_000)
+	payload := bytes.Repeat([]byte("x"), size)
 	var first uint64
 	for i := range 1001 {
 		seq, err := br.Publish(ctx, chans[i%len(chans)], payload, r)
