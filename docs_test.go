@@ -1,0 +1,117 @@
+package caddysse_test
+
+import (
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// These tests hold the README's setup to what works: the commands it gives
+// are the ones CI runs (.ci/run, examples/xcaddy/check.sh), and the versions
+// it names are the ones the packages declare.
+
+// docsRead returns the content of a file of the repository.
+func docsRead(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// docsSection returns the section of a Markdown document that starts with
+// the heading line (as "## Development"), up to the next heading of the same
+// or a higher level outside a code block.
+func docsSection(t *testing.T, doc, heading string) string {
+	t.Helper()
+	level := strings.IndexByte(heading, ' ')
+	lines := strings.Split(doc, "\n")
+	for i, line := range lines {
+		if line != heading {
+			continue
+		}
+		fenced := false
+		for j := i + 1; j < len(lines); j++ {
+			l := lines[j]
+			if strings.HasPrefix(l, "```") {
+				fenced = !fenced
+			}
+			if k := strings.IndexByte(l, ' '); !fenced && k > 0 && k <= level && strings.Trim(l[:k], "#") == "" {
+				return strings.Join(lines[i+1:j], "\n")
+			}
+		}
+		return strings.Join(lines[i+1:], "\n")
+	}
+	t.Fatalf("no section %q", heading)
+	return ""
+}
+
+var docsShellBlock = regexp.MustCompile("(?s)```sh\n(.*?)```")
+
+// docsCommands returns the commands of each shell block of text, one slice
+// per block, without comments or blank lines.
+func docsCommands(text string) [][]string {
+	var blocks [][]string
+	for _, m := range docsShellBlock.FindAllStringSubmatch(text, -1) {
+		var cmds []string
+		for _, line := range strings.Split(m[1], "\n") {
+			if i := strings.Index(line, "#"); i >= 0 {
+				line = line[:i]
+			}
+			if line = strings.TrimSpace(line); line != "" {
+				cmds = append(cmds, line)
+			}
+		}
+		blocks = append(blocks, cmds)
+	}
+	return blocks
+}
+
+// The README's build with xcaddy is the form that works from a checkout, the
+// one examples/xcaddy/check.sh runs in CI; the published form comes after
+// it, marked as waiting for a published version. The same holds for
+// examples/xcaddy's README.
+func TestReadmeInstallCommands(t *testing.T) {
+	check := docsRead(t, "examples/xcaddy/check.sh")
+	m := regexp.MustCompile(`(?m)^with="([^"]+)"$`).FindStringSubmatch(check)
+	if m == nil {
+		t.Fatal(`examples/xcaddy/check.sh has no line with="..." naming the --with it builds`)
+	}
+	checkout := "xcaddy build --with " + m[1]
+	if !strings.HasSuffix(m[1], "=.") {
+		t.Errorf("check.sh builds --with %s, which is not this checkout (=.)", m[1])
+	}
+	published := "xcaddy build --with github.com/caddy-sse/caddy-sse"
+	if !regexp.MustCompile(`(?m)^if ! \(cd "\$root" && "\$xcaddy" build --with "\$with" `).MatchString(check) {
+		t.Error(`check.sh no longer runs "$xcaddy" build --with "$with" from the checkout's root`)
+	}
+	if !strings.Contains(docsRead(t, ".ci/run"), "\nbash examples/xcaddy/check.sh\n") {
+		t.Error(".ci/run no longer runs examples/xcaddy/check.sh")
+	}
+
+	readme := docsRead(t, "README.md")
+	for _, doc := range []struct{ name, text string }{
+		{"README.md, section \"With a real Redis\"", docsSection(t, readme, "## With a real Redis")},
+		{"examples/xcaddy/README.md", docsRead(t, "examples/xcaddy/README.md")},
+	} {
+		var xcaddy []string
+		for _, block := range docsCommands(doc.text) {
+			for _, c := range block {
+				if strings.HasPrefix(c, "xcaddy build") {
+					xcaddy = append(xcaddy, c)
+				}
+			}
+		}
+		if len(xcaddy) != 2 || xcaddy[0] != checkout || xcaddy[1] != published {
+			t.Errorf("%s: xcaddy commands %q, want %q (what check.sh builds) then %q", doc.name, xcaddy, checkout, published)
+		}
+		if !strings.Contains(doc.text, "Once the module is tagged and published") {
+			t.Errorf("%s does not say that %q waits for the module to be published", doc.name, published)
+		}
+	}
+	if blocks := docsCommands(docsSection(t, readme, "## With a real Redis")); len(blocks) == 0 || len(blocks[0]) != 1 || blocks[0][0] != "go build -o caddy ./cmd/caddy" {
+		t.Errorf("the README's first build command is not go build -o caddy ./cmd/caddy: %q", blocks)
+	}
+}
