@@ -115,3 +115,46 @@ func TestReadmeInstallCommands(t *testing.T) {
 		t.Errorf("the README's first build command is not go build -o caddy ./cmd/caddy: %q", blocks)
 	}
 }
+
+// The README's setup is two commands, one for the demo and one for the whole
+// test suite, and .ci/run runs the tests with the command the README gives.
+func TestReadmeSetupIsTwoCommands(t *testing.T) {
+	dev := docsSection(t, docsRead(t, "README.md"), "## Development")
+	blocks := docsCommands(dev)
+	want := []string{"go run ./cmd/sse-demo", "bash .ci/run"}
+	if len(blocks) < 2 || strings.Join(blocks[0], "\n") != strings.Join(want, "\n") {
+		t.Fatalf("the Development section's first commands are %q, want %q", blocks, want)
+	}
+	const testCmd = "go test -race -count=1 ./..."
+	if len(blocks[1]) != 1 || blocks[1][0] != testCmd {
+		t.Errorf("the Development section's test command is %q, want %q", blocks[1], testCmd)
+	}
+	ci := docsRead(t, ".ci/run")
+	if !strings.Contains(ci, "\n"+testCmd+"\n") {
+		t.Errorf(".ci/run does not run %q on a line of its own", testCmd)
+	}
+	// What the README says .ci/run installs, it installs.
+	for _, pkg := range []string{"redis-server", "nginx", "chromium", "python3", "nodejs", "npm"} {
+		if !strings.Contains(ci, "missing+=("+pkg+")") {
+			t.Errorf(".ci/run does not install %s", pkg)
+		}
+		if !strings.Contains(dev, "`"+pkg+"`") {
+			t.Errorf("the Development section does not list %s among what .ci/run installs", pkg)
+		}
+	}
+	for _, dir := range []string{"test/clients", "examples/ai-typewriter"} {
+		if !strings.Contains(ci, dir) || !strings.Contains(dev, "`"+dir+"`") {
+			t.Errorf(".ci/run and the README do not both install the npm packages of %s", dir)
+		}
+	}
+	for _, tool := range []string{"staticcheck", "xcaddy"} {
+		if !strings.Contains(ci, "go install") || !strings.Contains(ci, "/cmd/"+tool+"@") {
+			t.Errorf(".ci/run does not go install %s", tool)
+		}
+	}
+
+	try := docsSection(t, docsRead(t, "README.md"), "## Try it in a minute (only Go needed)")
+	if !strings.Contains(try, "<http://127.0.0.1:8090/>") || strings.Contains(try, "8080") {
+		t.Error("the README's demo section does not give the demo's address, http://127.0.0.1:8090/ (8080 is the app's)")
+	}
+}
