@@ -2,6 +2,7 @@ package caddysse_test
 
 import (
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -156,5 +157,31 @@ func TestReadmeSetupIsTwoCommands(t *testing.T) {
 	try := docsSection(t, docsRead(t, "README.md"), "## Try it in a minute (only Go needed)")
 	if !strings.Contains(try, "<http://127.0.0.1:8090/>") || strings.Contains(try, "8080") {
 		t.Error("the README's demo section does not give the demo's address, http://127.0.0.1:8090/ (8080 is the app's)")
+	}
+}
+
+// Every example folder is in the README's table of examples.
+func TestReadmeListsEveryExample(t *testing.T) {
+	section := docsSection(t, docsRead(t, "README.md"), "## Examples")
+	entries, err := os.ReadDir("examples")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range entries {
+		if !e.IsDir() || e.Name() == "internal" {
+			continue
+		}
+		n++
+		row := "| [" + e.Name() + "](examples/" + e.Name() + ") | "
+		if !strings.Contains(section, "\n"+row) {
+			t.Errorf("the README's table of examples has no row %q", row)
+		}
+		if _, err := os.Stat(filepath.Join("examples", e.Name(), "README.md")); err != nil {
+			t.Errorf("examples/%s has no README.md", e.Name())
+		}
+	}
+	if n == 0 {
+		t.Fatal("no example folders")
 	}
 }
