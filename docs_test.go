@@ -1,9 +1,12 @@
 package caddysse_test
 
 import (
+	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -184,4 +187,110 @@ func TestReadmeListsEveryExample(t *testing.T) {
 	if n == 0 {
 		t.Fatal("no example folders")
 	}
+}
+
+// The Node.js version the READMEs give is the one test/clients declares in
+// its engines, which .ci/run enforces. An npm package the Node-driven tests
+// install that declares a newer Node.js is named, with that version, in
+// test/clients/README.md, which says why it is used anyway: a new one
+// fails here until it is.
+func TestNodeVersionAgrees(t *testing.T) {
+	var pkg struct {
+		Engines struct{ Node string } `json:"engines"`
+	}
+	if err := json.Unmarshal([]byte(docsRead(t, "test/clients/package.json")), &pkg); err != nil {
+		t.Fatal(err)
+	}
+	need, ok := nodeMinimum(pkg.Engines.Node)
+	if !ok {
+		t.Fatalf("test/clients/package.json: engines.node %q is not >=N", pkg.Engines.Node)
+	}
+	major := strconv.Itoa(need[0])
+
+	words := regexp.MustCompile(`Node\.js (\d+)\+?`)
+	for _, doc := range []string{"README.md", "examples/ai-typewriter/README.md"} {
+		found := words.FindAllStringSubmatch(docsRead(t, doc), -1)
+		if len(found) == 0 {
+			t.Errorf("%s names no Node.js version", doc)
+		}
+		for _, f := range found {
+			if f[1] != major {
+				t.Errorf("%s says %q; test/clients/package.json says Node.js %s", doc, f[0], pkg.Engines.Node)
+			}
+		}
+	}
+	clientsReadme := docsRead(t, "test/clients/README.md")
+	if want := "Setup (Node.js " + major + " or later"; !strings.Contains(clientsReadme, want) {
+		t.Errorf("test/clients/README.md does not say %q", want)
+	}
+	if !strings.Contains(docsRead(t, ".ci/run"), `require("./test/clients/package.json").engines.node`) {
+		t.Error(".ci/run no longer checks Node.js against test/clients/package.json")
+	}
+
+	for _, lock := range []string{"test/clients/package-lock.json", "examples/ai-typewriter/package-lock.json"} {
+		var l struct {
+			Packages map[string]struct {
+				Version string `json:"version"`
+				Engines any    `json:"engines"`
+			} `json:"packages"`
+		}
+		if err := json.Unmarshal([]byte(docsRead(t, lock)), &l); err != nil {
+			t.Fatal(err)
+		}
+		for path, p := range l.Packages {
+			eng, _ := p.Engines.(map[string]any)
+			node, _ := eng["node"].(string)
+			if node == "" {
+				continue
+			}
+			min, ok := nodeMinimum(node)
+			if !ok {
+				t.Errorf("%s: %s declares engines.node %q, which this test cannot read", lock, path, node)
+				continue
+			}
+			if compareVersions(min, need) <= 0 {
+				continue
+			}
+			name := strings.TrimPrefix(path, "node_modules/")
+			declared := fmt.Sprintf("%d.%d", min[0], min[1])
+			if !strings.Contains(clientsReadme, "`"+name+"`") || !strings.Contains(clientsReadme, "Node.js "+declared) {
+				t.Errorf("%s: %s %s declares Node.js %s, above the %s of test/clients/package.json, and test/clients/README.md does not say so (name it and Node.js %s)",
+					lock, name, p.Version, node, pkg.Engines.Node, declared)
+			}
+		}
+	}
+}
+
+// nodeMinimum reads an engines range of the form ">=X[.Y[.Z]]" (the only
+// form the lock files hold) as [X, Y, Z].
+func nodeMinimum(r string) ([3]int, bool) {
+	var v [3]int
+	r = strings.TrimSpace(r)
+	if !strings.HasPrefix(r, ">=") {
+		return v, false
+	}
+	parts := strings.Split(strings.TrimSpace(r[2:]), ".")
+	if len(parts) > 3 {
+		return v, false
+	}
+	for i, p := range parts {
+		n, err := strconv.Atoi(p)
+		if err != nil {
+			return v, false
+		}
+		v[i] = n
+	}
+	return v, true
+}
+
+func compareVersions(a, b [3]int) int {
+	for i := range a {
+		if a[i] != b[i] {
+			if a[i] < b[i] {
+				return -1
+			}
+			return 1
+		}
+	}
+	return 0
 }
