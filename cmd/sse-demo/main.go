@@ -2,8 +2,9 @@
 //
 //	go run ./cmd/sse-demo
 //
-// then open http://127.0.0.1:8080 in a browser, pick a room, and send
-// messages; open the page in two windows to see them cross.
+// then open http://127.0.0.1:8090 in a browser, pick a room, and send
+// messages; open the page in two windows to see them cross. (Not 8080: that
+// is where the README's quick start puts the user's own app.)
 //
 // It is a demo, not for production. Unless -redis names a real Redis, it
 // starts an embedded fake Redis (miniredis, in this process, on a free
@@ -17,7 +18,7 @@
 //
 // Flags:
 //
-//	-listen host:port   where Caddy listens (default 127.0.0.1:8080)
+//	-listen host:port   where Caddy listens (default 127.0.0.1:8090)
 //	-redis url          use this Redis (redis:// or rediss://) instead of the embedded one
 //	-v                  Caddy's logs at INFO instead of WARN
 //	-print-caddyfile    print the Caddyfile the demo would run, and exit
@@ -49,6 +50,10 @@ import (
 	_ "github.com/caddy-sse/caddy-sse"
 )
 
+// defaultListen is where the demo listens unless -listen says otherwise. Not
+// 8080: the README's quick start has the user's own app there.
+const defaultListen = "127.0.0.1:8090"
+
 //go:embed Caddyfile.tmpl
 var caddyfileTemplate string
 
@@ -69,7 +74,7 @@ type options struct {
 
 func main() {
 	opts := options{Out: os.Stdout}
-	flag.StringVar(&opts.Listen, "listen", "127.0.0.1:8080", "`host:port` for Caddy to listen on")
+	flag.StringVar(&opts.Listen, "listen", defaultListen, "`host:port` for Caddy to listen on")
 	flag.StringVar(&opts.RedisURL, "redis", "", "Redis `url` (redis:// or rediss://) to use instead of the embedded fake Redis")
 	flag.BoolVar(&opts.Verbose, "v", false, "log Caddy at INFO instead of WARN")
 	printCaddyfile := flag.Bool("print-caddyfile", false, "print the Caddyfile the demo would run, and exit")
@@ -135,6 +140,9 @@ func start(opts options) (*demo, error) {
 	if opts.Out == nil {
 		opts.Out = io.Discard
 	}
+	if err := checkFree(opts.Listen); err != nil {
+		return nil, err
+	}
 	d := &demo{}
 	redisURL := opts.RedisURL
 	if redisURL == "" {
@@ -168,6 +176,36 @@ func start(opts options) (*demo, error) {
 
 	d.banner(opts.Out, opts.Listen, redisURL)
 	return d, nil
+}
+
+// checkFree fails, naming the address and the flag that changes it, when
+// something already listens on listen.
+//
+// Caddy cannot be left to find out: its listeners set SO_REUSEPORT (so that a
+// config reload can bind the port again while the old listener still holds
+// it), and Linux lets a second socket with SO_REUSEPORT bind a port that a
+// first one holds. A second demo on the same port would start without an
+// error, and the kernel would split the browsers' connections between the
+// two demos, each with its own embedded Redis: messages would reach some
+// windows and not others. A plain listen sets no SO_REUSEPORT, so it fails
+// while any socket holds the port. It is closed at once, before Caddy binds.
+func checkFree(listen string) error {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return fmt.Errorf("-listen %q: want host:port: %w", listen, err)
+	}
+	l, err := net.Listen("tcp", listen)
+	if err == nil {
+		return l.Close()
+	}
+	hint := "choose another address with -listen"
+	if n, convErr := strconv.Atoi(port); convErr == nil && n > 0 && n < 65535 {
+		hint += ", for example -listen " + net.JoinHostPort(host, strconv.Itoa(n+1))
+	}
+	if errors.Is(err, syscall.EADDRINUSE) {
+		return fmt.Errorf("%s is already in use (is another sse-demo running?): %s", listen, hint)
+	}
+	return fmt.Errorf("cannot listen on %s (%w): %s", listen, err, hint)
 }
 
 // stop stops Caddy, which ends every stream, then the embedded Redis.

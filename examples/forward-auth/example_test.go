@@ -144,3 +144,36 @@ func TestForwardAuthExample(t *testing.T) {
 		t.Fatalf("GET /dashboard = %d %q", resp.StatusCode, body)
 	}
 }
+
+// The README's stand-in for the app (./caddy respond, answering every
+// request with 204 and X-Sse-Channels) in front of the shipped Caddyfile:
+// GET /events opens a stream on both channels it names, as the README says.
+func TestReadmeStandInApp(t *testing.T) {
+	var standIn string
+	for _, c := range exampletest.ReadmeCommands(t, "README.md") {
+		if strings.HasPrefix(c, "./caddy respond ") {
+			standIn = c
+		}
+	}
+	if standIn == "" {
+		t.Fatal("the README no longer gives a stand-in app")
+	}
+	addr := exampletest.StandIn(t, standIn)
+	rs := redistest.Start(t)
+	cf := exampletest.Caddyfile(t, "Caddyfile",
+		"http://localhost:8000", "http://127.0.0.1:{HTTP}",
+		"redis://127.0.0.1:6379", rs.URL(),
+		"forward_auth /events 127.0.0.1:8080", "forward_auth /events "+addr,
+		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+addr,
+	)
+	in := caddytest.Start(t, cf, nil)
+	s := exampletest.Open(t, in.URL()+"/events")
+	for _, channel := range []string{"team:7", "user:42"} {
+		if n := exampletest.Publish(t, rs.Client(), channel, "hello "+channel); n != 1 {
+			t.Fatalf("PUBLISH %s reached %d subscriptions, want 1", channel, n)
+		}
+		if ev := exampletest.Next(t, s); ev.Data != "hello "+channel {
+			t.Fatalf("got %+v, want %q", ev, "hello "+channel)
+		}
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -21,9 +22,13 @@ import (
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
 
-// mainConf wraps the shipped server block in the minimal nginx.conf a test
-// needs: one process in the foreground, and every path in the test's own
-// directory.
+// mainConf is nginx.conf as Debian's nginx package installs it
+// (/etc/nginx/nginx.conf of nginx-common), with what a test needs: one
+// process in the foreground, every path in the test's own directory. Its
+// http block keeps the stock settings that touch a proxied stream (gzip on,
+// sendfile) and the two includes a site goes through: conf.d/*.conf, where
+// the README puts caddy-sse.conf, then sites-enabled/*, where Debian enables
+// its default site.
 const mainConf = `daemon off;
 master_process off;
 pid {DIR}/nginx.pid;
@@ -32,15 +37,47 @@ events {
 	worker_connections 256;
 }
 http {
+	sendfile on;
+	tcp_nopush on;
+	types_hash_max_size 2048;
+	default_type application/octet-stream;
 	access_log {DIR}/access.log;
+	gzip on;
 	client_body_temp_path {DIR}/client_body;
 	proxy_temp_path {DIR}/proxy;
 	fastcgi_temp_path {DIR}/fastcgi;
 	uwsgi_temp_path {DIR}/uwsgi;
 	scgi_temp_path {DIR}/scgi;
-	include {DIR}/caddy-sse.conf;
+	include {DIR}/conf.d/*.conf;
+	include {DIR}/sites-enabled/*;
 }
 `
+
+// debianDefaultSite is Debian's stock default site
+// (/etc/nginx/sites-available/default of nginx-common, enabled by a link in
+// sites-enabled), without its comments and with its root in the test's
+// directory. It answers 404 for anything that is not a file under its root.
+const debianDefaultSite = `server {
+	listen 80 default_server;
+	listen [::]:80 default_server;
+	root {DIR}/html;
+	index index.html index.htm index.nginx-debian.html;
+	server_name _;
+	location / {
+		try_files $uri $uri/ =404;
+	}
+}
+`
+
+// The README's steps that install the server block on Debian, which the
+// layout of a test follows.
+const (
+	installStep       = "cp examples/nginx/caddy-sse.conf /etc/nginx/conf.d/"
+	removeDefaultStep = "rm /etc/nginx/sites-enabled/default"
+)
+
+// port80 is the port of the shipped files, which a test moves to its own.
+var port80 = regexp.MustCompile(`listen 80([ ;])`)
 
 // nginxServer is a running nginx.
 type nginxServer struct {
@@ -48,28 +85,78 @@ type nginxServer struct {
 	dir  string
 }
 
-// startNginx runs nginx with site as its only server block and waits until
-// it accepts connections. It fails the test, saying how to install nginx,
-// when nginx is missing.
-func startNginx(t *testing.T, site string) *nginxServer {
+// debianLayout writes nginx's configuration as on a Debian machine, in a
+// directory of the test's own: site (the shipped server block) installed in
+// conf.d/ as the README says, and Debian's default site left in
+// sites-enabled/ unless removeDefault (the README's other step). Every
+// server listens on one free loopback port instead of 80; the default
+// site's IPv6 listener is left out, as the tests use 127.0.0.1 only. It
+// returns the file to pass to nginx -c and the address nginx will listen on.
+func debianLayout(t *testing.T, site string, removeDefault bool) (conf, addr string) {
+	t.Helper()
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []string{installStep, removeDefaultStep} {
+		if !strings.Contains(string(readme), "\n"+step) {
+			t.Fatalf("the README no longer says %q: update the test with it", step)
+		}
+	}
+	dir := t.TempDir()
+	addr = fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
+	listen := "listen " + addr + "$1"
+	write := func(name, content string) {
+		t.Helper()
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		content = strings.ReplaceAll(content, "{DIR}", dir)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("nginx.conf", mainConf)
+	write("html/index.nginx-debian.html", "Welcome to nginx!\n")
+	write("conf.d/caddy-sse.conf", port80.ReplaceAllString(site, listen))
+	if removeDefault {
+		write("sites-enabled/.keep", "") // the directory stays, empty
+	} else {
+		def := strings.Replace(debianDefaultSite, "\tlisten [::]:80 default_server;\n", "", 1)
+		write("sites-enabled/default", port80.ReplaceAllString(def, listen))
+	}
+	return filepath.Join(dir, "nginx.conf"), addr
+}
+
+// nginxT runs `nginx -t` on conf and returns its output.
+func nginxT(t *testing.T, conf string) (string, error) {
 	t.Helper()
 	bin := exampletest.NeedBinary(t, "nginx", "apt-get install -y nginx")
-	dir := t.TempDir()
-	conf := filepath.Join(dir, "nginx.conf")
-	if err := os.WriteFile(conf, []byte(strings.ReplaceAll(mainConf, "{DIR}", dir)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	port := caddytest.FreePort(t)
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	site = strings.ReplaceAll(site, "listen 80;", "listen "+addr+";")
-	if err := os.WriteFile(filepath.Join(dir, "caddy-sse.conf"), []byte(site), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	args := []string{"-e", filepath.Join(dir, "error.log"), "-p", dir, "-c", conf}
-	if out, err := exec.Command(bin, append(args, "-t")...).CombinedOutput(); err != nil {
+	dir := filepath.Dir(conf)
+	out, err := exec.Command(bin, "-e", filepath.Join(dir, "error.log"), "-p", dir, "-c", conf, "-t").CombinedOutput()
+	return string(out), err
+}
+
+// startNginx runs nginx with site installed as the README says on a Debian
+// machine (see debianLayout) and waits until it accepts connections. It
+// fails the test, saying how to install nginx, when nginx is missing.
+func startNginx(t *testing.T, site string) *nginxServer {
+	t.Helper()
+	conf, addr := debianLayout(t, site, true)
+	return runNginx(t, conf, addr)
+}
+
+// runNginx checks conf with nginx -t, runs nginx with it and waits until it
+// listens on addr.
+func runNginx(t *testing.T, conf, addr string) *nginxServer {
+	t.Helper()
+	bin := exampletest.NeedBinary(t, "nginx", "apt-get install -y nginx")
+	if out, err := nginxT(t, conf); err != nil {
 		t.Fatalf("nginx -t: %v\n%s", err, out)
 	}
-	cmd := exec.Command(bin, args...)
+	dir := filepath.Dir(conf)
+	cmd := exec.Command(bin, "-e", filepath.Join(dir, "error.log"), "-p", dir, "-c", conf)
 	var out outbuf.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -132,7 +219,7 @@ func setup(t *testing.T) (*redistest.Server, *caddytest.Instance, string, *[]str
 	), nil)
 	site := exampletest.Substitute(t, "caddy-sse.conf",
 		"server 127.0.0.1:8000;", "server "+in.Addr()+";",
-		"listen 80;", "listen 80;", // checked here, set by startNginx
+		"listen 80 default_server;", "listen 80 default_server;", // checked here, moved by debianLayout
 	)
 	return rs, in, site, &forwardedFor
 }
@@ -235,5 +322,38 @@ func TestNginxBufferingIsDetected(t *testing.T) {
 	exampletest.Publish(t, rs.Client(), "user:42", "held back")
 	if ev, err := s.Next(time.Second); err == nil {
 		t.Fatalf("with buffering and gzip, the event arrived at once (%+v): the check cannot tell a buffered stream", ev)
+	}
+}
+
+// On a stock Debian nginx, whose default site also claims default_server
+// on port 80, the README's step that removes it matters, and skipping it
+// fails loudly: nginx -t refuses the configuration, naming the duplicate,
+// instead of nginx starting and answering the streams with the default
+// site's 404. The second half shows that this layout is what made the
+// example fail before: a server block that is not default_server loses to
+// the default site, and /events/ gets 404.
+func TestNginxOnDebianDefaultSite(t *testing.T) {
+	_, _, site, _ := setup(t)
+
+	conf, _ := debianLayout(t, site, false)
+	out, err := nginxT(t, conf)
+	if err == nil {
+		t.Fatalf("with Debian's default site still enabled, nginx -t accepted the configuration:\n%s", out)
+	}
+	if !strings.Contains(out, "a duplicate default server for 127.0.0.1:") {
+		t.Fatalf("with Debian's default site still enabled, nginx -t failed without naming the duplicate default server:\n%s", out)
+	}
+
+	notDefault := strings.Replace(site, "listen 80 default_server;", "listen 80;", 1)
+	conf, addr := debianLayout(t, notDefault, false)
+	ngx := runNginx(t, conf, addr)
+	resp, err := http.Get(ngx.URL() + "/events/42")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("without default_server, next to Debian's default site, GET /events/42 = %d %q; want the default site's 404", resp.StatusCode, body)
 	}
 }

@@ -245,3 +245,183 @@ func TestClusterStreams(t *testing.T) {
 		t.Fatalf("resumed: got %+v, want id %s", ev, second)
 	}
 }
+
+// runScript runs one of this folder's scripts (sentinel.sh, cluster.sh) as
+// the README does, with env naming its directory and ports, and fails the
+// test if it does not succeed within 90s.
+func runScript(t *testing.T, env []string, script, arg string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "sh", script, arg)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", script, arg, err, out)
+	}
+	return string(out)
+}
+
+// readmeSays fails the test unless the README has each of lines, each
+// starting a line of its own: the test runs what the README says.
+func readmeSays(t *testing.T, lines ...string) {
+	t.Helper()
+	b, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range lines {
+		if !strings.Contains(string(b), "\n"+l) {
+			t.Fatalf("the README no longer says %q: update the test with it", l)
+		}
+	}
+}
+
+// closedPorts fails the test if anything still listens on one of ports.
+func closedPorts(t *testing.T, what string, ports ...int) {
+	t.Helper()
+	for _, p := range ports {
+		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", p), time.Second); err == nil {
+			c.Close()
+			t.Errorf("after %s, port %d still accepts connections", what, p)
+		}
+	}
+}
+
+// The README's commands for Sentinel: sentinel.sh start brings up a
+// master, a replica and three Sentinels; sentinel.Caddyfile streams from
+// them; the manual failover the README gives promotes the replica and the
+// open stream receives what is published on it; sentinel.sh stop stops
+// every server.
+func TestSentinelScript(t *testing.T) {
+	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
+	readmeSays(t,
+		"examples/sentinel-cluster/sentinel.sh start",
+		"./caddy run --config examples/sentinel-cluster/sentinel.Caddyfile &",
+		"redis-cli -p 6380 FCALL sse_publish 1 user:42 ",
+		"redis-cli -p 26379 SENTINEL FAILOVER mymaster",
+		"redis-cli -p 6381 FCALL sse_publish 1 user:42 ",
+		"examples/sentinel-cluster/sentinel.sh stop",
+	)
+	ctx := context.Background()
+	master, replica := caddytest.FreePort(t), caddytest.FreePort(t)
+	sentinels := []int{caddytest.FreePort(t), caddytest.FreePort(t), caddytest.FreePort(t)}
+	var sentinelAddrs, sentinelPorts []string
+	for _, p := range sentinels {
+		sentinelAddrs = append(sentinelAddrs, fmt.Sprintf("127.0.0.1:%d", p))
+		sentinelPorts = append(sentinelPorts, fmt.Sprint(p))
+	}
+	env := []string{
+		"DIR=" + t.TempDir(),
+		fmt.Sprintf("MASTER_PORT=%d", master),
+		fmt.Sprintf("REPLICA_PORT=%d", replica),
+		"SENTINEL_PORTS=" + strings.Join(sentinelPorts, " "),
+	}
+	t.Cleanup(func() {
+		runScript(t, env, "sentinel.sh", "stop")
+		closedPorts(t, "sentinel.sh stop", append([]int{master, replica}, sentinels...)...)
+	})
+	runScript(t, env, "sentinel.sh", "start")
+
+	cf := exampletest.Caddyfile(t, "sentinel.Caddyfile",
+		"http://localhost:8000", "http://127.0.0.1:{HTTP}",
+		"addrs 127.0.0.1:26379 127.0.0.1:26380 127.0.0.1:26381", "addrs "+strings.Join(sentinelAddrs, " "),
+		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
+	)
+	in := caddytest.Start(t, cf, nil)
+	client := func(port int) *redis.Client {
+		c := redis.NewClient(&redis.Options{Addr: fmt.Sprintf("127.0.0.1:%d", port)})
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	mc, rc := client(master), client(replica)
+	redistest.WaitLibrary(t, mc, "caddy_sse")
+
+	s := exampletest.Open(t, in.URL()+"/events/42")
+	before := exampletest.PublishResumable(t, mc, "user:42", "before the failover")
+	if ev := exampletest.Next(t, s); ev.Data != "before the failover" || ev.ID != before {
+		t.Fatalf("got %+v, want id %s", ev, before)
+	}
+
+	sc := redis.NewSentinelClient(&redis.Options{Addr: sentinelAddrs[0]})
+	defer sc.Close()
+	if err := sc.Failover(ctx, "mymaster").Err(); err != nil {
+		t.Fatalf("SENTINEL FAILOVER mymaster: %v", err)
+	}
+	waitFor(t, 30*time.Second, "the Sentinels to name the replica as the master", func() bool {
+		addr, err := sc.GetMasterAddrByName(ctx, "mymaster").Result()
+		return err == nil && len(addr) == 2 && addr[1] == fmt.Sprint(replica)
+	})
+	var id string
+	waitFor(t, 10*time.Second, "FCALL sse_publish to succeed on the new master", func() bool {
+		v, err := rc.FCall(ctx, "sse_publish", []string{"user:42"}, "after the failover").Result()
+		id = fmt.Sprint(v)
+		return err == nil
+	})
+	ev, err := s.Next(20 * time.Second)
+	if err != nil {
+		t.Fatalf("after the failover, the open stream got nothing: %v (raw %q)\n%s", err, s.Raw(), in.Logs())
+	}
+	if ev.Data != "after the failover" || ev.ID != id {
+		t.Fatalf("after the failover got %+v, want id %s", ev, id)
+	}
+}
+
+// The README's commands for Cluster: cluster.sh start brings up a
+// three-node cluster; cluster.Caddyfile streams from it; a PUBLISH on any
+// node and the resumable publish the README gives reach the stream;
+// cluster.sh stop stops every node.
+func TestClusterScript(t *testing.T) {
+	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
+	readmeSays(t,
+		"examples/sentinel-cluster/cluster.sh start",
+		"./caddy run --config examples/sentinel-cluster/cluster.Caddyfile &",
+		"redis-cli -p 7001 PUBLISH user:42 ",
+		"redis-cli -c -p 7000 FCALL sse_publish 1 '{sse}:h:user:42' ",
+		"examples/sentinel-cluster/cluster.sh stop",
+	)
+	ctx := context.Background()
+	var ports, items, addrs []string
+	var all []int
+	for range 3 {
+		p, bus := caddytest.FreePort(t), caddytest.FreePort(t)
+		all = append(all, p, bus)
+		ports = append(ports, fmt.Sprint(p))
+		items = append(items, fmt.Sprintf("%d:%d", p, bus))
+		addrs = append(addrs, fmt.Sprintf("127.0.0.1:%d", p))
+	}
+	env := []string{"DIR=" + t.TempDir(), "CLUSTER_PORTS=" + strings.Join(items, " ")}
+	t.Cleanup(func() {
+		runScript(t, env, "cluster.sh", "stop")
+		closedPorts(t, "cluster.sh stop", all...)
+	})
+	runScript(t, env, "cluster.sh", "start")
+
+	cf := exampletest.Caddyfile(t, "cluster.Caddyfile",
+		"http://localhost:8000", "http://127.0.0.1:{HTTP}",
+		"addrs 127.0.0.1:7000 127.0.0.1:7001 127.0.0.1:7002", "addrs "+strings.Join(addrs, " "),
+		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
+	)
+	in := caddytest.Start(t, cf, nil)
+	s := exampletest.Open(t, in.URL()+"/events/42")
+	for i, addr := range addrs {
+		c := redis.NewClient(&redis.Options{Addr: addr})
+		msg := "published on node " + ports[i]
+		exampletest.Publish(t, c, "user:42", msg)
+		c.Close()
+		if ev := exampletest.Next(t, s); ev.Data != msg {
+			t.Fatalf("got %+v, want %q", ev, msg)
+		}
+	}
+	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs})
+	defer cc.Close()
+	var id string
+	waitFor(t, 15*time.Second, "Caddy to load the history functions in the cluster", func() bool {
+		v, err := cc.FCall(ctx, "sse_publish", []string{"{sse}:h:user:42"}, `{"text":"hello"}`).Result()
+		id = fmt.Sprint(v)
+		return err == nil
+	})
+	if ev := exampletest.Next(t, s); ev.Data != `{"text":"hello"}` || ev.ID != id {
+		t.Fatalf("got %+v, want id %s", ev, id)
+	}
+}

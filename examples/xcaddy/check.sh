@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Builds Caddy with this module using xcaddy, from this checkout, exactly as
-# the README says (xcaddy build --with github.com/caddy-sse/caddy-sse=.),
+# Builds Caddy with this module using xcaddy, from the root of this
+# checkout, with the command the README gives:
+#
+#   xcaddy build --with github.com/caddy-sse/caddy-sse@v0.0.0-00010101000000-000000000000=.
+#
 # and checks that the binary has the module's Caddy modules and adapts every
 # example's Caddyfile. For CI; it takes a few minutes (xcaddy builds all of
 # Caddy with -trimpath).
@@ -11,7 +14,15 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
-module=github.com/caddy-sse/caddy-sse
+
+# The README's --with, which docs_test.go checks is the one there. "=." is
+# this checkout. The zero version pinned before it keeps go from asking the
+# module proxy for the module's versions: the module is not published, and a
+# proxy that answers that question with 403 (as some mirrors do for modules
+# they do not hold, where proxy.golang.org answers 404) stops go get,
+# whereas for a pinned version go falls back to the replacement whatever the
+# proxy answers.
+with="github.com/caddy-sse/caddy-sse@v0.0.0-00010101000000-000000000000=."
 
 xcaddy=${XCADDY:-}
 if [ -z "$xcaddy" ]; then
@@ -27,27 +38,14 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cd "$work"
 
-echo "xcaddy build --with $module=$root"
-if ! "$xcaddy" build --with "$module=$root" --output "$work/caddy" >build.log 2>&1; then
-	# go get asks the module proxy for the module's versions. For a module
-	# path it does not know, proxy.golang.org answers 404 and go falls back
-	# to the local replacement; a proxy that answers 403 instead stops go.
-	# Pinning the zero version skips that question; the build is the same.
-	if grep -q "$module/@v/list: 403" build.log; then
-		echo "the module proxy refused to list $module (403: it is not published there);"
-		echo "again with the version pinned: --with $module@v0.0.0-00010101000000-000000000000=$root"
-		if ! "$xcaddy" build --with "$module@v0.0.0-00010101000000-000000000000=$root" \
-			--output "$work/caddy" >>build.log 2>&1; then
-			cat build.log
-			exit 1
-		fi
-	else
-		cat build.log
-		exit 1
-	fi
+echo "xcaddy build --with $with"
+# From the checkout's root, as the README says: xcaddy resolves "." there.
+if ! (cd "$root" && "$xcaddy" build --with "$with" --output "$work/caddy") >"$work/build.log" 2>&1; then
+	cat "$work/build.log"
+	exit 1
 fi
+cd "$work"
 "$work/caddy" version
 
 "$work/caddy" list-modules >modules.txt

@@ -7,6 +7,7 @@ package exampletest
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"regexp"
@@ -16,6 +17,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
 
@@ -171,4 +174,84 @@ func PublishResumable(tb testing.TB, rdb redis.UniversalClient, channel, payload
 		tb.Fatalf("FCALL sse_publish %s: %v", channel, err)
 	}
 	return fmt.Sprint(v)
+}
+
+var readmeShellBlock = regexp.MustCompile("(?s)```sh\n(.*?)```")
+
+// ReadmeCommands returns the commands of the shell blocks of the README at
+// path, one a line, without their comments and without a trailing "&".
+func ReadmeCommands(tb testing.TB, path string) []string {
+	tb.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var cmds []string
+	for _, m := range readmeShellBlock.FindAllStringSubmatch(string(b), -1) {
+		for _, line := range strings.Split(m[1], "\n") {
+			// A comment starts with " #": a # inside an argument
+			// (none in these READMEs) is not preceded by a space.
+			if i := strings.Index(line, " #"); i >= 0 {
+				line = line[:i]
+			}
+			line = strings.TrimSuffix(strings.TrimSpace(line), "&")
+			if line = strings.TrimSpace(line); line != "" {
+				cmds = append(cmds, line)
+			}
+		}
+	}
+	return cmds
+}
+
+// StandIn runs command, a line of a README that starts a stand-in for the
+// user's app on 127.0.0.1:8080 with ./caddy, through sh as a user's shell
+// would, with Caddy built from cmd/caddy (caddytest.Binary) and on a free
+// loopback port instead. It returns the address once something listens
+// there, and stops the process when the test ends.
+func StandIn(tb testing.TB, command string) string {
+	tb.Helper()
+	caddy := caddytest.Binary(tb)
+	addr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(tb))
+	if !strings.HasPrefix(command, "./caddy ") || !strings.Contains(command, "127.0.0.1:8080") {
+		tb.Fatalf("%q does not start ./caddy on 127.0.0.1:8080", command)
+	}
+	line := strings.Replace(command, "./caddy", "exec '"+caddy+"'", 1)
+	line = strings.ReplaceAll(line, "127.0.0.1:8080", addr)
+	cmd := exec.Command("sh", "-c", line)
+	cmd.Env = append(os.Environ(), "HOME="+tb.TempDir())
+	var out outbuf.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		close(done)
+	}()
+	tb.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			c.Close()
+			return addr
+		}
+		select {
+		case <-done:
+			tb.Fatalf("%s exited:\n%s", command, out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("%s did not listen on %s within 30s", command, addr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
