@@ -28,6 +28,7 @@ type detached struct {
 	sub      *registry.Subscriber
 	channels []string
 	release  func() // undoes the stream's admission; called once, at the end
+	life     *streamLife
 
 	mode     atomic.Int32  // modePending, modeDetached or modeStandard
 	fallback chan struct{} // wakes the standard stream loop if takeover fails
@@ -293,6 +294,7 @@ func (d *detached) finish(why string) {
 	_ = d.conn.Close()
 	d.release()
 	metrics.streamsClosed.WithLabelValues(why).Inc()
+	d.life.closed(why)
 	if ce := d.h.logger.Check(zap.DebugLevel, "stream closed"); ce != nil {
 		ce.Write(zap.Strings("channels", d.channels), zap.String("reason", why), zap.Bool("takeover", true))
 	}
