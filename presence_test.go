@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"reflect"
+	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -141,6 +142,17 @@ func TestPresenceAcrossInstances(t *testing.T) {
 	}
 	if n := rdb.Exists(context.Background(), "{sse}:instance:"+ib).Val(); n != 0 {
 		t.Fatal("B's liveness key outlived its stop")
+	}
+	// B's streams ended with the stop, and the lifecycle stream says so.
+	var closes []string
+	for _, e := range rdb.XRange(context.Background(), "sse:lifecycle", "-", "+").Val() {
+		if e.Values["instance"] == ib && e.Values["type"] == "close" {
+			closes = append(closes, e.Values["identity"].(string)+" "+e.Values["reason"].(string))
+		}
+	}
+	sort.Strings(closes)
+	if want := []string{"alice shutdown", "bob shutdown"}; !reflect.DeepEqual(closes, want) {
+		t.Fatalf("B's close entries %q, want %q", closes, want)
 	}
 }
 
