@@ -123,7 +123,7 @@ func handleStats(w http.ResponseWriter, r *http.Request) error {
 		return true
 	})
 	out.Streams = openStreams.Load()
-	return writeAdminJSON(w, r, out)
+	return writeAdminJSON(w, r, withRedisState(out))
 }
 
 func onlyGet(w http.ResponseWriter, r *http.Request) error {

@@ -161,12 +161,30 @@ func TestAdminAPIChannelsAndStats(t *testing.T) {
 	if code != http.StatusOK {
 		t.Fatalf("GET /sse/stats: %d %s", code, body)
 	}
-	var stats map[string]int
+	var stats struct {
+		Streams, Channels, Hubs int
+		Instance                string
+		Redis                   []struct {
+			Redis     struct{ Addrs []string }
+			Connected bool
+			Since     time.Time
+		}
+	}
 	if err := json.Unmarshal([]byte(body), &stats); err != nil {
 		t.Fatalf("GET /sse/stats is not JSON: %v\n%s", err, body)
 	}
-	if want := map[string]int{"streams": 5, "channels": 3, "hubs": 2}; !reflect.DeepEqual(stats, want) {
-		t.Fatalf("GET /sse/stats = %v, want %v", stats, want)
+	if stats.Streams != 5 || stats.Channels != 3 || stats.Hubs != 2 || stats.Instance == "" {
+		t.Fatalf("GET /sse/stats totals: want 5 streams, 3 channels, 2 hubs and the instance:\n%s", body)
+	}
+	// The state of each Redis subscription, and since when, without the
+	// credentials.
+	if len(stats.Redis) != 2 || strings.Contains(body, adminTestPassword) || strings.Contains(body, adminTestUser) {
+		t.Fatalf("GET /sse/stats: want the state of 2 Redis subscriptions, no credentials:\n%s", body)
+	}
+	for _, r := range stats.Redis {
+		if !r.Connected || r.Since.IsZero() || time.Since(r.Since) > time.Minute {
+			t.Fatalf("GET /sse/stats: Redis %v connected %v since %v:\n%s", r.Redis.Addrs, r.Connected, r.Since, body)
+		}
 	}
 
 	// Streams that end leave the counts, and channels nobody listens to

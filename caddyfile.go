@@ -26,12 +26,14 @@ import (
 func init() {
 	httpcaddyfile.RegisterHandlerDirective("sse", parseSSE)
 	httpcaddyfile.RegisterHandlerDirective("sse_publish", parsePublish)
+	httpcaddyfile.RegisterHandlerDirective("sse_health", parseHealth)
 	// Ordered right after encode (so encode can wrap the stream, and auth
 	// directives run first) and so before handle, respond and
 	// reverse_proxy: both work in a site block that proxies everything else
 	// to the existing app, without a `route` block.
 	httpcaddyfile.RegisterDirectiveOrder("sse", httpcaddyfile.After, "encode")
 	httpcaddyfile.RegisterDirectiveOrder("sse_publish", httpcaddyfile.After, "encode")
+	httpcaddyfile.RegisterDirectiveOrder("sse_health", httpcaddyfile.After, "encode")
 }
 
 // parseSSE sets up the `sse` handler from Caddyfile tokens; the matcher has
@@ -51,6 +53,15 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 		return nil, err
 	}
 	return p, nil
+}
+
+// parseHealth sets up the `sse_health` handler from Caddyfile tokens.
+func parseHealth(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	hl := new(Health)
+	if err := hl.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	return hl, nil
 }
 
 // UnmarshalCaddyfile sets up the sse handler from Caddyfile tokens. Syntax:
@@ -79,6 +90,8 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //	    max_duration    <duration>
 //	    takeover on|off
 //	    max_connections_per <template> <n> [reject|evict_oldest]
+//	    presence  <identity-template> [<ttl>]
+//	    lifecycle <stream-key> [<maxlen>]
 //	    jwt {
 //	        key      <secret>|<PEM file>
 //	        alg      HS256|RS256|ES256
@@ -117,6 +130,13 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 // <template> (expanded per request; an empty value is not limited); past it
 // `reject` (the default) answers 429 and `evict_oldest` ends the oldest
 // stream of that value.
+//
+// `presence` counts each stream, per channel, under its identity (the
+// template expanded per request; empty means anonymous, not counted) in
+// Redis, for FCALL sse_presence; <ttl> (at least 3s, default 30s) bounds
+// how long a killed instance keeps counting. `lifecycle` appends an entry
+// to the Redis stream <stream-key> (capped at about <maxlen> entries,
+// default 10000) when a stream opens and when it ends.
 //
 // `jwt` requires a JSON Web Token: `key` is the HS256 secret (placeholders
 // such as {env.SSE_JWT_SECRET} are expanded at load time) or, for RS256 and
@@ -220,6 +240,12 @@ func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "jwt":
 			s.JWT, err = parseJWT(d)
 
+		case "presence":
+			s.Presence, err = parsePresence(d)
+
+		case "lifecycle":
+			s.Lifecycle, err = parseLifecycle(d)
+
 		default:
 			return d.Errf("unrecognized sse option '%s'", opt)
 		}
@@ -321,6 +347,86 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 	if strings.TrimSpace(p.Channel) == "" {
 		return d.Err("channel: sse_publish needs a channel template, as `sse_publish <channel>` or `channel <template>` in its block")
+	}
+	return nil
+}
+
+// parsePresence reads `presence <identity-template> [<ttl>]`, whose name is
+// the current token.
+func parsePresence(d *caddyfile.Dispenser) (*Presence, error) {
+	const opt = "presence"
+	args, err := optArgs(d, opt, 1, 2)
+	if err != nil {
+		return nil, err
+	}
+	p := &Presence{Identity: args[0]}
+	if len(args) == 2 {
+		ttl, err := caddy.ParseDuration(args[1])
+		if err != nil {
+			return nil, d.Errf("%s: ttl: %v", opt, err)
+		}
+		if ttl <= 0 {
+			return nil, d.Errf("%s: ttl must be positive, got '%s'", opt, args[1])
+		}
+		p.TTL = caddy.Duration(ttl)
+	}
+	if err := p.validate(); err != nil {
+		return nil, d.Err(err.Error())
+	}
+	return p, nil
+}
+
+// parseLifecycle reads `lifecycle <stream-key> [<maxlen>]`, whose name is
+// the current token.
+func parseLifecycle(d *caddyfile.Dispenser) (*Lifecycle, error) {
+	const opt = "lifecycle"
+	args, err := optArgs(d, opt, 1, 2)
+	if err != nil {
+		return nil, err
+	}
+	l := &Lifecycle{Stream: args[0]}
+	if len(args) == 2 {
+		n, err := strconv.Atoi(args[1])
+		if err != nil || n < 1 {
+			return nil, d.Errf("%s: maxlen must be a positive integer, got '%s'", opt, args[1])
+		}
+		l.MaxLen = n
+	}
+	if err := l.validate(); err != nil {
+		return nil, d.Err(err.Error())
+	}
+	return l, nil
+}
+
+// UnmarshalCaddyfile sets up the sse_health handler from Caddyfile tokens.
+// Syntax:
+//
+//	sse_health [<matcher>] {
+//	    redis <url> | { ... }
+//	}
+//
+// `redis` is as in `sse` (the same default); the block may be left out.
+func (hl *Health) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.Errf("sse_health: takes no arguments besides a matcher, got '%s'", d.Val())
+	}
+	seen := make(map[string]bool)
+	for d.NextBlock(0) {
+		opt := d.Val()
+		if seen[opt] {
+			return d.Errf("%s: specified more than once", opt)
+		}
+		seen[opt] = true
+		switch opt {
+		case "redis":
+			var err error
+			if hl.Redis, err = parseRedis(d); err != nil {
+				return err
+			}
+		default:
+			return d.Errf("unrecognized sse_health option '%s'", opt)
+		}
 	}
 	return nil
 }
@@ -657,4 +763,5 @@ func optDuration(d *caddyfile.Dispenser, opt string) (caddy.Duration, error) {
 var (
 	_ caddyfile.Unmarshaler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler = (*Publish)(nil)
+	_ caddyfile.Unmarshaler = (*Health)(nil)
 )

@@ -401,6 +401,41 @@ func TestCaddyfileAdapt(t *testing.T) {
 			want: `{"handler":"sse","channels":["news"],"jwt":{"key":"0123456789abcdef0123456789abcdef","alg":"HS256"}}`,
 		},
 		{
+			name:      "presence with ttl and lifecycle with maxlen",
+			directive: "sse",
+			input: `sse user:{http.auth.user.id} {
+				presence {http.auth.user.id} 10s
+				lifecycle sse:lifecycle 500
+			}`,
+			want: `{"handler":"sse","channels":["user:{http.auth.user.id}"],
+				"presence":{"identity":"{http.auth.user.id}","ttl":10000000000},
+				"lifecycle":{"stream":"sse:lifecycle","max_len":500}}`,
+		},
+		{
+			name:      "presence and lifecycle with defaults",
+			directive: "sse",
+			input: `sse room:{query.room} {
+				presence {sse.jwt.sub}
+				lifecycle events
+			}`,
+			want: `{"handler":"sse","channels":["room:{http.request.uri.query.room}"],
+				"presence":{"identity":"{sse.jwt.sub}"},"lifecycle":{"stream":"events"}}`,
+		},
+		{
+			name:      "health",
+			directive: "sse_health",
+			input:     `sse_health /healthz`,
+			want:      `{"handler":"sse_health"}`,
+		},
+		{
+			name:      "health with redis",
+			directive: "sse_health",
+			input: `sse_health {
+				redis redis://redis:6379/2
+			}`,
+			want: `{"handler":"sse_health","redis":{"url":"redis://redis:6379/2"}}`,
+		},
+		{
 			name:      "publish channel",
 			directive: "sse_publish",
 			input: `sse_publish {
@@ -499,6 +534,7 @@ func TestCaddyfileOrder(t *testing.T) {
 		sse_publish /publish/* {
 			channel {http.request.uri.query.channel}
 		}
+		sse_health /healthz
 		basic_auth {
 			alice $2a$14$Zkx19XLiW6VYouLHR5NmfOFU0z2GTNmpkT/5qqR7hx4IjWJPDhjvG
 		}
@@ -511,6 +547,9 @@ func TestCaddyfileOrder(t *testing.T) {
 	}
 	if s > rp || pub > rp {
 		t.Errorf("sse and sse_publish must come before reverse_proxy, got %v", order)
+	}
+	if hl := index(order, "sse_health"); hl < 0 || hl > rp {
+		t.Errorf("sse_health must come before reverse_proxy, got %v", order)
 	}
 	if s < auth || pub < auth {
 		t.Errorf("sse and sse_publish must come after basic_auth, got %v", order)
@@ -676,6 +715,32 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"jwt option repeated", "sse news {\n jwt {\n key {env.K}\n alg RS256\n alg ES256\n }\n}", "jwt: alg"},
 		{"jwt repeated", "sse news {\n jwt {\n key {env.K}\n }\n jwt {\n key {env.K}\n }\n}", "jwt"},
 
+		// sse: presence and lifecycle
+		{"presence missing", "sse news {\n presence\n}", "presence"},
+		{"presence too many arguments", "sse news {\n presence {http.auth.user.id} 10s 20s\n}", "presence"},
+		{"presence bad ttl", "sse news {\n presence {http.auth.user.id} soon\n}", "presence: ttl"},
+		{"presence ttl too short", "sse news {\n presence {http.auth.user.id} 1s\n}", "presence: ttl"},
+		{"presence ttl zero", "sse news {\n presence {http.auth.user.id} 0s\n}", "presence: ttl"},
+		{"presence ttl negative", "sse news {\n presence {http.auth.user.id} -5s\n}", "presence: ttl"},
+		{"presence empty identity", "sse news {\n presence \"\"\n}", "presence"},
+		{"presence repeated", "sse news {\n presence a\n presence b\n}", "presence"},
+		{"presence with block", "sse news {\n presence a {\n ttl 3s\n }\n}", "presence"},
+		{"lifecycle missing", "sse news {\n lifecycle\n}", "lifecycle"},
+		{"lifecycle maxlen zero", "sse news {\n lifecycle events 0\n}", "lifecycle: maxlen"},
+		{"lifecycle maxlen negative", "sse news {\n lifecycle events -1\n}", "lifecycle: maxlen"},
+		{"lifecycle maxlen not a number", "sse news {\n lifecycle events lots\n}", "lifecycle: maxlen"},
+		{"lifecycle too many arguments", "sse news {\n lifecycle events 10 20\n}", "lifecycle"},
+		{"lifecycle history key", "sse news {\n lifecycle sse:h:news\n}", "lifecycle"},
+		{"lifecycle presence key", "sse news {\n lifecycle {sse}:presence:news\n}", "lifecycle"},
+		{"lifecycle counter key", "sse news {\n lifecycle sse:seq\n}", "lifecycle"},
+		{"lifecycle repeated", "sse news {\n lifecycle a\n lifecycle b\n}", "lifecycle"},
+
+		// sse_health
+		{"health argument", "sse_health /healthz now", "sse_health"},
+		{"health unknown option", "sse_health {\n channel x\n}", "unrecognized sse_health option 'channel'"},
+		{"health bad redis", "sse_health {\n redis localhost:6379\n}", "redis"},
+		{"health redis repeated", "sse_health {\n redis redis://a\n redis redis://b\n}", "redis"},
+
 		// sse_publish
 		{"publish unknown option", "sse_publish news {\n foo\n}", "unrecognized sse_publish option 'foo'"},
 		{"publish no channel", "sse_publish", "channel"},
@@ -758,6 +823,8 @@ func TestCaddyfileValidate(t *testing.T) {
 		max_channels 4
 		max_duration 30m
 		max_connections_per {http.auth.user.id} 3 evict_oldest
+		presence {sse.jwt.sub} 10s
+		lifecycle sse:lifecycle 1000
 		jwt {
 			key 0123456789abcdef0123456789abcdef
 			from query token
@@ -769,6 +836,9 @@ func TestCaddyfileValidate(t *testing.T) {
 		channel {http.request.uri.query.channel}
 		history 100 1h
 		max_size 64KiB
+	}
+	sse_health /healthz {
+		redis redis://127.0.0.1:1
 	}
 	reverse_proxy 127.0.0.1:1 {
 		@stream header X-Sse-Channel *
@@ -820,6 +890,12 @@ func TestValidateJSONErrors(t *testing.T) {
 		{"jwt alg none", `"channels":["news"],"jwt":{"key":"0123456789abcdef0123456789abcdef","alg":"none"}`, "jwt: alg"},
 		{"jwt missing key file", `"channels":["news"],"jwt":{"key":"/nonexistent/caddy-sse/key.pem","alg":"RS256"}`, "jwt: key"},
 		{"jwt bad source", `"channels":["news"],"jwt":{"key":"0123456789abcdef0123456789abcdef","from":[{}]}`, "jwt: from"},
+		{"presence without identity", `"channels":["news"],"presence":{"ttl":10000000000}`, "presence"},
+		{"presence ttl too short", `"channels":["news"],"presence":{"identity":"{http.auth.user.id}","ttl":1000000000}`, "presence: ttl"},
+		{"presence negative ttl", `"channels":["news"],"presence":{"identity":"{http.auth.user.id}","ttl":-1}`, "presence: ttl"},
+		{"lifecycle without stream", `"channels":["news"],"lifecycle":{"max_len":10}`, "lifecycle"},
+		{"lifecycle negative max_len", `"channels":["news"],"lifecycle":{"stream":"events","max_len":-1}`, "lifecycle"},
+		{"lifecycle module key", `"channels":["news"],"lifecycle":{"stream":"{sse}:instance:x"}`, "lifecycle"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

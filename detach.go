@@ -23,6 +23,7 @@ type detached struct {
 	sub      *registry.Subscriber
 	channels []string
 	release  func() // undoes the stream's admission; called once, at the end
+	life     *streamLife
 
 	mode     atomic.Int32  // modePending, modeDetached or modeStandard
 	fallback chan struct{} // wakes the standard stream loop if takeover fails
@@ -288,6 +289,7 @@ func (d *detached) finish(why string) {
 	_ = d.conn.Close()
 	d.release()
 	streamEnded(d.h.logger, why, d.channels, d.started, d.events, d.bytes, true)
+	d.life.closed(why)
 }
 
 // detachedSet holds the detached streams for the scanner.

@@ -71,6 +71,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if status, reason := h.authorize(g, channels); status != 0 {
 		return h.refuseAuth(w, status, reason)
 	}
+	identity, ierr := h.identity(repl)
+	if ierr != nil {
+		return refuseIdentity(w, ierr)
+	}
 	if n := openStreams.Add(1); h.MaxConnections > 0 && n > int64(h.MaxConnections) {
 		openStreams.Add(-1)
 		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
@@ -121,18 +125,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	setHeaders(w.Header())
 	metrics.streamsOpen.Inc()
 	adm.add(metrics.streamsOpen.Dec)
+	life, unpresence := h.opened(channels, identity)
+	if unpresence != nil {
+		adm.add(unpresence)
+	}
 	end := h.streamEnd(g)
 	h.logger.Debug("stream open", zap.Strings("channels", channels), zap.Bool("resume", resume),
 		zap.Bool("takeover", d != nil))
 	if d != nil {
-		d.release = adm.release
+		d.release, d.life = adm.release, life
 		if d.takeOver(w, r, h.head(), resume, after, end) {
 			adm.handOver()
 			return nil
 		}
 	}
 	st := &stream{h: h, w: w, rc: http.NewResponseController(w), sub: sub, lastSeq: after, wake: sub.Wake(),
-		channels: channels, adm: adm}
+		channels: channels, adm: adm, life: life}
 	if d != nil {
 		st.wake = d.fallback
 		st.headerSent = true // by the takeover that fell back
@@ -412,7 +420,8 @@ type stream struct {
 	sub      *registry.Subscriber
 	channels []string
 	adm      *admission
-	lastSeq  uint64 // highest sequence number written: later duplicates are skipped
+	life     *streamLife // lifecycle entries; nil without
+	lastSeq  uint64      // highest sequence number written: later duplicates are skipped
 	wake     <-chan struct{}
 	frames   []*registry.Frame
 
@@ -493,6 +502,7 @@ func (st *stream) finish(why string) {
 	st.ended.Do(func() {
 		st.adm.release()
 		streamEnded(st.h.logger, why, st.channels, st.started, st.events.Load(), st.bytes.Load(), false)
+		st.life.closed(why)
 	})
 }
 

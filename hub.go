@@ -68,15 +68,18 @@ func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hu
 		Faults:  metrics.faults,
 	})
 	brk, err := broker.New(broker.Options{
-		Redis:   opts,
-		Cluster: cluster,
-		Logger:  logger,
+		Redis:    opts,
+		Cluster:  cluster,
+		Logger:   logger,
+		Instance: instanceID(),
 		Metrics: broker.Metrics{
-			Connected:  metrics.redisConnected,
-			Reconnects: metrics.redisReconnects,
-			Channels:   metrics.channels,
-			Received:   metrics.received,
-			Rejected:   metrics.rejected,
+			Connected:        metrics.redisConnected,
+			Reconnects:       metrics.redisReconnects,
+			Channels:         metrics.channels,
+			Received:         metrics.received,
+			Rejected:         metrics.rejected,
+			PresenceFailures: metrics.presenceFailures,
+			LifecycleDropped: metrics.lifecycleDropped,
 		},
 	}, brokerSink{reg})
 	if err != nil {

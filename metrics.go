@@ -22,6 +22,9 @@ var metrics = struct {
 	channels        prometheus.Gauge
 	published       *prometheus.CounterVec
 	rejected        *prometheus.CounterVec
+
+	presenceFailures prometheus.Counter
+	lifecycleDropped *prometheus.CounterVec
 }{
 	streamsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: "caddy", Subsystem: "sse", Name: "streams_open",
@@ -71,6 +74,14 @@ var metrics = struct {
 		Namespace: "caddy", Subsystem: "sse", Name: "messages_rejected_total",
 		Help: "Messages from Redis refused as resumable frames, by reason: forged_frame (a plain PUBLISH carrying the resumable marker, delivered as plain data) or bad_frame.",
 	}, []string{"reason"}),
+	presenceFailures: prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "sse", Name: "presence_flush_failures_total",
+		Help: "Presence writes to Redis that failed (they are retried).",
+	}),
+	lifecycleDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "sse", Name: "lifecycle_dropped_total",
+		Help: "Lifecycle entries not written to Redis, by reason: queue_full, redis (the write failed) or stopped.",
+	}, []string{"reason"}),
 }
 
 func registerMetrics(reg prometheus.Registerer) error {
@@ -82,6 +93,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 		metrics.delivered, metrics.dropped, metrics.faults, metrics.received,
 		metrics.redisConnected, metrics.redisReconnects, metrics.channels,
 		metrics.published, metrics.rejected,
+		metrics.presenceFailures, metrics.lifecycleDropped,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

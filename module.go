@@ -103,6 +103,15 @@ type Handler struct {
 	// share a key, such as the authenticated user.
 	MaxConnectionsPer *ConnectionLimit `json:"max_connections_per,omitempty"`
 
+	// Presence counts the streams of each identity per channel in Redis,
+	// across every instance, for backends to read with one command (FCALL
+	// sse_presence). Off unless set.
+	Presence *Presence `json:"presence,omitempty"`
+
+	// Lifecycle appends an entry to a Redis stream when a stream opens and
+	// when it ends (with the presence identity, if any). Off unless set.
+	Lifecycle *Lifecycle `json:"lifecycle,omitempty"`
+
 	allow        *regexp.Regexp
 	listTemplate []bool // per channel template: a lone placeholder, whose value is a list
 	format       sse.Format
@@ -185,6 +194,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if r := h.History.retention(); r.MaxLen > 0 {
 		hb.wantHistory(r)
 	}
+	if h.Presence != nil {
+		hb.brk.EnablePresence(time.Duration(h.Presence.TTL))
+	}
+	if h.Lifecycle != nil {
+		hb.brk.EnableLifecycle()
+	}
 	return nil
 }
 
@@ -233,6 +248,12 @@ func (h *Handler) compile() error {
 			return err
 		}
 	}
+	if err := h.Presence.validate(); err != nil {
+		return err
+	}
+	if err := h.Lifecycle.validate(); err != nil {
+		return err
+	}
 	return h.MaxConnectionsPer.validate()
 }
 
@@ -253,6 +274,12 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("max_duration: must not be negative")
 	}
 	if err := h.MaxConnectionsPer.validate(); err != nil {
+		return err
+	}
+	if err := h.Presence.validate(); err != nil {
+		return err
+	}
+	if err := h.Lifecycle.validate(); err != nil {
 		return err
 	}
 	if h.JWT != nil {

@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -77,6 +78,10 @@ type Options struct {
 	// backends calling FCALL sse_publish directly recover without waiting
 	// for a reconnect. 0: DefaultLibraryCheck; negative: no check.
 	LibraryCheck time.Duration
+	// Instance names this process in Redis: its presence fields, its
+	// liveness key and its lifecycle entries. It must not hold "|".
+	// Empty: "instance-" and a random suffix.
+	Instance string
 }
 
 // Metrics are the collectors a Broker updates. The caller creates and
@@ -96,6 +101,11 @@ type Metrics struct {
 	// FramePrefix: delivered as plain data, without an id) and "bad_frame"
 	// (a message on a resumable twin that is not a frame: dropped).
 	Rejected *prometheus.CounterVec
+	// PresenceFailures counts presence writes that Redis failed (retried).
+	PresenceFailures prometheus.Counter
+	// LifecycleDropped counts lifecycle entries dropped, by reason:
+	// DropQueueFull, DropRedis or DropStopped.
+	LifecycleDropped *prometheus.CounterVec
 }
 
 // Reasons of Metrics.Rejected.
@@ -154,6 +164,22 @@ type Broker struct {
 	barrier  uint64              // the barrier PING whose pong marks ps up
 
 	hist history
+
+	instance string    // see Options.Instance
+	created  time.Time // for State before the first connection
+
+	upAt time.Time // when up last became true; guarded by mu
+
+	// Presence and lifecycle writers, started on demand and waited for by
+	// Close (see presence.go, lifecycle.go).
+	bg       sync.WaitGroup
+	presOn   atomic.Bool
+	presTTL  atomic.Int64 // time.Duration
+	presWake chan struct{}
+	pres     presenceState
+	lifeOn   atomic.Bool
+	lifeQ    chan LifecycleEvent
+	lifeLog  dropLimiter
 }
 
 // New creates a Broker for h and starts its connection in the background. It
@@ -185,7 +211,14 @@ func New(opts Options, h Handler) (*Broker, error) {
 	if opts.Cluster {
 		ro.IsClusterMode = true
 	}
+	if strings.Contains(opts.Instance, "|") {
+		return nil, fmt.Errorf("broker: instance name %q holds a |", opts.Instance)
+	}
 	b := &Broker{
+		instance:   cmp.Or(opts.Instance, "instance-"+strconv.FormatUint(rand.Uint64(), 36)),
+		created:    time.Now(),
+		presWake:   make(chan struct{}, 1),
+		lifeQ:      make(chan LifecycleEvent, LifecycleQueue),
 		addrs:      ro.Addrs,
 		h:          h,
 		log:        opts.Logger,
@@ -335,6 +368,24 @@ func (b *Broker) Connected() bool {
 	return b.up
 }
 
+// State reports whether the subscription connection is up, with every
+// channel confirmed, and since when it has been up, or down (or, before the
+// first connection, since the broker was created).
+func (b *Broker) State() (up bool, since time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case b.up:
+		return true, b.upAt
+	case b.outage:
+		return false, b.downAt
+	}
+	return false, b.created
+}
+
+// Instance is the name of this process in Redis (see Options.Instance).
+func (b *Broker) Instance() string { return b.instance }
+
 // Close stops the connection and closes the client. Subscribe calls waiting
 // for a confirmation return ErrClosed. Closing twice returns ErrClosed.
 func (b *Broker) Close() error {
@@ -361,6 +412,9 @@ func (b *Broker) Close() error {
 	<-b.readerDone
 	<-b.writerDone
 	<-b.libDone
+	// The presence and lifecycle writers clean up with the client: before
+	// it closes.
+	b.bg.Wait()
 	setGauge(b.m.Connected, 0)
 	if b.sub != nil {
 		_ = b.sub.Close()

@@ -652,7 +652,7 @@ func (b *Broker) ponged(p *redis.Pong) error {
 		b.mu.Unlock()
 		return nil
 	}
-	b.up = true
+	b.up, b.upAt = true, time.Now()
 	reconnected, outage := b.outage, time.Since(b.downAt)
 	b.outage = false
 	n := len(b.channels)
@@ -801,6 +801,12 @@ func (b *Broker) afterReconnect() {
 		b.cluster.ReloadState(b.ctx)
 	}
 	b.reloadHistory()
+	if b.presOn.Load() && b.ctx.Err() == nil {
+		// Redis may have restarted without its data: the library and this
+		// instance's fields go back at once, not at the next refresh.
+		b.loadPresenceLibrary(b.ctx, false)
+		b.presenceResync()
+	}
 	if b.ctx.Err() == nil {
 		b.h.HandleReconnect()
 	}

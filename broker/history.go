@@ -276,13 +276,15 @@ func (b *Broker) checkLibrary() {
 	}
 }
 
-// restoreLibrary loads the library again if this process loaded it once
-// and Redis no longer has it. A failure to ask is not reported: Redis is
-// down, which the subscription connection reports.
+// restoreLibrary loads a function library again if this process loaded
+// (history) or wants (presence) it and Redis no longer has it. A failure to
+// ask is not reported: Redis is down, which the subscription connection
+// reports.
 func (b *Broker) restoreLibrary(ctx context.Context) error {
 	b.hist.mu.Lock()
 	defer b.hist.mu.Unlock()
-	if !b.hist.loaded {
+	history, presence := b.hist.loaded, b.presOn.Load()
+	if !history && !presence {
 		return nil
 	}
 	var c redis.Cmdable = b.client
@@ -293,25 +295,42 @@ func (b *Broker) restoreLibrary(ctx context.Context) error {
 		}
 		c = m
 	}
-	libs, err := c.FunctionList(ctx, redis.FunctionListQuery{LibraryNamePattern: LibraryName}).Result()
+	// One command for both libraries: their names share the prefix.
+	libs, err := c.FunctionList(ctx, redis.FunctionListQuery{LibraryNamePattern: LibraryName + "*"}).Result()
 	if err != nil {
 		return nil
 	}
+	have := make(map[string]bool, len(libs))
 	for _, l := range libs {
-		if l.Name == LibraryName {
-			return nil
+		have[l.Name] = true
+	}
+	if history && !have[LibraryName] {
+		if err := b.loadLibrary(ctx, b.hist.ret, false); err != nil {
+			return err
 		}
+		b.log.Warn("the history function library was missing from Redis (FUNCTION FLUSH, or a failover to a node without it); loaded it again",
+			zap.String("library", LibraryName))
 	}
-	if err := b.loadLibrary(ctx, b.hist.ret, false); err != nil {
-		return err
+	if presence && !have[PresenceLibraryName] {
+		if err := b.loadCode(ctx, PresenceLibraryName, presenceLibraryCode(), false); err != nil {
+			return err
+		}
+		b.log.Warn("the presence function library was missing from Redis (FUNCTION FLUSH, or a failover to a node without it); loaded it again",
+			zap.String("library", PresenceLibraryName))
 	}
-	b.log.Warn("the history function library was missing from Redis (FUNCTION FLUSH, or a failover to a node without it); loaded it again",
-		zap.String("library", LibraryName))
 	return nil
 }
 
 func (b *Broker) loadLibrary(ctx context.Context, r Retention, replace bool) error {
-	code := libraryCode(r, b.cluster != nil)
+	if err := b.loadCode(ctx, LibraryName, libraryCode(r, b.cluster != nil), replace); err != nil {
+		return fmt.Errorf("%w (history %d, ttl %s)", err, r.MaxLen, r.TTL)
+	}
+	return nil
+}
+
+// loadCode loads the function library name from code, replacing the one
+// Redis has if replace is set.
+func (b *Broker) loadCode(ctx context.Context, name, code string, replace bool) error {
 	load := func(ctx context.Context, c redis.Cmdable) error {
 		if replace {
 			return c.FunctionLoadReplace(ctx, code).Err()
@@ -344,8 +363,7 @@ func (b *Broker) loadLibrary(ctx context.Context, r Retention, replace bool) err
 		err = load(ctx, b.client)
 	}
 	if err != nil {
-		return fmt.Errorf("broker: load redis function library %s (history %d, ttl %s): %w",
-			LibraryName, r.MaxLen, r.TTL, err)
+		return fmt.Errorf("broker: load redis function library %s: %w", name, err)
 	}
 	return nil
 }

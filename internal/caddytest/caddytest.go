@@ -219,6 +219,13 @@ func (in *Instance) Stop(timeout time.Duration) (time.Duration, error) {
 	}
 }
 
+// Kill ends the process with SIGKILL, as a crash or an OOM kill would:
+// nothing of it runs any more, no cleanup included. It waits for the exit.
+func (in *Instance) Kill() {
+	_ = in.cmd.Process.Kill()
+	<-in.done
+}
+
 func (in *Instance) cleanup() {
 	select {
 	case <-in.done:
