@@ -267,6 +267,9 @@ export class SseStream {
       ctl.abort();
       return { kind: "stopped" };
     }
+    // Only a stream is aborted when the stream stops: the body of a
+    // refusal stays readable for the page (onEnd's response).
+    this.#abort = null;
     const status = res.status;
     if (status === 204) return { kind: "done", response: res };
     if (status === 401) return { kind: "unauthorized", response: res };
@@ -277,6 +280,7 @@ export class SseStream {
     if (status !== 200 || !/^text\/event-stream\b/i.test(type) || !res.body) {
       return { kind: "refused", response: res };
     }
+    this.#abort = ctl;
     this.#opened(res);
     if (this.#ended) {
       ctl.abort();
@@ -307,6 +311,7 @@ export class SseStream {
       return this.#ended ? { kind: "stopped" } : { kind: "ended", error };
     } finally {
       ctl.abort();
+      if (this.#abort === ctl) this.#abort = null;
     }
   }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -108,6 +109,7 @@ type pageRecord struct {
 		Reason string `json:"reason"`
 		Status int    `json:"status"`
 		Error  string `json:"error"`
+		Body   string `json:"body"`
 		T      int64  `json:"t"`
 	} `json:"end"`
 	State       string `json:"state"`
@@ -378,6 +380,9 @@ func helperStopsOnRefusal(e *helperEnv) {
 	r := e.record(name)
 	if r.End.Reason != "refused" || r.End.Status != 403 || len(r.Opens) != 0 {
 		t.Fatalf("%s: end %+v after %d opens, want refused 403", name, r.End, len(r.Opens))
+	}
+	if !strings.Contains(r.End.Body, "not allowed") {
+		t.Fatalf("%s: the page read %q from the refusal, want the server's reason", name, r.End.Body)
 	}
 }
 
