@@ -69,9 +69,15 @@ page.on("pageerror", (err) => {
   if (!expected.test(text)) pageErrors.push(text);
 });
 
+// Content-Security-Policy violations, for the tests to read: window.__csp.
+await page.evaluateOnNewDocument(() => {
+  window.__csp = [];
+  document.addEventListener("securitypolicyviolation", (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));
+});
+
 const commands = {
   async goto({ url }) {
-    const res = await page.goto(url, { waitUntil: "load", timeout: 30_000 });
+    const res = await page.goto(url, { waitUntil: "load", timeout: 90_000 });
     return { ok: true, status: res ? res.status() : 0 };
   },
   async authenticate({ username, password }) {
