@@ -321,11 +321,21 @@ export class SseStream {
     return new Promise((resolve) => {
       let url = this.#request.url;
       if (this.#lastEventId !== "") {
-        const u = new URL(url, globalThis.location?.href);
-        u.searchParams.set("lastEventId", this.#lastEventId);
-        url = u.href;
+        try {
+          const u = new URL(url, globalThis.location?.href);
+          u.searchParams.set("lastEventId", this.#lastEventId);
+          url = u.href;
+        } catch {
+          // not a URL: EventSource refuses it below
+        }
       }
-      const es = new EventSource(url, { withCredentials: this.#opts.credentials === "include" });
+      let es;
+      try {
+        es = new EventSource(url, { withCredentials: this.#opts.credentials === "include" });
+      } catch (error) {
+        resolve({ kind: "refused", error }); // a URL EventSource cannot open
+        return;
+      }
       this.#es = es;
       this.#esSettle = (out) => {
         if (this.#es === es) this.#es = null;

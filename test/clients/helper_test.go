@@ -2,7 +2,9 @@ package clients
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -441,5 +443,64 @@ func helperGivesUpRefreshing(e *helperEnv) {
 	}
 	if gap := r.Refreshes[1].T - r.Refreshes[0].T; gap < 350 {
 		t.Fatalf("%s: the second refresh came %d ms after the first, want a backoff of the retry (400 ms)", name, gap)
+	}
+}
+
+// The helper's own parsing, in Node.js (fetch, no browser) against a server
+// that sends hand-made bytes (helper-framing.mjs): a BOM and a comment,
+// CR, LF and CRLF (a CRLF split across two reads), a UTF-8 character split
+// across reads, an id with NUL (ignored), a field without a colon, an id
+// alone (no event, but the resume point), an unfinished event at the end
+// (dropped); then the reconnect after the server's `retry: 50` (not the
+// page's 5 s) with Last-Event-ID 3, and 204 ends it.
+func TestBrowserHelperFraming(t *testing.T) {
+	bin := requireNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, "helper-framing.mjs")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("helper-framing.mjs: %v\n%s", err, stderr.String())
+	}
+	var got struct {
+		Transport string `json:"transport"`
+		Events    []struct {
+			Type        string `json:"type"`
+			Data        string `json:"data"`
+			LastEventID string `json:"lastEventId"`
+		} `json:"events"`
+		End struct {
+			Reason string `json:"reason"`
+			Status int    `json:"status"`
+		} `json:"end"`
+		Requests []struct {
+			LastEventID string `json:"lastEventId"`
+			Accept      string `json:"accept"`
+		} `json:"requests"`
+		ReconnectAfterMS int64 `json:"reconnectAfterMs"`
+	}
+	if err := json.Unmarshal(out, &got); err != nil {
+		t.Fatalf("helper-framing.mjs printed %q: %v", out, err)
+	}
+	want := [][3]string{{"message", "a", "1"}, {"x", " b\nc", "1"}, {"message", "é", "1"}, {"message", "nul", "1"}, {"message", "", "1"}}
+	if len(got.Events) != len(want) {
+		t.Fatalf("events %+v, want %q", got.Events, want)
+	}
+	for i, w := range want {
+		if e := got.Events[i]; e.Type != w[0] || e.Data != w[1] || e.LastEventID != w[2] {
+			t.Fatalf("event %d: %+v, want %q", i, e, w)
+		}
+	}
+	if got.Transport != "fetch" || len(got.Requests) != 2 || got.Requests[0].Accept != "text/event-stream" ||
+		got.Requests[0].LastEventID != "" || got.Requests[1].LastEventID != "3" {
+		t.Fatalf("transport %s, requests %+v: want fetch, then a reconnect with Last-Event-ID 3", got.Transport, got.Requests)
+	}
+	if got.ReconnectAfterMS < 40 || got.ReconnectAfterMS > 2000 {
+		t.Fatalf("reconnected %d ms after the end, want the server's retry of 50 ms", got.ReconnectAfterMS)
+	}
+	if got.End.Reason != "done" || got.End.Status != 204 {
+		t.Fatalf("end %+v, want done (204)", got.End)
 	}
 }
