@@ -4,6 +4,9 @@
 // LF and CRLF split across reads, a UTF-8 character split across reads, an
 // id with NUL, an id alone, a field without a colon, an unfinished event at
 // the end), then `retry:` and Last-Event-ID on the reconnect, and 204.
+// Then a server that answers 503: the helper tries again, after the
+// Retry-After it sends and doubling its own delay, and stops ("lost") after
+// maxRetries failures in a row.
 // It prints one JSON line: what the page would have seen.
 import { createServer } from "node:http";
 import { openStream } from "../../client/caddy-sse.js";
@@ -55,6 +58,20 @@ const timeout = setTimeout(() => stream.close(), 10_000);
 const end = await stream.ended;
 clearTimeout(timeout);
 server.close();
+
+// 503 with Retry-After: 1 the first time, without it after.
+const busy = [];
+const busyServer = createServer((req, res) => {
+  busy.push(Date.now());
+  res.writeHead(503, busy.length === 1 ? { "Retry-After": "1" } : {}).end("busy");
+});
+await new Promise((r) => busyServer.listen(0, "127.0.0.1", r));
+const retried = openStream(`http://127.0.0.1:${busyServer.address().port}/events`, { retry: 100, maxRetries: 3 });
+const busyTimeout = setTimeout(() => retried.close(), 10_000);
+const busyEnd = await retried.ended;
+clearTimeout(busyTimeout);
+busyServer.close();
+
 process.stdout.write(
   JSON.stringify({
     kind: "result",
@@ -63,5 +80,9 @@ process.stdout.write(
     end: { reason: end.reason, status: end.status ?? 0 },
     requests,
     reconnectAfterMs: requests.length > 1 ? requests[1].t - endedAt : -1,
+    busy: {
+      gaps: busy.slice(1).map((t, i) => t - busy[i]),
+      end: { reason: busyEnd.reason, status: busyEnd.status ?? 0, body: busyEnd.response ? await busyEnd.response.text() : "" },
+    },
   }) + "\n",
 );

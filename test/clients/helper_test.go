@@ -452,7 +452,8 @@ func helperGivesUpRefreshing(e *helperEnv) {
 // across reads, an id with NUL (ignored), a field without a colon, an id
 // alone (no event, but the resume point), an unfinished event at the end
 // (dropped); then the reconnect after the server's `retry: 50` (not the
-// page's 5 s) with Last-Event-ID 3, and 204 ends it.
+// page's 5 s) with Last-Event-ID 3, and 204 ends it. Then 503s: retried
+// with backoff (Retry-After first) until maxRetries.
 func TestBrowserHelperFraming(t *testing.T) {
 	bin := requireNode(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -480,6 +481,14 @@ func TestBrowserHelperFraming(t *testing.T) {
 			Accept      string `json:"accept"`
 		} `json:"requests"`
 		ReconnectAfterMS int64 `json:"reconnectAfterMs"`
+		Busy             struct {
+			Gaps []int64 `json:"gaps"`
+			End  struct {
+				Reason string `json:"reason"`
+				Status int    `json:"status"`
+				Body   string `json:"body"`
+			} `json:"end"`
+		} `json:"busy"`
 	}
 	if err := json.Unmarshal(out, &got); err != nil {
 		t.Fatalf("helper-framing.mjs printed %q: %v", out, err)
@@ -502,5 +511,14 @@ func TestBrowserHelperFraming(t *testing.T) {
 	}
 	if got.End.Reason != "done" || got.End.Status != 204 {
 		t.Fatalf("end %+v, want done (204)", got.End)
+	}
+	// 503s: retried after the Retry-After (1 s), then after retry (100 ms)
+	// doubled each time; lost after maxRetries (3), the body readable.
+	b := got.Busy
+	if len(b.Gaps) != 3 || b.Gaps[0] < 950 || b.Gaps[1] < 180 || b.Gaps[2] < 380 || b.Gaps[2] > 3000 {
+		t.Fatalf("503s retried after %v ms, want about 1000, 200, 400", b.Gaps)
+	}
+	if b.End.Reason != "lost" || b.End.Status != 503 || b.End.Body != "busy" {
+		t.Fatalf("after the retries: %+v, want lost with the last 503 and its body", b.End)
 	}
 }
