@@ -19,6 +19,8 @@ func init() {
 //	GET /sse/channels   every channel with its subscriber count, per Redis
 //	                    configuration, and the totals
 //	GET /sse/stats      the totals only
+//	GET /sse/live       the live view: a page that draws /sse/live.json
+//	GET /sse/live.json  counters, rates over the last ten minutes, Redis state
 //
 // Redis configurations are described by their addresses, mode, database and
 // TLS; never by their username or password.
@@ -37,6 +39,8 @@ func (adminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: "/sse/channels", Handler: caddy.AdminHandlerFunc(handleChannels)},
 		{Pattern: "/sse/stats", Handler: caddy.AdminHandlerFunc(handleStats)},
+		{Pattern: "/sse/live", Handler: caddy.AdminHandlerFunc(handleLivePage)},
+		{Pattern: "/sse/live.json", Handler: caddy.AdminHandlerFunc(handleLiveJSON)},
 	}
 }
 

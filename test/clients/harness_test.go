@@ -1,6 +1,8 @@
 // Package clients checks caddy-sse against real SSE clients: the npm
 // packages eventsource and @microsoft/fetch-event-source run by Node.js,
-// headless Chromium on the demo page (driven by playwright-core), and a Go
+// headless Chromium on the demo page (driven by playwright-core), the
+// browser helper client/caddy-sse.js in headless Chromium and Firefox and
+// the admin live view in Chromium (driven by puppeteer-core), and a Go
 // client. Each runs against a real Caddy built from cmd/caddy and a real
 // redis-server. Install the npm packages first with `npm ci` in this folder.
 package clients
@@ -49,6 +51,10 @@ type msg struct {
 	State    string   `json:"state"`
 	States   []string `json:"states"`
 	Log      []string `json:"log"`
+
+	// Answers of pages.mjs.
+	Value      json.RawMessage `json:"value"`
+	PageErrors []string        `json:"pageErrors"`
 }
 
 func (m msg) lastID() string {
@@ -80,7 +86,7 @@ func requireNode(t *testing.T) string {
 	if err != nil {
 		t.Fatal("node not found on PATH: install Node.js 20 or later (for example `apt-get install -y nodejs npm`), then run `npm ci` in test/clients")
 	}
-	for _, pkg := range []string{"eventsource", "@microsoft/fetch-event-source", "playwright-core"} {
+	for _, pkg := range []string{"eventsource", "@microsoft/fetch-event-source", "playwright-core", "puppeteer-core"} {
 		if _, err := os.Stat(filepath.Join("node_modules", pkg, "package.json")); err != nil {
 			t.Fatalf("npm package %s is not installed: run `npm ci` in test/clients (from the repository root: `npm ci --prefix test/clients`)", pkg)
 		}

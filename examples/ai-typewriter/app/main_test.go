@@ -29,18 +29,27 @@ const testToken = "test-token"
 // keep Caddy away from the user's admin port, trust store and saved config.
 // Each replaced text must occur exactly once, so that an edit of the example
 // that the test would silently not cover fails here instead.
-func exampleCaddyfile(t *testing.T) string {
+//
+// Caddy runs in a temporary folder here, so the browser helper's folder
+// (relative to the repository's root in the example) becomes absolute.
+// extra replacements change the example further, for one test.
+func exampleCaddyfile(t *testing.T, extra ...[2]string) string {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join("..", "Caddyfile"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	client, err := filepath.Abs(filepath.Join("..", "..", "..", "client"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	cf := string(b)
-	for _, r := range [][2]string{
+	for _, r := range append([][2]string{
 		{"\tauto_https off\n", "\tauto_https off\n\tadmin 127.0.0.1:{ADMIN}\n\tskip_install_trust\n\tpersist_config off\n"},
 		{"http://localhost:8000 {", "http://127.0.0.1:{HTTP} {"},
 		{"reverse_proxy 127.0.0.1:8080 {", "reverse_proxy {APP} {"},
-	} {
+		{"root * client\n", "root * " + client + "\n"},
+	}, extra...) {
 		if n := strings.Count(cf, r[0]); n != 1 {
 			t.Fatalf("the example Caddyfile has %q %d times, want once: update exampleCaddyfile", r[0], n)
 		}
@@ -56,7 +65,7 @@ type stack struct {
 	app   string // the app's own address, bypassing Caddy
 }
 
-func startStack(t *testing.T, minDelay, maxDelay time.Duration) *stack {
+func startStack(t *testing.T, minDelay, maxDelay time.Duration, extra ...[2]string) *stack {
 	t.Helper()
 	rs := redistest.Start(t)
 	appAddr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
@@ -81,7 +90,7 @@ func startStack(t *testing.T, minDelay, maxDelay time.Duration) *stack {
 	})
 	waitListening(t, appAddr, ran)
 
-	in := caddytest.Start(t, exampleCaddyfile(t), caddytest.Options{"{APP}": appAddr}, "REDIS_URL="+rs.URL())
+	in := caddytest.Start(t, exampleCaddyfile(t, extra...), caddytest.Options{"{APP}": appAddr}, "REDIS_URL="+rs.URL())
 	waitFunctions(t, rs.Client())
 	return &stack{caddy: in, app: appAddr}
 }
@@ -364,10 +373,27 @@ func (s *stack) do(t *testing.T, method, path, body string, header ...string) *h
 }
 
 // The headless Chromium test: the page, through Caddy, types the whole
-// answer in order and makes no request after done. The browser is driven by
-// browser.test.mjs (playwright-core); missing tools fail the test, never
-// skip it.
+// answer in order and makes no request after done; without a session it
+// shows the app's 401 and stops. The browser is driven by browser.test.mjs
+// (playwright-core); missing tools fail the test, never skip it.
 func TestBrowser(t *testing.T) {
+	runBrowserTest(t, "answer", startStack(t, 10*time.Millisecond, 30*time.Millisecond))
+}
+
+// The same page when the connection keeps dropping: here Caddy closes every
+// stream after about 1.5 s (max_duration, added for this test). The page
+// resumes on GET /chat/<id> with Last-Event-ID and still types the whole
+// answer once, in order, then stops.
+func TestBrowserResumes(t *testing.T) {
+	s := startStack(t, 30*time.Millisecond, 60*time.Millisecond, [2]string{
+		"last_event_id {rp.header.X-Sse-Last-Event-Id}\n",
+		"last_event_id {rp.header.X-Sse-Last-Event-Id}\n\t\t\t\t\tmax_duration 1500ms\n",
+	})
+	runBrowserTest(t, "resume", s)
+}
+
+func runBrowserTest(t *testing.T, scenario string, s *stack) {
+	t.Helper()
 	dir, err := filepath.Abs("..")
 	if err != nil {
 		t.Fatal(err)
@@ -387,7 +413,6 @@ func TestBrowser(t *testing.T) {
 		t.Fatalf("the browser test needs: %s", strings.Join(missing, "; "))
 	}
 
-	s := startStack(t, 10*time.Millisecond, 30*time.Millisecond)
 	question := "Who holds my connection?"
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -395,6 +420,7 @@ func TestBrowser(t *testing.T) {
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(),
 		"BASE_URL="+s.caddy.URL(),
+		"SCENARIO="+scenario,
 		"QUESTION="+question,
 		"EXPECTED="+answerFor(question),
 		"CHROMIUM_PATH="+chromium,
