@@ -266,12 +266,18 @@ func (h *Handler) authenticate(r *http.Request, repl *caddy.Replacer) (*grant, i
 		}
 		return nil, http.StatusUnauthorized, reason
 	}
-	if sub, _ := claims.GetSubject(); sub != "" && repl != nil {
-		repl.Set("sse.jwt.sub", sub)
-	}
 	g := &grant{patterns: claimStrings(claims[j.claim])}
 	if exp, _ := claims.GetExpirationTime(); exp != nil {
 		g.expires = exp.Time
+	}
+	if !g.expires.After(time.Now()) {
+		// Within the clock-skew leeway the token is valid, but a stream
+		// on it would end at once (streams end at exp) and the client
+		// would reconnect with it again and again: ask for a fresh one.
+		return nil, http.StatusUnauthorized, "token expired"
+	}
+	if sub, _ := claims.GetSubject(); sub != "" && repl != nil {
+		repl.Set("sse.jwt.sub", sub)
 	}
 	return g, 0, ""
 }

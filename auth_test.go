@@ -147,7 +147,10 @@ func TestJWTHS256(t *testing.T) {
 		{"claim missing", hs(jwt.MapClaims{"channels": nil}), []string{"user:42"}, http.StatusForbidden},
 		{"claim of the wrong type", hs(jwt.MapClaims{"channels": 42}), []string{"user:42"}, http.StatusForbidden},
 		{"expired", hs(jwt.MapClaims{"exp": time.Now().Add(-time.Hour).Unix()}), []string{"user:42"}, http.StatusUnauthorized},
-		{"expired within leeway", hs(jwt.MapClaims{"exp": time.Now().Add(-5 * time.Second).Unix()}), []string{"user:42"}, 0},
+		// Within the leeway the token is valid, but a stream on it would
+		// end at once: refused, so that the client fetches a fresh one.
+		{"expired within leeway", hs(jwt.MapClaims{"exp": time.Now().Add(-5 * time.Second).Unix()}), []string{"user:42"}, http.StatusUnauthorized},
+		{"not valid yet within leeway", hs(jwt.MapClaims{"nbf": time.Now().Add(5 * time.Second).Unix()}), []string{"user:42"}, 0},
 		{"no exp", hs(jwt.MapClaims{"exp": nil}), []string{"user:42"}, http.StatusUnauthorized},
 		{"not valid yet", hs(jwt.MapClaims{"nbf": time.Now().Add(time.Hour).Unix()}), []string{"user:42"}, http.StatusUnauthorized},
 		{"issued in the future", hs(jwt.MapClaims{"iat": time.Now().Add(time.Hour).Unix()}), []string{"user:42"}, http.StatusUnauthorized},

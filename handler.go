@@ -59,12 +59,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	// may name them ({sse.jwt.sub}), and a client without a valid token
 	// learns nothing about them.
 	g, status, reason := h.authenticate(r, repl)
-	if status == 0 && g != nil && !g.expires.IsZero() && !g.expires.After(time.Now()) {
-		// Within the clock-skew leeway the token is valid, but a stream
-		// on it would end at once (it ends at exp), and the client would
-		// reconnect with it again and again: ask for a fresh one now.
-		status, reason = http.StatusUnauthorized, "token expired"
-	}
 	if status != 0 {
 		return h.refuseAuth(w, status, reason)
 	}
