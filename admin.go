@@ -18,7 +18,7 @@ func init() {
 //
 //	GET /sse/channels   every channel with its subscriber count, per Redis
 //	                    configuration, and the totals
-//	GET /sse/stats      the totals only
+//	GET /sse/stats      the totals, this instance's id, and each Redis's state
 //	GET /sse/live       the live view: a page that draws /sse/live.json
 //	GET /sse/live.json  counters, rates over the last ten minutes, Redis state
 //
