@@ -538,7 +538,10 @@ func TestLargePayloadsStayFramed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := New(Options{Redis: opts, HealthCheck: 50 * time.Millisecond, Logger: zaptest.NewLogger(t)}, rec)
+	// A short health check, so that the watchdog runs while each message is
+	// read; not so short that a loaded machine (a -race build on two busy
+	// cores) pauses the reader past it between two messages.
+	b, err := New(Options{Redis: opts, HealthCheck: 250 * time.Millisecond, Logger: zaptest.NewLogger(t)}, rec)
 	if err != nil {
 		t.Fatal(err)
 	}
