@@ -3,7 +3,6 @@ package nginx
 import (
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -17,7 +16,6 @@ import (
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
 	"github.com/caddy-sse/caddy-sse/internal/caddytest"
-	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -157,43 +155,11 @@ func runNginx(t *testing.T, conf, addr string) *nginxServer {
 	}
 	dir := filepath.Dir(conf)
 	cmd := exec.Command(bin, "-e", filepath.Join(dir, "error.log"), "-p", dir, "-c", conf)
-	var out outbuf.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		close(done)
-	}()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
+	exampletest.Serve(t, cmd, addr, 10*time.Second, func() string {
+		log, _ := os.ReadFile(filepath.Join(dir, "error.log"))
+		return string(log)
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			c.Close()
-			return &nginxServer{addr: addr, dir: dir}
-		}
-		select {
-		case <-done:
-			log, _ := os.ReadFile(filepath.Join(dir, "error.log"))
-			t.Fatalf("nginx exited: %s\n%s", out.String(), log)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("nginx did not listen on %s within 10s", addr)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return &nginxServer{addr: addr, dir: dir}
 }
 
 func (n *nginxServer) URL() string { return "http://" + n.addr }

@@ -219,6 +219,16 @@ func StandIn(tb testing.TB, command string) string {
 	line = strings.ReplaceAll(line, "127.0.0.1:8080", addr)
 	cmd := exec.Command("sh", "-c", line)
 	cmd.Env = append(os.Environ(), "HOME="+tb.TempDir())
+	Serve(tb, cmd, addr, 30*time.Second, nil)
+	return addr
+}
+
+// Serve starts cmd, stops it when the test ends (an interrupt, then a kill
+// after 5 s), and returns once something listens on addr. It fails the test
+// with cmd's output, and what logs returns (when not nil), if cmd exits
+// first or nothing listens within the given time.
+func Serve(tb testing.TB, cmd *exec.Cmd, addr string, within time.Duration, logs func() string) {
+	tb.Helper()
 	var out outbuf.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -238,19 +248,24 @@ func StandIn(tb testing.TB, command string) string {
 			<-done
 		}
 	})
-	deadline := time.Now().Add(30 * time.Second)
+	name := strings.Join(cmd.Args, " ")
+	deadline := time.Now().Add(within)
 	for {
 		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 			c.Close()
-			return addr
+			return
 		}
 		select {
 		case <-done:
-			tb.Fatalf("%s exited:\n%s", command, out.String())
+			more := ""
+			if logs != nil {
+				more = logs()
+			}
+			tb.Fatalf("%s exited:\n%s%s", name, out.String(), more)
 		default:
 		}
 		if time.Now().After(deadline) {
-			tb.Fatalf("%s did not listen on %s within 30s", command, addr)
+			tb.Fatalf("%s did not listen on %s within %s", name, addr, within)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
