@@ -17,6 +17,7 @@ import (
 
 	"github.com/caddy-sse/caddy-sse/registry"
 	"github.com/caddy-sse/caddy-sse/sse"
+	"github.com/caddy-sse/caddy-sse/stream"
 )
 
 // openStreams counts the streams of this process, across config reloads, for
@@ -24,26 +25,10 @@ import (
 var openStreams atomic.Int64
 
 const (
-	// writeTimeout bounds one write to a client that stopped reading; its
-	// queue overflows meanwhile and the stream is closed.
-	writeTimeout = 10 * time.Second
-	// stallGrace is how long past writeTimeout a write may stay blocked
-	// before the stream is given up and its connection closed: over
-	// HTTP/2 the reset that the write deadline queues cannot reach a
-	// client that does not read its socket at all.
-	stallGrace = 5 * time.Second
 	// exitJitter spreads the reconnects of streams ended by a shutdown.
 	exitJitter = 500 * time.Millisecond
 	// replayTimeout bounds the read of one page of history.
 	replayTimeout = 10 * time.Second
-)
-
-// Reasons a stream ends besides the registry's, also metric labels.
-const (
-	reasonClient      = "client"       // the client went away or stopped reading
-	reasonMaxDuration = "max_duration" // max_duration was reached
-	reasonExpired     = "token_expired"
-	reasonShutdown    = "shutdown"
 )
 
 // ServeHTTP resolves the request's channels, admits it, attaches it to the
@@ -107,16 +92,17 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if resume {
 		sub.Replaying()
 	}
-	var d *detached
-	if h.detach && r.ProtoMajor == 1 {
-		d = newDetached(h, sub, channels)
-	}
 	releasePer, ok := h.admitPer(repl, sub)
 	if !ok {
 		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
 		return refuse(w, http.StatusTooManyRequests, "max_connections_per", "too many streams for this client")
 	}
 	adm.add(releasePer)
+	var life *streamLife
+	st := stream.New(sub, h.streams, h.streamEnd(g), after, func(res stream.Result) {
+		adm.release()
+		life.closed(res.Reason)
+	})
 	if err := h.hub.reg.Attach(r.Context(), sub); err != nil {
 		return nil // the client went away, or the config is being unloaded
 	}
@@ -125,50 +111,50 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	setHeaders(w.Header())
 	metrics.streamsOpen.Inc()
 	adm.add(metrics.streamsOpen.Dec)
-	life, unpresence := h.opened(channels, identity)
+	var unpresence func()
+	life, unpresence = h.opened(channels, identity)
 	if unpresence != nil {
 		adm.add(unpresence)
 	}
-	end := h.streamEnd(g)
-	h.logger.Debug("stream open", zap.Strings("channels", channels), zap.Bool("resume", resume),
-		zap.Bool("takeover", d != nil))
-	if d != nil {
-		d.release, d.life = adm.release, life
-		if d.takeOver(w, r, h.head(), resume, after, end) {
-			adm.handOver()
-			return nil
+	h.logger.Debug("stream open", zap.Strings("channels", channels), zap.Bool("resume", resume))
+
+	var conn net.Conn
+	var budget int64
+	headerSent := false
+	if h.takeover && r.ProtoMajor == 1 {
+		var ok bool
+		if conn, budget, ok = takeOver(w, r); ok {
+			st.SetSink(stream.NewConnSink(conn))
 		}
+		headerSent = true
 	}
-	st := &stream{h: h, w: w, rc: http.NewResponseController(w), sub: sub, lastSeq: after, wake: sub.Wake(),
-		channels: channels, adm: adm, life: life}
-	if d != nil {
-		st.wake = d.fallback
-		st.headerSent = true // by the takeover that fell back
+	if conn == nil {
+		c, _ := r.Context().Value(connKey{}).(net.Conn)
+		rs := stream.NewResponseSink(w, c)
+		rs.Start(!headerSent)
+		st.SetSink(rs)
 	}
-	if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
-		st.conn = c
-	}
-	st.stall = time.AfterFunc(time.Hour, st.abandon)
-	st.stall.Stop()
-	if err := st.open(); err != nil {
-		st.finish(st.failed())
+	// From here on the stream's end releases its admission.
+	adm.handOver()
+	if err := st.Write([][]byte{h.head()}, 0); err != nil {
+		st.Abort()
 		return nil
 	}
 	if resume {
-		last, err := h.replay(r.Context(), sub, after, st.writeBatches)
-		st.lastSeq = last
+		last, err := h.replay(r.Context(), sub, after, func(frames [][]byte) error {
+			return st.Write(frames, len(frames))
+		})
+		st.SetLastSeq(last)
 		if err != nil {
-			st.finish(st.failed())
+			st.Abort()
 			return nil
 		}
 	}
-	why := st.run(r.Context(), end)
-	if why == registry.ReasonEvicted {
-		// Tell the page, so that it closes its EventSource rather than
-		// reconnect and evict the next oldest stream of its key in turn.
-		_ = st.write(evictedFrame)
+	if conn != nil {
+		st.Detach(conn, budget)
+		return nil
 	}
-	st.finish(why)
+	st.Serve(r.Context())
 	return nil
 }
 
@@ -220,27 +206,21 @@ func (a *admission) releaseUnlessHandedOver() {
 // together), or the expiry of the token that admitted it (less a little
 // jitter, so that the client reconnects with a fresh one before it is
 // refused). Zero time: never.
-func (h *Handler) streamEnd(g *grant) streamDeadline {
-	var end streamDeadline
+func (h *Handler) streamEnd(g *grant) stream.Deadline {
+	var end stream.Deadline
 	now := time.Now()
 	if d := time.Duration(h.MaxDuration); d > 0 {
-		end = streamDeadline{at: now.Add(d - time.Duration(rand.Int64N(int64(d/10)+1))), why: reasonMaxDuration}
+		end = stream.Deadline{At: now.Add(d - time.Duration(rand.Int64N(int64(d/10)+1))), Reason: stream.ReasonMaxDuration}
 	}
 	if g != nil && !g.expires.IsZero() {
 		left := g.expires.Sub(now)
 		jitter := min(left/10, 5*time.Second)
 		at := g.expires.Add(-time.Duration(rand.Int64N(int64(max(jitter, 0)) + 1)))
-		if end.at.IsZero() || at.Before(end.at) {
-			end = streamDeadline{at: at, why: reasonExpired}
+		if end.At.IsZero() || at.Before(end.At) {
+			end = stream.Deadline{At: at, Reason: stream.ReasonExpired}
 		}
 	}
 	return end
-}
-
-// streamDeadline is when a stream must end, and the reason it ends for.
-type streamDeadline struct {
-	at  time.Time
-	why string
 }
 
 // resolve expands the channel templates (see expandChannels). It returns
@@ -409,243 +389,4 @@ func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, after ui
 			return last, nil
 		}
 	}
-}
-
-// stream writes one client's events through Caddy's response writer: HTTP/2,
-// HTTP/3, and HTTP/1.x when it is not taken over.
-type stream struct {
-	h        *Handler
-	w        http.ResponseWriter
-	rc       *http.ResponseController
-	sub      *registry.Subscriber
-	channels []string
-	adm      *admission
-	life     *streamLife // lifecycle entries; nil without
-	lastSeq  uint64      // highest sequence number written: later duplicates are skipped
-	wake     <-chan struct{}
-	frames   []*registry.Frame
-
-	// conn is the client's connection when Caddy's server lets us see it;
-	// stall closes it when a write stays blocked (see stallGrace).
-	conn  net.Conn
-	stall *time.Timer
-	ended sync.Once
-
-	headerSent bool
-	started    time.Time
-	// Written, for the record of the stream's end, which the stall
-	// watchdog may make while a write is under way.
-	events atomic.Int64
-	bytes  atomic.Int64
-}
-
-// open sends the headers and the first comment at once, so that the client
-// (and every proxy on the way) sees the stream is alive before any event.
-func (st *stream) open() error {
-	st.started = time.Now()
-	if !st.headerSent {
-		st.w.WriteHeader(http.StatusOK)
-	}
-	// A stream outlives any server read or write timeout.
-	_ = st.rc.SetReadDeadline(time.Time{})
-	return st.write(st.h.head())
-}
-
-// write writes chunks and flushes, with a deadline so that a client that
-// stopped reading cannot hold the goroutine forever.
-func (st *stream) write(chunks ...[]byte) error {
-	st.begin()
-	defer st.done()
-	for _, b := range chunks {
-		if _, err := st.w.Write(b); err != nil {
-			return err
-		}
-	}
-	return st.rc.Flush()
-}
-
-// begin and done bracket every write: the write deadline bounds it, and the
-// stall watchdog gives the stream up if even that cannot end it.
-func (st *stream) begin() {
-	_ = st.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
-	st.stall.Reset(writeTimeout + stallGrace)
-}
-
-func (st *stream) done() {
-	st.stall.Stop()
-	_ = st.rc.SetWriteDeadline(time.Time{})
-}
-
-// abandon runs on the watchdog's goroutine when a write stayed blocked past
-// its deadline: it never touches the response writer (the handler's
-// goroutine is inside it), it ends the stream's admission and closes the
-// connection, which is what unblocks the handler.
-func (st *stream) abandon() {
-	defer recoverStream(st.h.logger, nil)
-	st.finish(st.failed())
-	if st.conn != nil {
-		_ = st.conn.Close()
-	}
-}
-
-// failed is why a stream whose write failed ended: the client fell behind
-// (its queue overflowed while the write was blocked), or went away.
-func (st *stream) failed() string {
-	if st.sub.Reason() == registry.ReasonOverflow {
-		return registry.ReasonOverflow
-	}
-	return reasonClient
-}
-
-// finish ends the stream once: the admission is undone and the end counted.
-func (st *stream) finish(why string) {
-	st.ended.Do(func() {
-		st.adm.release()
-		streamEnded(st.h.logger, why, st.channels, st.started, st.events.Load(), st.bytes.Load(), false)
-		st.life.closed(why)
-	})
-}
-
-// streamEnded counts a stream's end and records it, once per stream, with
-// what the access log cannot know: it logs the request when the stream
-// starts (a taken-over one) or cannot say why it ended.
-func streamEnded(logger *zap.Logger, why string, channels []string, started time.Time, events, bytes int64, takeover bool) {
-	metrics.streamsClosed.WithLabelValues(why).Inc()
-	if ce := logger.Check(zap.InfoLevel, "stream closed"); ce != nil {
-		ce.Write(zap.Strings("channels", channels), zap.String("reason", why),
-			zap.Duration("duration", time.Since(started)), zap.Int64("events", events),
-			zap.Int64("bytes", bytes), zap.Bool("takeover", takeover))
-	}
-}
-
-// writeBatches writes frames, flushing every few dozen.
-func (st *stream) writeBatches(frames [][]byte) error {
-	const batch = 64
-	for len(frames) > 0 {
-		n := min(batch, len(frames))
-		if err := st.write(frames[:n]...); err != nil {
-			return err
-		}
-		size := 0
-		for _, f := range frames[:n] {
-			size += len(f)
-		}
-		st.count(n, size)
-		frames = frames[n:]
-	}
-	return nil
-}
-
-// run is the stream's loop: it sleeps until frames are queued, a keepalive
-// is due, or the stream must end, and returns why it ended.
-func (st *stream) run(ctx context.Context, end streamDeadline) string {
-	keepalive := time.NewTimer(time.Duration(st.h.Keepalive))
-	defer keepalive.Stop()
-	var deadline <-chan time.Time
-	if !end.at.IsZero() {
-		t := time.NewTimer(time.Until(end.at))
-		defer t.Stop()
-		deadline = t.C
-	}
-	for {
-		select {
-		case <-st.wake:
-			why, err := st.drain()
-			if err != nil {
-				return st.failed()
-			}
-			if why != "" {
-				return why
-			}
-			keepalive.Reset(time.Duration(st.h.Keepalive))
-		case <-keepalive.C:
-			if st.write(sse.Comment) != nil {
-				return st.failed()
-			}
-			keepalive.Reset(time.Duration(st.h.Keepalive))
-		case <-ctx.Done():
-			return reasonClient
-		case <-deadline:
-			return end.why
-		case <-exiting:
-			// Spread the reconnects, but stay prompt: Caddy waits for us.
-			select {
-			case <-time.After(time.Duration(rand.Int64N(int64(exitJitter)))):
-			case <-ctx.Done():
-			}
-			return reasonShutdown
-		}
-	}
-}
-
-// drain writes every queued frame in one flush.
-func (st *stream) drain() (string, error) {
-	frames, why := st.sub.Take(st.frames)
-	st.frames = frames
-	if len(frames) == 0 || why == registry.ReasonOverflow {
-		// An overflowed client resumes from history on reconnect; what is
-		// queued would only be written to a socket that is not read.
-		clear(frames)
-		return why, nil
-	}
-	n, size := 0, 0
-	st.begin()
-	defer st.done()
-	for _, f := range frames {
-		if f.Seq != 0 {
-			if f.Seq <= st.lastSeq {
-				continue // already sent by the replay
-			}
-			st.lastSeq = f.Seq
-		}
-		if len(f.Bytes) == 0 {
-			continue
-		}
-		if _, err := st.w.Write(f.Bytes); err != nil {
-			clear(frames)
-			return why, err
-		}
-		n++
-		size += len(f.Bytes)
-	}
-	clear(frames) // let the frames go; the slice is reused
-	err := st.rc.Flush()
-	st.count(n, size)
-	return why, err
-}
-
-// count records n events of size bytes written.
-func (st *stream) count(n, size int) {
-	st.events.Add(int64(n))
-	st.bytes.Add(int64(size))
-	metrics.delivered.Add(float64(n))
-}
-
-// recoverStream, deferred in a goroutine that serves one stream, keeps a
-// panic there from taking the whole process down: it is logged with its
-// stack and the stream ends.
-func recoverStream(logger *zap.Logger, end func()) {
-	v := recover()
-	if v == nil {
-		return
-	}
-	logger.Error("stream goroutine panicked; ending the stream", zap.Any("panic", v), zap.Stack("stack"))
-	if end != nil {
-		end()
-	}
-}
-
-// connKey holds, in a request's context, the client connection it came on:
-// Caddy's servers hand it to the ConnContext hooks that modules register.
-type connKey struct{}
-
-// registerConnContext makes the connection of each request of srv visible
-// to the streams, so that one whose writes stall can be cut off.
-func registerConnContext(srv *caddyhttp.Server) {
-	srv.RegisterConnContext(func(ctx context.Context, c net.Conn) context.Context {
-		if ctx.Value(connKey{}) != nil {
-			return ctx
-		}
-		return context.WithValue(ctx, connKey{}, c)
-	})
 }

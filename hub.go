@@ -160,7 +160,8 @@ func (h *hub) Destruct() error {
 		// Caddy does not wait for taken-over connections: let their
 		// jittered ends run first, so that clients do not all reconnect
 		// at the same instant.
-		detachedStreams.wait(exitJitter + 250*time.Millisecond)
+		streamClock.Shutdown(exitJitter)
+		streamClock.Wait(exitJitter + 250*time.Millisecond)
 	}
 	h.reg.Close()
 	return h.brk.Close()
@@ -278,14 +279,11 @@ func (c *RedisConfig) options() (*redis.UniversalOptions, bool, error) {
 	return opts, c.Cluster, nil
 }
 
-// exiting is closed once Caddy is exiting, so that streams end promptly
-// instead of holding up the server's graceful shutdown forever. Caddy runs
-// its exit callbacks only after the servers stopped, too late for that, so
-// the flag is polled.
-var (
-	exiting     = make(chan struct{})
-	exitWatcher sync.Once
-)
+// watchExit ends the streams promptly once Caddy is exiting, instead of
+// holding up the server's graceful shutdown forever. Caddy runs its exit
+// callbacks only after the servers stopped, too late for that, so the flag
+// is polled.
+var exitWatcher sync.Once
 
 func watchExit() {
 	exitWatcher.Do(func() {
@@ -294,7 +292,7 @@ func watchExit() {
 			defer t.Stop()
 			for range t.C {
 				if caddy.Exiting() {
-					close(exiting)
+					streamClock.Shutdown(exitJitter)
 					return
 				}
 			}

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-sse/caddy-sse/sse"
+	"github.com/caddy-sse/caddy-sse/stream"
 )
 
 func init() {
@@ -118,7 +119,8 @@ type Handler struct {
 	hub          *hub
 	hubKey       string
 	logger       *zap.Logger
-	detach       bool
+	takeover     bool
+	streams      *stream.Options
 }
 
 // RedisConfig says how to reach Redis: a URL, or addresses for a single
@@ -183,6 +185,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.compile(); err != nil {
 		return err
 	}
+	h.streams = &stream.Options{
+		Keepalive: time.Duration(h.Keepalive),
+		Evicted:   evictedFrame,
+		Logger:    h.logger,
+		Metrics:   streamMetrics{},
+		Clock:     streamClock,
+		Poller:    streamPoller(),
+	}
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
@@ -233,7 +243,7 @@ func (h *Handler) compile() error {
 		return fmt.Errorf("format: %w", err)
 	}
 	h.format = f
-	h.detach = h.Takeover == nil || *h.Takeover
+	h.takeover = h.Takeover == nil || *h.Takeover
 	if h.Keepalive == 0 {
 		h.Keepalive = caddy.Duration(defaultKeepalive)
 	}

@@ -1,0 +1,493 @@
+// Package stream is the one writer of every Server-Sent Events stream. It
+// drains a registry.Subscriber's queue into a Sink (Caddy's response writer,
+// or the client's connection once taken over), skips what a replay already
+// sent, sends keepalives, ends the stream at its deadline or on exit, cuts
+// off a client that stopped reading, and records the stream's end once.
+//
+// A served stream (Serve) writes on the handler's goroutine, which the
+// response writer requires. A taken-over stream (Detach) has no goroutine
+// while idle: whoever queues a frame writes what the socket accepts at once,
+// a goroutine runs only while the socket is full, one Clock drives the
+// keepalives and deadlines of all streams and one Poller notices clients
+// that close.
+package stream
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-sse/caddy-sse/registry"
+	"github.com/caddy-sse/caddy-sse/sse"
+)
+
+// Reasons a stream ends besides the registry's, also metric labels.
+const (
+	ReasonClient      = "client"        // the client went away or stopped reading
+	ReasonMaxDuration = "max_duration"  // max_duration was reached
+	ReasonExpired     = "token_expired" // the token that admitted it expired
+	ReasonShutdown    = "shutdown"      // the server is exiting
+	ReasonPanic       = "panic"         // a bug: logged with its stack
+)
+
+// Metrics receives what streams count.
+type Metrics interface {
+	Delivered(events int)
+	Ended(reason string)
+}
+
+// Options are the settings shared by the streams of one handler.
+type Options struct {
+	// Keepalive is how long a stream may stay silent before a comment is
+	// sent; 0 disables keepalives.
+	Keepalive time.Duration
+	// Evicted is written to a stream that ends with registry.ReasonEvicted.
+	Evicted []byte
+	Logger  *zap.Logger
+	Metrics Metrics
+	// Clock drives keepalives, deadlines and stalled writes; Poller notices
+	// taken-over clients that close. Both are shared by every stream.
+	Clock  *Clock
+	Poller *Poller
+}
+
+// Deadline is when a stream must end, and why; zero At: never.
+type Deadline struct {
+	At     time.Time
+	Reason string
+}
+
+// Result is what a stream's end reports.
+type Result struct {
+	Reason   string
+	Events   int64
+	Bytes    int64
+	Duration time.Duration
+	Takeover bool
+}
+
+// Stream writes one subscriber's frames to its client.
+type Stream struct {
+	sub      *registry.Subscriber
+	opts     *Options
+	channels []string
+	end      Deadline
+	onEnd    func(Result)
+
+	sink Sink
+	try  *ConnSink // non-nil when the sink can write without blocking
+
+	mode    atomic.Int32
+	serveC  chan struct{} // wakes Serve
+	writing atomic.Bool   // the writer token: a writer runs or is about to
+	ended   atomic.Bool
+
+	keepalive  atomic.Bool  // a keepalive is due
+	lastWrite  atomic.Int64 // unix nanoseconds of the last write
+	writeSince atomic.Int64 // unix nanoseconds a blocking write began; 0: none
+	stalled    atomic.Int32 // 1: interrupted, 2: abandoned
+	endAsked   atomic.Bool  // the deadline's End was sent
+	started    time.Time
+	unwatch    atomic.Pointer[func()] // leaves the poller
+
+	// Owned by whoever holds the writer token.
+	lastSeq    uint64
+	frames     []*registry.Frame
+	bufs       net.Buffers
+	pending    net.Buffers // what a non-blocking write left unwritten
+	pendEvents int         // the events and bytes pending completes
+	pendBytes  int
+	carried    string // a reason taken with frames on the inline path
+
+	events atomic.Int64
+	bytes  atomic.Int64
+}
+
+// Modes of a stream.
+const (
+	modePending = iota // frames wait in the queue (opening, replay)
+	modeServe          // the handler's goroutine writes
+	modeLive           // taken over: writers run on demand
+)
+
+// New prepares a stream for sub. It must be called before the subscriber is
+// attached to the registry, so that no wake is missed; nothing is written
+// until Serve or Detach, but what Write sends (the opening, a replay).
+// lastSeq is the resume point: frames up to it are skipped. onEnd runs
+// once, when the stream ends.
+func New(sub *registry.Subscriber, opts *Options, end Deadline, lastSeq uint64, onEnd func(Result)) *Stream {
+	s := &Stream{sub: sub, opts: opts, channels: sub.Channels(), end: end, lastSeq: lastSeq, onEnd: onEnd,
+		serveC: make(chan struct{}, 1), started: time.Now()}
+	s.lastWrite.Store(s.started.UnixNano())
+	sub.OnWake(s.wake)
+	sub.OnOverflow(s.interrupt)
+	return s
+}
+
+// SetSink sets where the stream writes; before the first Write.
+func (s *Stream) SetSink(sink Sink) {
+	s.sink = sink
+	if c, ok := sink.(*ConnSink); ok && c.raw != nil {
+		s.try = c
+	}
+	s.opts.Clock.add(s)
+}
+
+// SetLastSeq moves the resume point, after a replay wrote up to seq.
+func (s *Stream) SetLastSeq(seq uint64) { s.lastSeq = max(s.lastSeq, seq) }
+
+// Write writes chunks at once, blocking (the opening, a page of history),
+// before the stream is served or detached.
+func (s *Stream) Write(chunks [][]byte, events int) error {
+	bufs := net.Buffers(chunks)
+	size := 0
+	for _, b := range chunks {
+		size += len(b)
+	}
+	if err := s.writeBlocking(&bufs); err != nil {
+		return err
+	}
+	s.count(events, size)
+	return nil
+}
+
+// Serve writes the stream on the calling goroutine (the handler's) until
+// it ends: the client goes (ctx), the registry ends it, or the clock does.
+func (s *Stream) Serve(ctx context.Context) {
+	defer s.recoverPanic()
+	s.mode.Store(modeServe)
+	s.wake() // frames queued meanwhile
+	for {
+		select {
+		case <-s.serveC:
+			if s.flush() {
+				return
+			}
+		case <-ctx.Done():
+			s.finish(ReasonClient)
+			return
+		}
+	}
+}
+
+// Detach makes a taken-over stream live: the caller's goroutine may go.
+// watch is the connection the poller watches for the client's close, and
+// budget how many bytes the client may send before it is cut off.
+func (s *Stream) Detach(watch net.Conn, budget int64) {
+	stop := s.opts.Poller.Watch(watch, budget, s.clientGone)
+	s.unwatch.Store(&stop)
+	if s.ended.Load() {
+		// Ended meanwhile (the clock gave up a stalled write).
+		s.stopWatching()
+		return
+	}
+	s.mode.Store(modeLive)
+	s.wake()
+}
+
+// End asks the stream to end, with what is queued written first.
+func (s *Stream) End(reason string) { s.sub.End(reason) }
+
+// Abort ends a stream that failed before it was served or detached.
+func (s *Stream) Abort() {
+	s.sub.AbortReplay()
+	s.finish(s.failed())
+}
+
+// wake runs whenever frames are queued or the stream must end (on the
+// delivering goroutine), and from the clock.
+func (s *Stream) wake() {
+	switch s.mode.Load() {
+	case modeServe:
+		select {
+		case s.serveC <- struct{}{}:
+		default:
+		}
+	case modeLive:
+		if !s.writing.CompareAndSwap(false, true) {
+			return
+		}
+		if s.try != nil && s.writeInline() {
+			return
+		}
+		go s.flushLive()
+	}
+}
+
+// writeInline writes, on the caller's goroutine, what is queued as far as
+// the socket takes it at once, and returns true when it is all written and
+// the writer token released. Otherwise (the socket is full, the stream
+// must end, an error) the token is still held, for flushLive to carry on.
+func (s *Stream) writeInline() bool {
+	for range 4 {
+		frames, why := s.sub.Take(s.frames)
+		s.frames = frames
+		n, size := 0, 0
+		if why != registry.ReasonOverflow {
+			n, size = s.collect(frames)
+		}
+		clear(frames)
+		if why != "" {
+			// Ending is for a goroutine: the frames before it first.
+			s.keep(s.bufs, n, size)
+			clear(s.bufs[:cap(s.bufs)])
+			s.bufs = s.bufs[:0]
+			s.carried = why
+			return false
+		}
+		if len(s.bufs) == 0 {
+			s.keepalive.Store(false)
+			s.writing.Store(false)
+			if !s.more() {
+				return true
+			}
+			continue
+		}
+		bufs := s.bufs
+		s.bufs = s.bufs[:0]
+		total := size
+		if n == 0 {
+			total = len(sse.Comment)
+		}
+		w, err := s.try.tryWrite(&bufs)
+		if err != nil {
+			clear(s.bufs[:cap(s.bufs)])
+			s.carried = s.failed()
+			return false
+		}
+		if int(w) < total {
+			// The socket is full: the rest waits for a writer that may block.
+			s.keep(bufs, n, size)
+			clear(s.bufs[:cap(s.bufs)])
+			return false
+		}
+		clear(s.bufs[:cap(s.bufs)])
+		s.wrote(n, size)
+		s.writing.Store(false)
+		if !s.more() {
+			return true
+		}
+	}
+	return false // busy: let a goroutine carry on
+}
+
+// more takes the writer token back when something arrived after it was
+// released (a wake in between saw it held and did nothing).
+func (s *Stream) more() bool {
+	return (s.sub.Pending() || s.keepalive.Load()) && s.writing.CompareAndSwap(false, true)
+}
+
+// flushLive is a taken-over stream's writer goroutine: it writes, blocking,
+// until the queue is empty, then lets the goroutine go.
+func (s *Stream) flushLive() {
+	defer s.recoverPanic()
+	if len(s.pending) > 0 {
+		bufs := s.pending
+		err := s.writeBlocking(&bufs)
+		clear(s.pending[:cap(s.pending)])
+		s.pending = s.pending[:0]
+		if err != nil {
+			s.finish(s.failed())
+			return
+		}
+		s.wrote(s.pendEvents, s.pendBytes)
+	}
+	if why := s.carried; why != "" {
+		s.carried = ""
+		s.ending(why)
+		return
+	}
+	for !s.flush() {
+		s.writing.Store(false)
+		if !s.more() {
+			return
+		}
+	}
+}
+
+// flush writes what is queued with blocking writes, and ends the stream
+// when it must end; it reports whether the stream ended.
+func (s *Stream) flush() bool {
+	frames, why := s.sub.Take(s.frames)
+	s.frames = frames
+	if why != registry.ReasonOverflow {
+		// An overflowed client resumes from history on reconnect: what is
+		// queued would only be written to a socket that is not read.
+		n, size := s.collect(frames)
+		if len(s.bufs) > 0 {
+			bufs := s.bufs
+			err := s.writeBlocking(&bufs)
+			clear(s.bufs[:cap(s.bufs)])
+			s.bufs = s.bufs[:0]
+			if err != nil {
+				clear(frames)
+				s.finish(s.failed())
+				return true
+			}
+			s.wrote(n, size)
+		}
+	}
+	clear(frames)
+	if why != "" {
+		s.ending(why)
+		return true
+	}
+	return false
+}
+
+// keep sets aside what the inline path could not write, for flushLive.
+func (s *Stream) keep(bufs net.Buffers, events, size int) {
+	s.pending = append(s.pending[:0], bufs...)
+	s.pendEvents, s.pendBytes = events, size
+}
+
+// ending ends the stream for why, after telling an evicted client.
+func (s *Stream) ending(why string) {
+	if why == registry.ReasonEvicted && len(s.opts.Evicted) > 0 {
+		// Tell the page, so that it closes its EventSource rather than
+		// reconnect and evict the next oldest stream of its key in turn.
+		bufs := net.Buffers{s.opts.Evicted}
+		_ = s.writeBlocking(&bufs)
+	}
+	s.finish(why)
+}
+
+// collect puts the frames still to send into s.bufs (a keepalive comment
+// when none is and one is due) and returns how many events and bytes.
+func (s *Stream) collect(frames []*registry.Frame) (n, size int) {
+	bufs := s.bufs[:0]
+	for _, f := range frames {
+		if f.Seq != 0 {
+			if f.Seq <= s.lastSeq {
+				continue // already sent by the replay
+			}
+			s.lastSeq = f.Seq
+		}
+		if len(f.Bytes) > 0 {
+			bufs = append(bufs, f.Bytes)
+			size += len(f.Bytes)
+		}
+	}
+	n = len(bufs)
+	if s.keepalive.Swap(false) && n == 0 {
+		bufs = append(bufs, sse.Comment)
+	}
+	s.bufs = bufs
+	return n, size
+}
+
+// writeBlocking writes bufs, blocking; the clock interrupts it when it
+// stays blocked too long.
+func (s *Stream) writeBlocking(bufs *net.Buffers) error {
+	s.writeSince.Store(time.Now().UnixNano())
+	_, err := s.sink.Write(bufs)
+	s.writeSince.Store(0)
+	return err
+}
+
+// wrote records a completed write of n events and size bytes.
+func (s *Stream) wrote(n, size int) {
+	s.lastWrite.Store(time.Now().UnixNano())
+	s.count(n, size)
+}
+
+func (s *Stream) count(n, size int) {
+	if n == 0 {
+		return
+	}
+	s.events.Add(int64(n))
+	s.bytes.Add(int64(size))
+	s.opts.Metrics.Delivered(n)
+}
+
+// interrupt cuts short a write blocked on a client that fell behind (its
+// queue overflowed) or closed; it runs on other goroutines and touches only
+// what is safe there.
+func (s *Stream) interrupt() {
+	if s.sink != nil {
+		s.sink.Interrupt()
+	}
+}
+
+// failed is why a stream whose write failed ended: the client fell behind
+// (its queue overflowed while the write was blocked), or went away.
+func (s *Stream) failed() string {
+	if s.sub.Reason() == registry.ReasonOverflow {
+		return registry.ReasonOverflow
+	}
+	return ReasonClient
+}
+
+// finish ends the stream once: it leaves the clock and the poller, closes a
+// taken-over connection, and reports the end.
+func (s *Stream) finish(why string) {
+	if !s.ended.CompareAndSwap(false, true) {
+		return
+	}
+	s.opts.Clock.remove(s)
+	s.stopWatching()
+	takeover := false
+	if c, ok := s.sink.(*ConnSink); ok {
+		takeover = true
+		_ = c.conn.Close()
+	}
+	res := Result{Reason: why, Events: s.events.Load(), Bytes: s.bytes.Load(),
+		Duration: time.Since(s.started), Takeover: takeover}
+	s.opts.Metrics.Ended(why)
+	if ce := s.opts.Logger.Check(zap.InfoLevel, "stream closed"); ce != nil {
+		ce.Write(zap.Strings("channels", s.channels), zap.String("reason", why),
+			zap.Duration("duration", res.Duration), zap.Int64("events", res.Events),
+			zap.Int64("bytes", res.Bytes), zap.Bool("takeover", takeover))
+	}
+	if s.onEnd != nil {
+		s.onEnd(res)
+	}
+}
+
+// clientGone runs on the poller when the client closed its connection, or
+// sent more than it may (then the write under way is cut short too).
+func (s *Stream) clientGone(overrun bool) {
+	s.sub.End(ReasonClient)
+	if overrun {
+		s.interrupt()
+	}
+}
+
+func (s *Stream) stopWatching() {
+	if stop := s.unwatch.Swap(nil); stop != nil {
+		(*stop)()
+	}
+}
+
+// recoverPanic, deferred by the goroutines that write, keeps a panic there
+// from taking the whole process down: it is logged and the stream ends.
+func (s *Stream) recoverPanic() {
+	v := recover()
+	if v == nil {
+		return
+	}
+	s.opts.Logger.Error("stream writer panicked; ending the stream", zap.Any("panic", v), zap.Stack("stack"))
+	if s.sink != nil {
+		s.sink.Abandon()
+	}
+	s.finish(ReasonPanic)
+}
+
+var errNoTryWrite = errors.New("stream: no non-blocking write on this connection")
+
+// consume drops n written bytes from the front of bufs.
+func consume(bufs *net.Buffers, n int64) {
+	for len(*bufs) > 0 {
+		l := int64(len((*bufs)[0]))
+		if l > n {
+			(*bufs)[0] = (*bufs)[0][n:]
+			return
+		}
+		n -= l
+		*bufs = (*bufs)[1:]
+	}
+}
