@@ -37,9 +37,8 @@ type Subscriber struct {
 	history  bool
 	max      int
 
-	wake       chan struct{}
-	onWake     func()
-	onOverflow func()
+	wake  chan struct{} // nil once a Waker is set
+	waker Waker
 
 	mu        sync.Mutex
 	queue     []*Frame
@@ -74,23 +73,30 @@ func NewSubscriber(channels []string, format sse.Format, buffer int, history boo
 	}
 }
 
-// OnWake sets f to be called instead of signalling Wake whenever frames are
-// queued or the subscriber must end, on the goroutine that queued them (the
-// delivering goroutine): a stream with no goroutine of its own uses it to
-// start its writer. Set it before Attach; f must not block.
-func (s *Subscriber) OnWake(f func()) { s.onWake = f }
+// Waker is what a stream with no goroutine of its own (or one that wants
+// no channel per stream) is told instead of signalling Wake. Its methods
+// run on the goroutine that queued a frame or ended the subscriber (the
+// delivering goroutine, mostly) and must not block.
+type Waker interface {
+	// Wake: frames are queued, or the subscriber must end.
+	Wake()
+	// Overflow: the queue overflowed. The waker may interrupt a write
+	// blocked on the client that fell behind, through a handle that is
+	// safe to use from any goroutine at any time (a net.Conn's deadline;
+	// never an http.ResponseWriter after its handler returned).
+	Overflow()
+}
 
-// OnOverflow sets f to be called, on the delivering goroutine, when the
-// queue overflows: f can interrupt a write blocked on the client that fell
-// behind, through a handle that is safe to use from any goroutine at any
-// time (a net.Conn's deadline; never an http.ResponseWriter, which is the
-// handler's alone). Set it before Attach; f must not block.
-func (s *Subscriber) OnOverflow(f func()) { s.onOverflow = f }
+// SetWaker sets w to be told instead of signalling Wake (whose channel it
+// lets go: an idle stream keeps no more than it needs). Set it before
+// Attach.
+func (s *Subscriber) SetWaker(w Waker) { s.waker, s.wake = w, nil }
 
 // Channels returns the channels the subscriber listens to.
 func (s *Subscriber) Channels() []string { return s.channels }
 
-// Wake is signalled whenever frames are queued or the subscriber must end.
+// Wake is signalled whenever frames are queued or the subscriber must end,
+// unless a Waker is set.
 func (s *Subscriber) Wake() <-chan struct{} { return s.wake }
 
 // Take moves the queued frames into buf (reused to avoid allocation) and
@@ -211,8 +217,8 @@ func (s *Subscriber) push(f *Frame) (dropped string) {
 		s.reason = ReasonOverflow
 		s.mu.Unlock()
 		s.signal()
-		if s.onOverflow != nil {
-			s.onOverflow()
+		if s.waker != nil {
+			s.waker.Overflow()
 		}
 		return ReasonOverflow
 	}
@@ -226,8 +232,8 @@ func (s *Subscriber) push(f *Frame) (dropped string) {
 }
 
 func (s *Subscriber) signal() {
-	if s.onWake != nil {
-		s.onWake()
+	if s.waker != nil {
+		s.waker.Wake()
 		return
 	}
 	select {

@@ -121,10 +121,9 @@ const (
 // once, when the stream ends.
 func New(sub *registry.Subscriber, opts *Options, end Deadline, lastSeq uint64, onEnd func(Result)) *Stream {
 	s := &Stream{sub: sub, opts: opts, channels: sub.Channels(), end: end, lastSeq: lastSeq, onEnd: onEnd,
-		serveC: make(chan struct{}, 1), started: time.Now()}
+		started: time.Now()}
 	s.lastWrite.Store(s.started.UnixNano())
-	sub.OnWake(s.wake)
-	sub.OnOverflow(s.interrupt)
+	sub.SetWaker(s)
 	return s
 }
 
@@ -159,6 +158,7 @@ func (s *Stream) Write(chunks [][]byte, events int) error {
 // it ends: the client goes (ctx), the registry ends it, or the clock does.
 func (s *Stream) Serve(ctx context.Context) {
 	defer s.recoverPanic()
+	s.serveC = make(chan struct{}, 1)
 	s.mode.Store(modeServe)
 	s.wake() // frames queued meanwhile
 	for {
@@ -197,6 +197,14 @@ func (s *Stream) Abort() {
 	s.sub.AbortReplay()
 	s.finish(s.failed())
 }
+
+// Wake is the registry telling that frames are queued or the stream must
+// end (see registry.Waker).
+func (s *Stream) Wake() { s.wake() }
+
+// Overflow is the registry telling that the queue overflowed: a write
+// blocked on that client is cut short.
+func (s *Stream) Overflow() { s.interrupt() }
 
 // wake runs whenever frames are queued or the stream must end (on the
 // delivering goroutine), and from the clock.
