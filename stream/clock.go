@@ -136,6 +136,7 @@ const (
 	dueAbandon
 	dueEnd
 	dueKeepalive
+	dueDisarm
 )
 
 // due tells what the clock must do for s at now; it only reads atomics.
@@ -154,6 +155,9 @@ func (s *Stream) due(now int64) byte {
 	}
 	if k := s.opts.Keepalive; k > 0 && time.Duration(now-s.lastWrite.Load()) >= k && !s.keepalive.Load() {
 		return dueKeepalive
+	}
+	if s.resp != nil && s.resp.disarmDue(now) && !s.disarm.Load() {
+		return dueDisarm
 	}
 	return dueNothing
 }
@@ -174,6 +178,9 @@ func (s *Stream) act(what byte) {
 		s.sub.End(s.end.Reason)
 	case dueKeepalive:
 		s.keepalive.Store(true)
+		s.wake()
+	case dueDisarm:
+		s.disarm.Store(true)
 		s.wake()
 	}
 }

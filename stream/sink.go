@@ -5,7 +5,7 @@ import (
 	"net"
 	"net/http"
 	"reflect"
-	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -60,18 +60,27 @@ func (s *ConnSink) Abandon() { _ = s.conn.Close() }
 
 // ResponseSink writes through an http.ResponseWriter: HTTP/2, HTTP/3, and
 // HTTP/1.x when the connection is not taken over. Only the handler's
-// goroutine may use the writer, and only until ServeHTTP returns, so
-// Interrupt reaches it only while a Write is under way (the handler is
-// then inside ServeHTTP, blocked in it).
+// goroutine may use the writer (Caddy's wrappers are not safe for
+// concurrent use), so nothing else can interrupt a write: the writer arms
+// a write deadline itself, lazily, so that it costs one call every few
+// seconds rather than two per write (over HTTP/2 each one is a message to
+// the connection's goroutine), and disarms it when the stream goes quiet,
+// before it fires (over HTTP/2 an armed deadline resets the stream even
+// with no write under way).
 type ResponseSink struct {
-	w    http.ResponseWriter
-	rc   *http.ResponseController
-	conn net.Conn // the client's connection, for Abandon; may be nil
-
-	mu          sync.Mutex
-	writing     bool
-	interrupted bool
+	w     http.ResponseWriter
+	rc    *http.ResponseController
+	conn  net.Conn     // the client's connection, for Abandon; may be nil
+	armed atomic.Int64 // unix nanoseconds of the armed write deadline; 0: none
 }
+
+// Deadline arming: a write starts with at least rearmAfter of its
+// WriteTimeout left; the clock has the deadline disarmed once the stream
+// is quiet and it is closer than disarmBefore.
+const (
+	rearmAfter   = 3 * time.Second
+	disarmBefore = 2 * time.Second
+)
 
 // NewResponseSink returns a sink writing through w. conn, when known, is
 // closed by Abandon.
@@ -90,12 +99,15 @@ func (s *ResponseSink) Start(sendStatus bool) {
 	_ = s.rc.SetWriteDeadline(time.Time{})
 }
 
-// Write writes and flushes. No deadline is set per write (over HTTP/2 each
-// one is a message to the connection's goroutine): a write that stays
-// blocked is interrupted by the stream's clock instead.
+// Write writes and flushes under a deadline between WriteTimeout -
+// rearmAfter and WriteTimeout away.
 func (s *ResponseSink) Write(bufs *net.Buffers) (int64, error) {
-	s.enter()
-	defer s.leave()
+	now := time.Now()
+	if a := s.armed.Load(); a == 0 || time.Duration(a-now.UnixNano()) < WriteTimeout-rearmAfter {
+		at := now.Add(WriteTimeout)
+		_ = s.rc.SetWriteDeadline(at)
+		s.armed.Store(at.UnixNano())
+	}
 	var n int64
 	for _, b := range *bufs {
 		m, err := s.w.Write(b)
@@ -108,29 +120,24 @@ func (s *ResponseSink) Write(bufs *net.Buffers) (int64, error) {
 	return n, s.rc.Flush()
 }
 
-func (s *ResponseSink) enter() {
-	s.mu.Lock()
-	s.writing = true
-	s.mu.Unlock()
-}
-
-func (s *ResponseSink) leave() {
-	s.mu.Lock()
-	s.writing = false
-	s.mu.Unlock()
-}
-
-// Interrupt sets a write deadline in the past while a write is under way,
-// which ends it over HTTP/1.x and resets the stream over HTTP/2. Once
-// interrupted, the deadline stays: the stream ends after a failed write.
-func (s *ResponseSink) Interrupt() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.writing && !s.interrupted {
-		s.interrupted = true
-		_ = s.rc.SetWriteDeadline(time.Now())
+// disarm clears the write deadline; on the writer's goroutine, between
+// writes.
+func (s *ResponseSink) disarm() {
+	if s.armed.Swap(0) != 0 {
+		_ = s.rc.SetWriteDeadline(time.Time{})
 	}
 }
+
+// disarmDue reports whether the armed deadline is close enough to be
+// cleared, at now, while no write is under way.
+func (s *ResponseSink) disarmDue(now int64) bool {
+	a := s.armed.Load()
+	return a != 0 && time.Duration(a-now) < disarmBefore
+}
+
+// Interrupt does nothing: the writer's own deadline ends a blocked write
+// (see ResponseSink).
+func (s *ResponseSink) Interrupt() {}
 
 func (s *ResponseSink) Abandon() {
 	if s.conn != nil {

@@ -79,7 +79,8 @@ type Stream struct {
 	onEnd    func(Result)
 
 	sink Sink
-	try  *ConnSink // non-nil when the sink can write without blocking
+	try  *ConnSink     // non-nil when the sink can write without blocking
+	resp *ResponseSink // non-nil when the sink is a response writer
 
 	mode    atomic.Int32
 	serveC  chan struct{} // wakes Serve
@@ -91,6 +92,7 @@ type Stream struct {
 	writeSince atomic.Int64 // unix nanoseconds a blocking write began; 0: none
 	stalled    atomic.Int32 // 1: interrupted, 2: abandoned
 	endAsked   atomic.Bool  // the deadline's End was sent
+	disarm     atomic.Bool  // the response's write deadline is to be cleared
 	started    time.Time
 	unwatch    atomic.Pointer[func()] // leaves the poller
 
@@ -133,6 +135,7 @@ func (s *Stream) SetSink(sink Sink) {
 	if c, ok := sink.(*ConnSink); ok && c.raw != nil {
 		s.try = c
 	}
+	s.resp, _ = sink.(*ResponseSink)
 	s.opts.Clock.add(s)
 }
 
@@ -343,6 +346,9 @@ func (s *Stream) flush() bool {
 	if why != "" {
 		s.ending(why)
 		return true
+	}
+	if s.disarm.Swap(false) && s.resp != nil && s.writeSince.Load() == 0 {
+		s.resp.disarm()
 	}
 	return false
 }
