@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
 
+	"github.com/caddy-sse/caddy-sse/auth"
 	"github.com/caddy-sse/caddy-sse/sse"
 )
 
@@ -480,8 +482,8 @@ func parseJWT(d *caddyfile.Dispenser) (*JWTConfig, error) {
 			j.Key, err = optArg(d, "jwt: key")
 		case "alg":
 			j.Alg, err = optArg(d, "jwt: alg")
-			if err == nil && !contains(jwtAlgs, j.Alg) {
-				return nil, d.Errf("jwt: alg: want one of %s, got '%s'", strings.Join(jwtAlgs, ", "), j.Alg)
+			if err == nil && !slices.Contains(auth.Algs, j.Alg) {
+				return nil, d.Errf("jwt: alg: want one of %s, got '%s'", strings.Join(auth.Algs, ", "), j.Alg)
 			}
 		case "claim":
 			j.Claim, err = optArg(d, "jwt: claim")
@@ -522,8 +524,8 @@ func parseJWT(d *caddyfile.Dispenser) (*JWTConfig, error) {
 		return nil, d.Err(err.Error())
 	}
 	// A literal secret can be checked now; a placeholder only at load time.
-	if (j.Alg == "" || j.Alg == "HS256") && !strings.Contains(j.Key, "{") && len(j.Key) < minHMACKey {
-		return nil, d.Errf("jwt: key: an HS256 secret must be at least %d bytes, got %d", minHMACKey, len(j.Key))
+	if (j.Alg == "" || j.Alg == "HS256") && !strings.Contains(j.Key, "{") && len(j.Key) < auth.MinHMACKey {
+		return nil, d.Errf("jwt: key: an HS256 secret must be at least %d bytes, got %d", auth.MinHMACKey, len(j.Key))
 	}
 	return j, nil
 }
