@@ -144,17 +144,3 @@ func (h *Handler) authorize(g *grant, channels []string) (int, string) {
 	}
 	return 0, ""
 }
-
-// refuseAuth answers an authentication (401) or authorization (403)
-// failure; a 401 says how to authenticate (RFC 6750).
-func (h *Handler) refuseAuth(w http.ResponseWriter, status int, reason string) error {
-	if ce := h.logger.Check(zap.DebugLevel, "stream unauthorized"); ce != nil {
-		ce.Write(zap.Int("status", status), zap.String("reason", reason))
-	}
-	if h.JWT != nil {
-		if c := (&auth.Refusal{Status: status, Reason: reason}).Challenge(); c != "" {
-			w.Header().Set("WWW-Authenticate", c)
-		}
-	}
-	return refuse(w, status, "auth", reason)
-}

@@ -76,10 +76,7 @@ type healthAnswer struct {
 func (hl *Health) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		w.WriteHeader(http.StatusMethodNotAllowed)
-		_, _ = w.Write([]byte("method not allowed: use GET or HEAD\n"))
-		return nil
+		return refusal(w, r, http.StatusMethodNotAllowed, "method not allowed: use GET or HEAD")
 	}
 	up, since := hl.hub.brk.State()
 	ans := healthAnswer{Status: "up", Since: since.UTC().Format(time.RFC3339), Instance: instanceID()}

@@ -12,7 +12,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"strings"
 	"sync"
@@ -185,8 +184,3 @@ var instanceID = sync.OnceValue(func() string {
 	_, _ = rand.Read(b[:])
 	return host + "-" + hex.EncodeToString(b[:])
 })
-
-// refuseIdentity answers a request whose presence identity is unusable.
-func refuseIdentity(w http.ResponseWriter, ce *channelError) error {
-	return refuse(w, ce.status, "identity", ce.reason)
-}

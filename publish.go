@@ -97,7 +97,7 @@ func (p *Publish) Cleanup() error {
 func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", "POST")
-		return p.answer(w, http.StatusMethodNotAllowed, "method", "method not allowed: use POST")
+		return p.refuse(w, r, http.StatusMethodNotAllowed, "method", "method not allowed: use POST")
 	}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	// One channel per request, whatever the template: a value's comma
@@ -105,22 +105,22 @@ func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	names, err := expandChannels(repl, p.Channel, false)
 	if err != nil {
 		ce := err.(*channelError)
-		return p.answer(w, ce.status, "channel", ce.reason)
+		return p.refuse(w, r, ce.status, "channel", ce.reason)
 	}
 	channel := names[0]
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, p.MaxSize))
 	if err != nil {
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
-			return p.answer(w, http.StatusRequestEntityTooLarge, "max_size",
+			return p.refuse(w, r, http.StatusRequestEntityTooLarge, "max_size",
 				fmt.Sprintf("message larger than %d bytes", p.MaxSize))
 		}
-		return p.answer(w, http.StatusBadRequest, "body", "could not read the body")
+		return p.refuse(w, r, http.StatusBadRequest, "body", "could not read the body")
 	}
 	seq, err := p.hub.brk.Publish(r.Context(), channel, body, p.History.retention())
 	if err != nil {
 		p.logger.Error("publish failed", zap.String("channel", channel), zap.Error(err))
-		return p.answer(w, http.StatusServiceUnavailable, "redis", "publish failed: Redis unavailable")
+		return p.refuse(w, r, http.StatusServiceUnavailable, "redis", "publish failed: Redis unavailable")
 	}
 	metrics.published.WithLabelValues("ok").Inc()
 	w.Header().Set("Content-Type", "application/json")
@@ -132,14 +132,11 @@ func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	return nil
 }
 
-// answer refuses a publish with a short plain-text reason.
-func (p *Publish) answer(w http.ResponseWriter, status int, label, reason string) error {
+// refuse refuses a publish with status and a short reason (see refusal),
+// counted under label in caddy_sse_published_total.
+func (p *Publish) refuse(w http.ResponseWriter, r *http.Request, status int, label, reason string) error {
 	metrics.published.WithLabelValues(label).Inc()
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(status)
-	_, _ = w.Write([]byte(reason + "\n"))
-	return nil
+	return refusal(w, r, status, reason)
 }
 
 // Interface guards
