@@ -161,36 +161,5 @@ func writeAdminJSON(w http.ResponseWriter, r *http.Request, v any) error {
 	return err
 }
 
-// describeHubKey reads the Redis configuration back from a key of the hubs
-// pool (see acquireHub). The key holds the password: only the fields named
-// here are ever taken from it, and the key itself is never shown.
-func describeHubKey(key any) redisDescription {
-	s, _ := key.(string)
-	var fields []json.RawMessage
-	if err := json.Unmarshal([]byte(s), &fields); err != nil || len(fields) < 7 {
-		return redisDescription{Mode: "unknown", Addrs: []string{}}
-	}
-	var d redisDescription
-	var cluster bool
-	_ = json.Unmarshal(fields[0], &d.Addrs)
-	_ = json.Unmarshal(fields[1], &d.MasterName)
-	// fields[2] and fields[3] are the username and password: never read.
-	_ = json.Unmarshal(fields[4], &d.DB)
-	_ = json.Unmarshal(fields[5], &d.TLS)
-	_ = json.Unmarshal(fields[6], &cluster)
-	if d.Addrs == nil {
-		d.Addrs = []string{}
-	}
-	switch {
-	case d.MasterName != "":
-		d.Mode = "sentinel"
-	case cluster || len(d.Addrs) > 1:
-		d.Mode = "cluster"
-	default:
-		d.Mode = "single"
-	}
-	return d
-}
-
 // Interface guards
 var _ caddy.AdminRouter = (*adminAPI)(nil)

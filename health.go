@@ -52,6 +52,9 @@ func (hl *Health) Provision(ctx caddy.Context) error {
 	return nil
 }
 
+// Validate refuses a Redis configuration the Caddyfile would refuse.
+func (hl *Health) Validate() error { return hl.Redis.validate() }
+
 // Cleanup drops this config's reference to the hub.
 func (hl *Health) Cleanup() error {
 	if hl.hub == nil {
@@ -133,6 +136,7 @@ func withRedisState(s adminStats) statsWithRedis {
 // Interface guards
 var (
 	_ caddy.Provisioner           = (*Health)(nil)
+	_ caddy.Validator             = (*Health)(nil)
 	_ caddy.CleanerUpper          = (*Health)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Health)(nil)
 )

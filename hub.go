@@ -2,10 +2,7 @@ package caddysse
 
 import (
 	"context"
-	"crypto/tls"
-	"encoding/json"
 	"fmt"
-	"strings"
 	"sync"
 	"time"
 
@@ -40,12 +37,10 @@ func acquireHub(cfg *RedisConfig) (*hub, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	keyJSON, err := json.Marshal([]any{opts.Addrs, opts.MasterName, opts.Username,
-		opts.Password, opts.DB, opts.TLSConfig != nil, cluster})
+	key, err := hubKey(opts, cluster)
 	if err != nil {
-		return nil, "", fmt.Errorf("redis: %w", err)
+		return nil, "", err
 	}
-	key := string(keyJSON)
 	v, _, err := hubs.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return newHub(opts, cluster, logger)
 	})
@@ -225,59 +220,6 @@ func (g goRedisLogger) Printf(_ context.Context, format string, v ...any) {
 	}
 }
 
-// defaultRedisURL is used when neither the config nor REDIS_URL names one.
-const defaultRedisURL = "redis://127.0.0.1:6379"
-
-// options turns the config into go-redis options, expanding placeholders
-// such as {env.REDIS_URL}.
-func (c *RedisConfig) options() (*redis.UniversalOptions, bool, error) {
-	repl := caddy.NewReplacer()
-	if c == nil {
-		c = &RedisConfig{}
-	}
-	if len(c.Addrs) > 0 {
-		if c.URL != "" {
-			return nil, false, fmt.Errorf("redis: give either a url or addrs, not both")
-		}
-		opts := &redis.UniversalOptions{
-			Addrs:      c.Addrs,
-			MasterName: c.MasterName,
-			Username:   repl.ReplaceAll(c.Username, ""),
-			Password:   repl.ReplaceAll(c.Password, ""),
-			DB:         c.DB,
-		}
-		if c.TLS {
-			opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
-		}
-		return opts, c.Cluster, nil
-	}
-	raw := c.URL
-	if raw == "" {
-		raw = "{env.REDIS_URL}"
-	}
-	u := strings.TrimSpace(repl.ReplaceAll(raw, ""))
-	if u == "" {
-		u = defaultRedisURL
-	}
-	opts, err := broker.ParseURL(u)
-	if err != nil {
-		return nil, false, fmt.Errorf("redis: %w", err)
-	}
-	if c.Username != "" {
-		opts.Username = repl.ReplaceAll(c.Username, "")
-	}
-	if c.Password != "" {
-		opts.Password = repl.ReplaceAll(c.Password, "")
-	}
-	if c.DB != 0 {
-		opts.DB = c.DB
-	}
-	if c.TLS && opts.TLSConfig == nil {
-		opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
-	}
-	return opts, c.Cluster, nil
-}
-
 // exiting is closed once Caddy is exiting, so that streams end promptly
 // instead of holding up the server's graceful shutdown forever. Caddy runs
 // its exit callbacks only after the servers stopped, too late for that, so
@@ -300,12 +242,4 @@ func watchExit() {
 			}
 		}()
 	})
-}
-
-// retention is the history a config asks Redis to keep.
-func (hi *History) retention() broker.Retention {
-	if hi == nil {
-		return broker.Retention{}
-	}
-	return broker.Retention{MaxLen: int64(hi.Size), TTL: time.Duration(hi.TTL)}
 }

@@ -82,6 +82,9 @@ func (p *Publish) Validate() error {
 	if p.MaxSize < 0 {
 		return fmt.Errorf("max_size: must not be negative")
 	}
+	if err := p.Redis.validate(); err != nil {
+		return err
+	}
 	return p.History.validate()
 }
 
