@@ -14,10 +14,6 @@ import (
 	"github.com/caddy-sse/caddy-sse/registry"
 )
 
-// hubs shares one hub per Redis configuration across config loads, so that a
-// reload with the same Redis keeps every stream and subscription.
-var hubs = caddy.NewUsagePool()
-
 // hub is a registry with the broker that feeds it.
 type hub struct {
 	reg    *registry.Registry
@@ -41,7 +37,7 @@ func acquireHub(cfg *RedisConfig) (*hub, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	v, _, err := hubs.LoadOrNew(key, func() (caddy.Destructor, error) {
+	v, _, err := proc.hubs.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return newHub(opts, cluster, logger)
 	})
 	if err != nil {
@@ -51,30 +47,30 @@ func acquireHub(cfg *RedisConfig) (*hub, string, error) {
 }
 
 func releaseHub(key string) error {
-	_, err := hubs.Delete(key)
+	_, err := proc.hubs.Delete(key)
 	return err
 }
 
 func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hub, error) {
-	redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
+	proc.redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
 	src := &brokerSource{}
 	reg := registry.New(src, logger, registry.Metrics{
-		Dropped: metrics.dropped,
-		Faults:  metrics.faults,
+		Dropped: proc.metrics.dropped,
+		Faults:  proc.metrics.faults,
 	})
 	brk, err := broker.New(broker.Options{
 		Redis:    opts,
 		Cluster:  cluster,
 		Logger:   logger,
-		Instance: instanceID(),
+		Instance: proc.instance,
 		Metrics: broker.Metrics{
-			Connected:        metrics.redisConnected,
-			Reconnects:       metrics.redisReconnects,
-			Channels:         metrics.channels,
-			Received:         metrics.received,
-			Rejected:         metrics.rejected,
-			PresenceFailures: metrics.presenceFailures,
-			LifecycleDropped: metrics.lifecycleDropped,
+			Connected:        proc.metrics.redisConnected,
+			Reconnects:       proc.metrics.redisReconnects,
+			Channels:         proc.metrics.channels,
+			Received:         proc.metrics.received,
+			Rejected:         proc.metrics.rejected,
+			PresenceFailures: proc.metrics.presenceFailures,
+			LifecycleDropped: proc.metrics.lifecycleDropped,
 		},
 	}, brokerSink{reg})
 	if err != nil {
@@ -84,7 +80,7 @@ func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hu
 	src.b = brk
 	h := &hub{reg: reg, brk: brk, logger: logger}
 	reg.OnClose = h.markClosed
-	watchExit()
+	proc.watchExit()
 	return h, nil
 }
 
@@ -207,39 +203,14 @@ func (s brokerSink) HandleReconnect() {
 	s.reg.Reconnected(ctx)
 }
 
-// go-redis logs each failed dial of its pools to stderr, several a second
-// during an outage, whatever Caddy's log level. The broker reports the outage
-// once; go-redis's own lines go to Caddy's log at debug.
-var redisLogger sync.Once
-
+// goRedisLogger takes go-redis's own log lines: go-redis logs each failed
+// dial of its pools to stderr, several a second during an outage, whatever
+// Caddy's log level. The broker reports the outage once; go-redis's lines go
+// to Caddy's log at debug.
 type goRedisLogger struct{ l *zap.Logger }
 
 func (g goRedisLogger) Printf(_ context.Context, format string, v ...any) {
 	if ce := g.l.Check(zap.DebugLevel, "go-redis"); ce != nil {
 		ce.Write(zap.String("message", fmt.Sprintf(format, v...)))
 	}
-}
-
-// exiting is closed once Caddy is exiting, so that streams end promptly
-// instead of holding up the server's graceful shutdown forever. Caddy runs
-// its exit callbacks only after the servers stopped, too late for that, so
-// the flag is polled.
-var (
-	exiting     = make(chan struct{})
-	exitWatcher sync.Once
-)
-
-func watchExit() {
-	exitWatcher.Do(func() {
-		go func() {
-			t := time.NewTicker(100 * time.Millisecond)
-			defer t.Stop()
-			for range t.C {
-				if caddy.Exiting() {
-					close(exiting)
-					return
-				}
-			}
-		}()
-	})
 }
