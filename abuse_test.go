@@ -29,7 +29,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -89,7 +89,7 @@ http://127.0.0.1:{PLAIN} {
 
 type abuseEnv struct {
 	rs    *redistest.Server
-	in    *caddytest.Instance
+	in    *caddyproc.Instance
 	plain string // host:port of the HTTP/1.1 site
 	alive *aliveWatch
 }
@@ -98,8 +98,8 @@ func startAbuse(t *testing.T) *abuseEnv {
 	t.Helper()
 	raiseNoFile(t)
 	rs := redistest.Start(t)
-	plain := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
-	in := caddytest.Start(t, abuseCaddyfile, caddytest.Options{
+	plain := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
+	in := caddyproc.Start(t, abuseCaddyfile, caddyproc.Options{
 		"{REDIS}": rs.URL(), "{STORAGE}": t.TempDir(), "{PLAIN}": strings.Split(plain, ":")[1],
 	})
 	e := &abuseEnv{rs: rs, in: in, plain: plain, alive: watchAlive(in.Pid())}

@@ -12,7 +12,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -65,7 +65,7 @@ type adminChannels struct {
 	} `json:"redis"`
 }
 
-func adminGet(t *testing.T, in *caddytest.Instance, path string) (int, http.Header, string) {
+func adminGet(t *testing.T, in *caddyproc.Instance, path string) (int, http.Header, string) {
 	t.Helper()
 	resp, err := http.Get(in.AdminURL() + path)
 	if err != nil {
@@ -89,7 +89,7 @@ func TestAdminAPIChannelsAndStats(t *testing.T) {
 	}
 	rsB := redistest.Start(t)
 	urlA := "redis://" + adminTestUser + ":" + adminTestPassword + "@" + rsA.Addr()
-	in := caddytest.Start(t, adminCaddyfile, caddytest.Options{"{REDIS_A}": urlA, "{REDIS_B}": rsB.URL()})
+	in := caddyproc.Start(t, adminCaddyfile, caddyproc.Options{"{REDIS_A}": urlA, "{REDIS_B}": rsB.URL()})
 
 	// Nothing open yet: the routes answer with zeros, not an error.
 	code, hdr, body := adminGet(t, in, "/sse/stats")

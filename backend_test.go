@@ -13,7 +13,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -88,13 +88,13 @@ func (a *chatApp) publish(channel string) {
 	a.rdb.FCall(ctx, "sse_publish", []string{channel}, `{"event":"done","data":"","close":true}`)
 }
 
-func startBackend(t *testing.T) (*caddytest.Instance, *chatApp) {
+func startBackend(t *testing.T) (*caddyproc.Instance, *chatApp) {
 	t.Helper()
 	rs := redistest.Start(t)
 	app := &chatApp{rdb: rs.Client(), answer: []string{"He", "llo", ", ", "wor", "ld", "!"}}
 	upstream := httptest.NewServer(app)
 	t.Cleanup(upstream.Close)
-	in := caddytest.Start(t, backendCaddyfile, caddytest.Options{
+	in := caddyproc.Start(t, backendCaddyfile, caddyproc.Options{
 		"{REDIS}": rs.URL(),
 		"{APP}":   strings.TrimPrefix(upstream.URL, "http://"),
 	})
@@ -102,7 +102,7 @@ func startBackend(t *testing.T) (*caddytest.Instance, *chatApp) {
 	return in, app
 }
 
-func chatRequest(t *testing.T, in *caddytest.Instance, token string, header ...string) *http.Request {
+func chatRequest(t *testing.T, in *caddyproc.Instance, token string, header ...string) *http.Request {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodPost, in.URL()+"/chat", strings.NewReader(`{"question":"hi?"}`))
 	if err != nil {

@@ -12,7 +12,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -78,13 +78,13 @@ http://127.0.0.1:{HTTP} {
 type env struct {
 	redis *redistest.Server
 	rdb   *redis.Client
-	caddy *caddytest.Instance
+	caddy *caddyproc.Instance
 }
 
 func startCore(t *testing.T) *env {
 	t.Helper()
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, coreCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, coreCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	return &env{redis: rs, rdb: rs.Client(), caddy: in}
 }
 
@@ -433,7 +433,7 @@ func TestSlowClientIsCutOffAndOthersContinue(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the slow stream was not closed")
 	}
-	if err := e.caddy.Reload(coreCaddyfile, caddytest.Options{"{REDIS}": e.redis.URL()}); err != nil {
+	if err := e.caddy.Reload(coreCaddyfile, caddyproc.Options{"{REDIS}": e.redis.URL()}); err != nil {
 		t.Fatal(err)
 	}
 	// The channel stays subscribed once for the instance while the fast
@@ -476,7 +476,7 @@ func TestReloadKeepsStreams(t *testing.T) {
 	e := startCore(t)
 	s1 := e.open(t, "/path/r")
 	s2 := e.open(t, "/query?room=r")
-	vars := caddytest.Options{"{REDIS}": e.redis.URL()}
+	vars := caddyproc.Options{"{REDIS}": e.redis.URL()}
 	for i := 0; i < 3; i++ {
 		if err := e.caddy.Reload(strings.Replace(coreCaddyfile, `respond "app" 200`, fmt.Sprintf(`respond "app %d" 200`, i), 1), vars); err != nil {
 			t.Fatal(err)
@@ -507,7 +507,7 @@ func TestMetrics(t *testing.T) {
 
 // waitMetrics waits until every line is in the admin endpoint's metrics: the
 // counters are updated right after the write the client sees.
-func waitMetrics(t *testing.T, in *caddytest.Instance, lines ...string) {
+func waitMetrics(t *testing.T, in *caddyproc.Instance, lines ...string) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {

@@ -14,7 +14,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -53,14 +53,14 @@ http://127.0.0.1:{HTTP} {
 }
 `
 
-func startPresence(t *testing.T, rs *redistest.Server) *caddytest.Instance {
+func startPresence(t *testing.T, rs *redistest.Server) *caddyproc.Instance {
 	t.Helper()
-	in := caddytest.Start(t, presenceCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, presenceCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse_presence")
 	return in
 }
 
-func openAs(t *testing.T, in *caddytest.Instance, path, user string) *sseclient.Stream {
+func openAs(t *testing.T, in *caddyproc.Instance, path, user string) *sseclient.Stream {
 	t.Helper()
 	return openAt(t, in, path, "X-User", user)
 }
@@ -97,7 +97,7 @@ func waitPresence(t testing.TB, c redis.Cmdable, channel string, within time.Dur
 }
 
 // instanceOf is an instance's name in Redis, from GET /sse/stats.
-func instanceOf(t *testing.T, in *caddytest.Instance) string {
+func instanceOf(t *testing.T, in *caddyproc.Instance) string {
 	t.Helper()
 	var stats struct{ Instance string }
 	if err := json.Unmarshal([]byte(scrape(t, in.AdminURL()+"/sse/stats")), &stats); err != nil || stats.Instance == "" {
@@ -374,7 +374,7 @@ http://127.0.0.1:{HTTP} {
 func TestPresenceOnCluster(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 0)
 	cc := c.Client()
-	in := caddytest.Start(t, clusterPresenceCaddyfile, caddytest.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
+	in := caddyproc.Start(t, clusterPresenceCaddyfile, caddyproc.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
 	redistest.WaitLibrary(t, c.MasterOf("{sse}:presence:x").Client(), "caddy_sse_presence")
 	chans := channelsOnShards(t, c)
 	for _, ch := range chans {

@@ -16,7 +16,7 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/caddy-sse/caddy-sse"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -96,7 +96,7 @@ func TestReadmePublishExampleIsProtected(t *testing.T) {
 		channel {path.1}
 		history 100
 	}`, 1)
-	in := caddytest.Start(t, cf, nil, "REDIS_URL="+rs.URL())
+	in := caddyproc.Start(t, cf, nil, "REDIS_URL="+rs.URL())
 	waitFunctions(t, rs.Client())
 	s, err := sseclient.Get(context.Background(), in.URL()+"/events/news")
 	if err != nil {

@@ -12,7 +12,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -62,9 +62,9 @@ func channelsOnShards(t *testing.T, c *redistest.Cluster) []string {
 	return out
 }
 
-func startClusterCaddy(t *testing.T, c *redistest.Cluster) *caddytest.Instance {
+func startClusterCaddy(t *testing.T, c *redistest.Cluster) *caddyproc.Instance {
 	t.Helper()
-	in := caddytest.Start(t, clusterCaddyfile, caddytest.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
+	in := caddyproc.Start(t, clusterCaddyfile, caddyproc.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
 	waitClusterLibrary(t, c.MasterOf("{sse}:seq").Client())
 	return in
 }
@@ -81,7 +81,7 @@ func waitClusterLibrary(t *testing.T, rdb *redis.Client) {
 func TestClusterChannelsOnEveryShard(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 0)
 	a := startClusterCaddy(t, c)
-	b := caddytest.Start(t, clusterCaddyfile, caddytest.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
+	b := caddyproc.Start(t, clusterCaddyfile, caddyproc.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
 	ctx := context.Background()
 	cc := c.Client()
 	chans := channelsOnShards(t, c)

@@ -22,7 +22,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
@@ -156,7 +156,7 @@ func (s *rawStream) ended() bool {
 }
 
 // openMany opens n streams, path(i) each, from a few dozen goroutines.
-func openMany(t *testing.T, d *loadDialer, in *caddytest.Instance, n int, path func(i int) string, onEvent func(i int) func(string)) []*rawStream {
+func openMany(t *testing.T, d *loadDialer, in *caddyproc.Instance, n int, path func(i int) string, onEvent func(i int) func(string)) []*rawStream {
 	t.Helper()
 	streams := make([]*rawStream, n)
 	var next atomic.Int64
@@ -216,7 +216,7 @@ func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) 
 }
 
 // waitMetric waits until an unlabelled metric satisfies ok.
-func waitMetric(t *testing.T, in *caddytest.Instance, name string, within time.Duration, ok func(float64) bool) float64 {
+func waitMetric(t *testing.T, in *caddyproc.Instance, name string, within time.Duration, ok func(float64) bool) float64 {
 	t.Helper()
 	var v float64
 	waitFor(t, within, name, func() bool {
@@ -245,7 +245,7 @@ func rssKiB(t *testing.T, pid int) int64 {
 }
 
 // goroutines is the count Caddy's admin pprof endpoint reports.
-func goroutines(t *testing.T, in *caddytest.Instance) int {
+func goroutines(t *testing.T, in *caddyproc.Instance) int {
 	t.Helper()
 	resp, err := http.Get(in.AdminURL() + "/debug/pprof/goroutine?debug=1")
 	if err != nil {
@@ -286,12 +286,12 @@ http://127.0.0.1:{HTTP} {
 }
 `
 
-func startLoad(t *testing.T, keepalive string) (*redistest.Server, *caddytest.Instance, caddytest.Options) {
+func startLoad(t *testing.T, keepalive string) (*redistest.Server, *caddyproc.Instance, caddyproc.Options) {
 	t.Helper()
 	raiseNoFile(t)
 	rs := redistest.Start(t)
-	vars := caddytest.Options{"{REDIS}": rs.URL(), "{KEEPALIVE}": keepalive}
-	return rs, caddytest.Start(t, loadCaddyfile, vars), vars
+	vars := caddyproc.Options{"{REDIS}": rs.URL(), "{KEEPALIVE}": keepalive}
+	return rs, caddyproc.Start(t, loadCaddyfile, vars), vars
 }
 
 // Redis dies while 1,000 streams are open: they stay open with keepalives,
@@ -416,7 +416,7 @@ func TestLoadReloadUnderPublishLoad(t *testing.T) {
 	for i := range reloads {
 		time.Sleep(time.Second)
 		// A config that differs each time, or Caddy would skip the load.
-		v := caddytest.Options{"{REDIS}": vars["{REDIS}"], "{KEEPALIVE}": fmt.Sprintf("%ds", 15+i%2)}
+		v := caddyproc.Options{"{REDIS}": vars["{REDIS}"], "{KEEPALIVE}": fmt.Sprintf("%ds", 15+i%2)}
 		if err := in.Reload(loadCaddyfile, v); err != nil {
 			t.Fatalf("reload %d: %v", i, err)
 		}

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -52,7 +52,7 @@ func TestSentinelMasterKilledKeepsStreams(t *testing.T) {
 
 func testSentinelStreams(t *testing.T, kill bool) {
 	st := redistest.StartSentinel(t, 1, 3)
-	in := caddytest.Start(t, sentinelCaddyfile, caddytest.Options{
+	in := caddyproc.Start(t, sentinelCaddyfile, caddyproc.Options{
 		"{SENTINELS}": strings.Join(st.SentinelAddrs(), " "),
 	})
 	ctx := context.Background()
@@ -140,7 +140,7 @@ func testSentinelStreams(t *testing.T, kill bool) {
 }
 
 // metricValue is the value of an unlabelled metric, -1 when absent.
-func metricValue(t *testing.T, in *caddytest.Instance, name string) float64 {
+func metricValue(t *testing.T, in *caddyproc.Instance, name string) float64 {
 	t.Helper()
 	for _, l := range strings.Split(scrape(t, in.AdminURL()+"/metrics"), "\n") {
 		if v, ok := strings.CutPrefix(l, name+" "); ok {

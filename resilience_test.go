@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -37,7 +37,7 @@ https://127.0.0.1:{HTTP} {
 	}
 }
 `
-	in := caddytest.Start(t, cf, caddytest.Options{"{REDIS}": rs.URL(), "{STORAGE}": t.TempDir()})
+	in := caddyproc.Start(t, cf, caddyproc.Options{"{REDIS}": rs.URL(), "{STORAGE}": t.TempDir()})
 	client := &http.Client{Transport: &http.Transport{
 		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true}, // Caddy's internal CA
 		ForceAttemptHTTP2: true,
@@ -79,7 +79,7 @@ https://127.0.0.1:{HTTP} {
 // under a gzip header.
 func TestHTTP1EncodeWithTakeover(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, globalOptions+`
+	in := caddyproc.Start(t, globalOptions+`
 http://127.0.0.1:{HTTP} {
 	encode gzip
 	sse /events/* {
@@ -87,7 +87,7 @@ http://127.0.0.1:{HTTP} {
 		channel {path.1}
 	}
 }
-`, caddytest.Options{"{REDIS}": rs.URL()})
+`, caddyproc.Options{"{REDIS}": rs.URL()})
 	s := openAt(t, in, "/events/h1gz")
 	if !s.Resp.Uncompressed {
 		t.Fatal("the stream was not gzip-encoded: encode did not wrap it")
@@ -124,7 +124,7 @@ http://127.0.0.1:{HTTP} {
 
 func TestRedisOutageKeepsStreamsOpen(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, outageCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, outageCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	const streams = 50
 	var all []*sseclient.Stream
 	for i := 0; i < streams; i++ {
@@ -167,7 +167,7 @@ func TestRedisOutageKeepsStreamsOpen(t *testing.T) {
 // publishes, resumable channels catch up from history: nothing is lost.
 func TestSubscriptionLossLosesNoResumableEvent(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, outageCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, outageCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	rdb := rs.Client()
 	waitFunctions(t, rdb)
 	s := openAt(t, in, "/resumable/x")
@@ -203,7 +203,7 @@ func TestSubscriptionLossLosesNoResumableEvent(t *testing.T) {
 // losing anything.
 func TestMaxDurationResumes(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, outageCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, outageCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	rdb := rs.Client()
 	waitFunctions(t, rdb)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -262,7 +262,7 @@ func TestMaxDurationResumes(t *testing.T) {
 // them in the graceful shutdown.
 func TestStopEndsStreamsPromptly(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, outageCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, outageCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	var streams []*sseclient.Stream
 	var mu sync.Mutex
 	var wg sync.WaitGroup

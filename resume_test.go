@@ -15,7 +15,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -50,17 +50,17 @@ http://127.0.0.1:{HTTP} {
 type cluster struct {
 	redis *redistest.Server
 	rdb   *redis.Client
-	a, b  *caddytest.Instance
+	a, b  *caddyproc.Instance
 }
 
 // startTwo runs two Caddy instances on one Redis, as behind a load balancer.
 func startTwo(t *testing.T) *cluster {
 	t.Helper()
 	rs := redistest.Start(t)
-	vars := caddytest.Options{"{REDIS}": rs.URL()}
+	vars := caddyproc.Options{"{REDIS}": rs.URL()}
 	c := &cluster{redis: rs, rdb: rs.Client()}
-	c.a = caddytest.Start(t, resumeCaddyfile, vars)
-	c.b = caddytest.Start(t, resumeCaddyfile, vars)
+	c.a = caddyproc.Start(t, resumeCaddyfile, vars)
+	c.b = caddyproc.Start(t, resumeCaddyfile, vars)
 	waitFunctions(t, c.rdb)
 	return c
 }
@@ -76,7 +76,7 @@ func (c *cluster) fcall(t testing.TB, channel, payload string) uint64 {
 	return id
 }
 
-func openAt(t testing.TB, in *caddytest.Instance, path string, header ...string) *sseclient.Stream {
+func openAt(t testing.TB, in *caddyproc.Instance, path string, header ...string) *sseclient.Stream {
 	t.Helper()
 	s, err := sseclient.Get(context.Background(), in.URL()+path, header...)
 	if err != nil {
@@ -281,7 +281,7 @@ func TestNoLossWhileReconnecting(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			errs <- followWithReconnects(ctx, []*caddytest.Instance{c.a, c.b}, i, events, ready)
+			errs <- followWithReconnects(ctx, []*caddyproc.Instance{c.a, c.b}, i, events, ready)
 		}(i)
 	}
 	for i := 0; i < clients; i++ {
@@ -302,7 +302,7 @@ func TestNoLossWhileReconnecting(t *testing.T) {
 	}
 }
 
-func followWithReconnects(ctx context.Context, instances []*caddytest.Instance, client, events int, ready chan<- struct{}) error {
+func followWithReconnects(ctx context.Context, instances []*caddyproc.Instance, client, events int, ready chan<- struct{}) error {
 	want := 0
 	lastID := ""
 	for round := 0; want < events; round++ {
@@ -416,7 +416,7 @@ func BenchmarkPublish(b *testing.B) {
 // installed, and leaves it running.
 func loadFunctions(tb testing.TB, rs *redistest.Server) {
 	tb.Helper()
-	caddytest.Start(tb, resumeCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	caddyproc.Start(tb, resumeCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	waitFunctions(tb, rs.Client())
 }
 

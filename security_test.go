@@ -31,7 +31,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 	"golang.org/x/crypto/bcrypt"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -109,7 +109,7 @@ http://127.0.0.1:{HTTP} {
 
 type secEnv struct {
 	rdb   *redistest.Server
-	caddy *caddytest.Instance
+	caddy *caddyproc.Instance
 	rsa   *rsa.PrivateKey
 	ec    *ecdsa.PrivateKey
 }
@@ -143,7 +143,7 @@ func startSecurity(t *testing.T) *secEnv {
 	}))
 	t.Cleanup(app.Close)
 
-	vars := caddytest.Options{
+	vars := caddyproc.Options{
 		"{REDIS}":        rs.URL(),
 		"{RSA_PEM}":      writePublicPEM(t, &rsaKey.PublicKey),
 		"{EC_PEM}":       writePublicPEM(t, &ecKey.PublicKey),
@@ -151,7 +151,7 @@ func startSecurity(t *testing.T) *secEnv {
 		"{BOB_HASH}":     bcryptHash(t, "bob-pw"),
 		"{FORWARD_AUTH}": strings.TrimPrefix(app.URL, "http://"),
 	}
-	in := caddytest.Start(t, securityCaddyfile, vars, "SSE_JWT_SECRET="+jwtSecret)
+	in := caddyproc.Start(t, securityCaddyfile, vars, "SSE_JWT_SECRET="+jwtSecret)
 	return &secEnv{rdb: rs, caddy: in, rsa: rsaKey, ec: ecKey}
 }
 
@@ -451,7 +451,7 @@ func TestSecurityLimitPerEvictOldest(t *testing.T) {
 // TestSecurityValidateFailures runs `caddy validate` on configs with a bad
 // jwt or max_connections_per and expects it to fail naming the option.
 func TestSecurityValidateFailures(t *testing.T) {
-	bin := caddytest.Binary(t)
+	bin := caddyproc.Binary(t)
 	dir := t.TempDir()
 	site := func(opts string) string {
 		return "{\n\tadmin off\n\tstorage file_system " + dir + "\n}\n:8080 {\n\tsse news {\n\t\tredis redis://127.0.0.1:1\n" + opts + "\n\t}\n}\n"
@@ -687,7 +687,7 @@ func itoa(n int) string { return strconv.Itoa(n) }
 func TestHostilePayloads(t *testing.T) {
 	const total, batch = 10000, 200
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, hostileCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, hostileCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	rdb := rs.Client()
 	raw := openAt(t, in, "/raw")
 	env := openAt(t, in, "/envelope")
@@ -797,7 +797,7 @@ func TestSecurityReadmeJWTExample(t *testing.T) {
 	}
 	rs := redistest.Start(t)
 	cf := globalOptions + "http://127.0.0.1:{HTTP} {\n" + example + "}\n"
-	in := caddytest.Start(t, cf, nil, "REDIS_URL="+rs.URL(), "SSE_JWT_SECRET="+jwtSecret)
+	in := caddyproc.Start(t, cf, nil, "REDIS_URL="+rs.URL(), "SSE_JWT_SECRET="+jwtSecret)
 	e := &secEnv{rdb: rs, caddy: in}
 
 	e.refused(t, "/events?room=lobby", http.StatusUnauthorized)

@@ -20,7 +20,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -116,7 +116,7 @@ type trustEnv struct {
 func startTrust(t *testing.T) *trustEnv {
 	t.Helper()
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, trustCaddyfile, caddytest.Options{
+	in := caddyproc.Start(t, trustCaddyfile, caddyproc.Options{
 		"{REDIS}":      rs.URL(),
 		"{ALICE_HASH}": bcryptHash(t, "alice-pw"),
 		"{BOB_HASH}":   bcryptHash(t, "bob-pw"),

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -66,7 +66,7 @@ func TestForwardAuthExample(t *testing.T) {
 		"forward_auth /events 127.0.0.1:8080", "forward_auth /events "+addr,
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+addr,
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	rdb := rs.Client()
 	ctx := context.Background()
 
@@ -166,7 +166,7 @@ func TestReadmeStandInApp(t *testing.T) {
 		"forward_auth /events 127.0.0.1:8080", "forward_auth /events "+addr,
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+addr,
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	s := exampletest.Open(t, in.URL()+"/events")
 	for _, channel := range []string{"team:7", "user:42"} {
 		if n := exampletest.Publish(t, rs.Client(), channel, "hello "+channel); n != 1 {

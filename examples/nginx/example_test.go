@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -102,7 +102,7 @@ func debianLayout(t *testing.T, site string, removeDefault bool) (conf, addr str
 		}
 	}
 	dir := t.TempDir()
-	addr = fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
+	addr = fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
 	listen := "listen " + addr + "$1"
 	write := func(name, content string) {
 		t.Helper()
@@ -166,7 +166,7 @@ func (n *nginxServer) URL() string { return "http://" + n.addr }
 
 // setup runs the shipped Caddyfile with a real Redis in front of a test
 // app, and returns it with the shipped nginx server block pointed at it.
-func setup(t *testing.T) (*redistest.Server, *caddytest.Instance, string, *[]string) {
+func setup(t *testing.T) (*redistest.Server, *caddyproc.Instance, string, *[]string) {
 	t.Helper()
 	rs := redistest.Start(t)
 	var mu sync.Mutex
@@ -178,7 +178,7 @@ func setup(t *testing.T) (*redistest.Server, *caddytest.Instance, string, *[]str
 		io.WriteString(w, "app "+r.URL.Path)
 	}))
 	t.Cleanup(app.Close)
-	in := caddytest.Start(t, exampletest.Caddyfile(t, "Caddyfile",
+	in := caddyproc.Start(t, exampletest.Caddyfile(t, "Caddyfile",
 		"http://:8000", "http://:{HTTP}",
 		"redis://127.0.0.1:6379", rs.URL(),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+app.Listener.Addr().String(),

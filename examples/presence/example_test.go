@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
@@ -27,7 +27,7 @@ func startApp(t *testing.T, redisURL string) string {
 	if out, err := exec.Command("go", "build", "-o", bin, "./app").CombinedOutput(); err != nil {
 		t.Fatalf("building ./app: %v\n%s", err, out)
 	}
-	addr := "127.0.0.1:" + strconv.Itoa(caddytest.FreePort(t))
+	addr := "127.0.0.1:" + strconv.Itoa(caddyproc.FreePort(t))
 	cmd := exec.Command(bin)
 	cmd.Env = append(os.Environ(), "REDIS_URL="+redisURL, "LISTEN="+addr)
 	logs := &outbuf.Buffer{}
@@ -107,7 +107,7 @@ func TestPresenceExample(t *testing.T) {
 		"redis://127.0.0.1:6379", rs.URL(),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+app,
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse_presence")
 
 	// alice is away: the app keeps what it has for her.

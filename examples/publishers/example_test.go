@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
@@ -34,7 +34,7 @@ func TestPublishersExample(t *testing.T) {
 		"http://localhost:8000", "http://127.0.0.1:{HTTP}",
 		"redis://127.0.0.1:6379", rs.URL(),
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse")
 	s := exampletest.Open(t, in.URL()+"/events/42")
 	other := exampletest.Open(t, in.URL()+"/events/7")

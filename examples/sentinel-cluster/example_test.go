@@ -17,14 +17,14 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
 // Both shipped files adapt and validate as they are (validation provisions
 // the handlers; nothing needs to listen on the addresses for that).
 func TestCaddyfilesValidate(t *testing.T) {
-	bin := caddytest.Binary(t)
+	bin := caddyproc.Binary(t)
 	for _, name := range []string{"sentinel.Caddyfile", "cluster.Caddyfile"} {
 		for _, cmd := range []string{"adapt", "validate"} {
 			c := exec.Command(bin, cmd, "--config", name)
@@ -58,7 +58,7 @@ func port(addr string) string {
 func startSentinel(t *testing.T, master string) string {
 	t.Helper()
 	dir := t.TempDir()
-	addr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
+	addr := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
 	conf := filepath.Join(dir, "sentinel.conf") // Sentinel rewrites it
 	err := os.WriteFile(conf, []byte(fmt.Sprintf(`port %s
 bind 127.0.0.1
@@ -123,7 +123,7 @@ func TestSentinelStreamsAndFailsOver(t *testing.T) {
 		"addrs 127.0.0.1:26379 127.0.0.1:26380 127.0.0.1:26381", "addrs "+sentinel,
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	redistest.WaitLibrary(t, master.Client(), "caddy_sse")
 
 	s := exampletest.Open(t, in.URL()+"/events/42")
@@ -203,7 +203,7 @@ func TestClusterStreams(t *testing.T) {
 		"addrs 127.0.0.1:7000 127.0.0.1:7001 127.0.0.1:7002", "addrs "+strings.Join(addrs, " "),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	s := exampletest.Open(t, in.URL()+"/events/42")
 	for i, n := range nodes {
 		msg := fmt.Sprintf("published on node %d", i)
@@ -304,8 +304,8 @@ func TestSentinelScript(t *testing.T) {
 		"examples/sentinel-cluster/sentinel.sh stop",
 	)
 	ctx := context.Background()
-	master, replica := caddytest.FreePort(t), caddytest.FreePort(t)
-	sentinels := []int{caddytest.FreePort(t), caddytest.FreePort(t), caddytest.FreePort(t)}
+	master, replica := caddyproc.FreePort(t), caddyproc.FreePort(t)
+	sentinels := []int{caddyproc.FreePort(t), caddyproc.FreePort(t), caddyproc.FreePort(t)}
 	var sentinelAddrs, sentinelPorts []string
 	for _, p := range sentinels {
 		sentinelAddrs = append(sentinelAddrs, fmt.Sprintf("127.0.0.1:%d", p))
@@ -328,7 +328,7 @@ func TestSentinelScript(t *testing.T) {
 		"addrs 127.0.0.1:26379 127.0.0.1:26380 127.0.0.1:26381", "addrs "+strings.Join(sentinelAddrs, " "),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	client := func(port int) *redis.Client {
 		c := redis.NewClient(&redis.Options{Addr: fmt.Sprintf("127.0.0.1:%d", port)})
 		t.Cleanup(func() { c.Close() })
@@ -384,7 +384,7 @@ func TestClusterScript(t *testing.T) {
 	var ports, items, addrs []string
 	var all []int
 	for range 3 {
-		p, bus := caddytest.FreePort(t), caddytest.FreePort(t)
+		p, bus := caddyproc.FreePort(t), caddyproc.FreePort(t)
 		all = append(all, p, bus)
 		ports = append(ports, fmt.Sprint(p))
 		items = append(items, fmt.Sprintf("%d:%d", p, bus))
@@ -402,7 +402,7 @@ func TestClusterScript(t *testing.T) {
 		"addrs 127.0.0.1:7000 127.0.0.1:7001 127.0.0.1:7002", "addrs "+strings.Join(addrs, " "),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	s := exampletest.Open(t, in.URL()+"/events/42")
 	for i, addr := range addrs {
 		c := redis.NewClient(&redis.Options{Addr: addr})

@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
@@ -26,7 +26,7 @@ func instanceCaddyfile(t *testing.T, redisURL, app string) string {
 }
 
 // openStreams asks an instance's admin API how many streams it holds.
-func openStreams(t *testing.T, in *caddytest.Instance) int {
+func openStreams(t *testing.T, in *caddyproc.Instance) int {
 	t.Helper()
 	resp, err := http.Get(in.AdminURL() + "/sse/stats")
 	if err != nil {
@@ -49,9 +49,9 @@ func TestTwoInstancesExample(t *testing.T) {
 	t.Cleanup(app.Close)
 	appAddr := app.Listener.Addr().String()
 
-	a := caddytest.Start(t, instanceCaddyfile(t, rs.URL(), appAddr), nil)
-	b := caddytest.Start(t, instanceCaddyfile(t, rs.URL(), appAddr), nil)
-	lb := caddytest.Start(t, exampletest.Caddyfile(t, "lb.Caddyfile",
+	a := caddyproc.Start(t, instanceCaddyfile(t, rs.URL(), appAddr), nil)
+	b := caddyproc.Start(t, instanceCaddyfile(t, rs.URL(), appAddr), nil)
+	lb := caddyproc.Start(t, exampletest.Caddyfile(t, "lb.Caddyfile",
 		"localhost:{$ADMIN_PORT:2021}", "127.0.0.1:{ADMIN}",
 		"http://localhost:8000", "http://127.0.0.1:{HTTP}",
 		"127.0.0.1:8001 127.0.0.1:8002", a.Addr()+" "+b.Addr(),

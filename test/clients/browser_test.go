@@ -15,7 +15,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
@@ -200,7 +200,7 @@ func (d *demo) stop(t *testing.T) {
 // demo is back it is "open" again and events flow.
 func TestDemoPageInChromiumHTTP1(t *testing.T) {
 	b := startBrowser(t)
-	addr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
+	addr := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
 	d := startDemo(t, addr)
 
 	if m := b.do(t, map[string]any{"cmd": "goto", "url": "http://" + addr + "/"}); m.Protocol != "http/1.1" {
@@ -279,7 +279,7 @@ func demoCaddyfileH2(t *testing.T, redisURL string) string {
 // published while it was away arrives, once.
 func TestDemoPageInChromiumHTTP2(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, demoCaddyfileH2(t, rs.URL()), nil)
+	in := caddyproc.Start(t, demoCaddyfileH2(t, rs.URL()), nil)
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse")
 	b := startBrowser(t, "--ignore-certificate-errors")
 

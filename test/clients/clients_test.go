@@ -16,7 +16,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
@@ -128,7 +128,7 @@ func (a *chatApp) requests() []chatRequest {
 type server struct {
 	redis *redistest.Server
 	rdb   *redis.Client
-	caddy *caddytest.Instance
+	caddy *caddyproc.Instance
 	app   *chatApp
 }
 
@@ -138,7 +138,7 @@ func start(t *testing.T) *server {
 	app := &chatApp{}
 	srv := httptest.NewServer(app)
 	t.Cleanup(srv.Close)
-	in := caddytest.Start(t, clientsCaddyfile, caddytest.Options{
+	in := caddyproc.Start(t, clientsCaddyfile, caddyproc.Options{
 		"{REDIS}": rs.URL(),
 		"{APP}":   srv.Listener.Addr().String(),
 		"{RETRY}": strconv.Itoa(retryMS),

@@ -13,7 +13,7 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
@@ -130,7 +130,7 @@ func (r pageRecord) data() []string {
 type helperEnv struct {
 	t     *testing.T
 	rs    *redistest.Server
-	caddy *caddytest.Instance
+	caddy *caddyproc.Instance
 	p     *pages
 	mode  string // "eventsource" or "fetch"
 }
@@ -203,7 +203,7 @@ func testBrowserHelper(t *testing.T, which string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	in := caddytest.Start(t, helperCaddyfile, caddytest.Options{
+	in := caddyproc.Start(t, helperCaddyfile, caddyproc.Options{
 		"{REDIS}": rs.URL(), "{CLIENT}": client, "{PAGE}": page, "{SECRET}": helperSecret,
 	})
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse")

@@ -18,7 +18,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -124,7 +124,7 @@ func TestLiveViewInChromium(t *testing.T) {
 		t.Fatal(err)
 	}
 	redisURL := "redis://" + liveRedisUser + ":" + liveRedisPassword + "@" + rs.Addr()
-	in := caddytest.Start(t, liveCaddyfile(t), caddytest.Options{"{REDIS}": redisURL})
+	in := caddyproc.Start(t, liveCaddyfile(t), caddyproc.Options{"{REDIS}": redisURL})
 	pub := redis.NewClient(&redis.Options{Addr: rs.Addr(), Username: liveRedisUser, Password: liveRedisPassword})
 	defer pub.Close()
 

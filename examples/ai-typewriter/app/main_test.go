@@ -17,7 +17,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -61,14 +61,14 @@ func exampleCaddyfile(t *testing.T, extra ...[2]string) string {
 // stack is the example running: redis-server, the app (through run, as
 // `go run` starts it) and Caddy with the example Caddyfile.
 type stack struct {
-	caddy *caddytest.Instance
+	caddy *caddyproc.Instance
 	app   string // the app's own address, bypassing Caddy
 }
 
 func startStack(t *testing.T, minDelay, maxDelay time.Duration, extra ...[2]string) *stack {
 	t.Helper()
 	rs := redistest.Start(t)
-	appAddr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
+	appAddr := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
 	ctx, cancel := context.WithCancel(context.Background())
 	ran := make(chan error, 1)
 	go func() {
@@ -90,7 +90,7 @@ func startStack(t *testing.T, minDelay, maxDelay time.Duration, extra ...[2]stri
 	})
 	waitListening(t, appAddr, ran)
 
-	in := caddytest.Start(t, exampleCaddyfile(t, extra...), caddytest.Options{"{APP}": appAddr}, "REDIS_URL="+rs.URL())
+	in := caddyproc.Start(t, exampleCaddyfile(t, extra...), caddyproc.Options{"{APP}": appAddr}, "REDIS_URL="+rs.URL())
 	waitFunctions(t, rs.Client())
 	return &stack{caddy: in, app: appAddr}
 }

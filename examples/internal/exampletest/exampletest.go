@@ -17,7 +17,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -205,13 +205,13 @@ func ReadmeCommands(tb testing.TB, path string) []string {
 
 // StandIn runs command, a line of a README that starts a stand-in for the
 // user's app on 127.0.0.1:8080 with ./caddy, through sh as a user's shell
-// would, with Caddy built from cmd/caddy (caddytest.Binary) and on a free
+// would, with Caddy built from cmd/caddy (caddyproc.Binary) and on a free
 // loopback port instead. It returns the address once something listens
 // there, and stops the process when the test ends.
 func StandIn(tb testing.TB, command string) string {
 	tb.Helper()
-	caddy := caddytest.Binary(tb)
-	addr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(tb))
+	caddy := caddyproc.Binary(tb)
+	addr := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(tb))
 	if !strings.HasPrefix(command, "./caddy ") || !strings.Contains(command, "127.0.0.1:8080") {
 		tb.Fatalf("%q does not start ./caddy on 127.0.0.1:8080", command)
 	}

@@ -1,6 +1,6 @@
-// Package caddytest runs real Caddy processes, built from this repository's
+// Package caddyproc runs real Caddy processes, built from this repository's
 // cmd/caddy, for end-to-end tests: Caddyfiles in, HTTP over loopback out.
-package caddytest
+package caddyproc
 
 import (
 	"fmt"
