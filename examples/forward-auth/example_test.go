@@ -55,6 +55,7 @@ func (a *app) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func TestForwardAuthExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	a := &app{}
 	srv := httptest.NewServer(a)

@@ -42,6 +42,7 @@ func legacyApp(t *testing.T) (*httptest.Server, *atomic.Int64) {
 }
 
 func TestLegacyAppExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	app, eventsHits := legacyApp(t)
 	cf := exampletest.Caddyfile(t, "Caddyfile",

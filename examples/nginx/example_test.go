@@ -212,6 +212,7 @@ func eventsOneByOne(t *testing.T, rs *redistest.Server, s *sseclient.Stream, n i
 }
 
 func TestNginxExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs, _, site, forwardedFor := setup(t)
 	ngx := startNginx(t, site)
 
@@ -272,6 +273,7 @@ func TestNginxExample(t *testing.T) {
 // streams), nginx holds the stream back and the same check does not see it
 // in time.
 func TestNginxBufferingIsDetected(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs, _, site, _ := setup(t)
 	broken := strings.Replace(site, "proxy_buffering off;\n\t\tproxy_cache off;\n\t\tgzip off;",
 		"proxy_buffering on;\n\t\tproxy_ignore_headers X-Accel-Buffering;\n\t\tgzip on;\n\t\tgzip_types text/event-stream;", 1)
@@ -299,6 +301,7 @@ func TestNginxBufferingIsDetected(t *testing.T) {
 // example fail before: a server block that is not default_server loses to
 // the default site, and /events/ gets 404.
 func TestNginxOnDebianDefaultSite(t *testing.T) {
+	caddyproc.SkipShort(t)
 	_, _, site, _ := setup(t)
 
 	conf, _ := debianLayout(t, site, false)

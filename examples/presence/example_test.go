@@ -100,6 +100,7 @@ func waitOnline(t *testing.T, app, user string, want int64) {
 }
 
 func TestPresenceExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	app := startApp(t, rs.URL())
 	cf := exampletest.Caddyfile(t, "Caddyfile",

@@ -28,6 +28,7 @@ func run(t *testing.T, redisURL string, name string, args ...string) string {
 }
 
 func TestPublishersExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
 	rs := redistest.Start(t)
 	cf := exampletest.Caddyfile(t, "Caddyfile",

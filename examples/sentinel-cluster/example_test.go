@@ -103,6 +103,7 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 // Streams through Sentinel, and across a failover: the master dies, the
 // Sentinel promotes the replica, and the open stream keeps receiving.
 func TestSentinelStreamsAndFailsOver(t *testing.T) {
+	caddyproc.SkipShort(t)
 	ctx := context.Background()
 	master := redistest.Start(t)
 	replica := redistest.Start(t, "--replicaof", "127.0.0.1", port(master.Addr()))
@@ -177,6 +178,7 @@ func TestSentinelStreamsAndFailsOver(t *testing.T) {
 
 // Streams through Redis Cluster: a PUBLISH on any node reaches the stream.
 func TestClusterStreams(t *testing.T) {
+	caddyproc.SkipShort(t)
 	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
 	ctx := context.Background()
 	var nodes []*redistest.Server
@@ -294,6 +296,7 @@ func closedPorts(t *testing.T, what string, ports ...int) {
 // open stream receives what is published on it; sentinel.sh stop stops
 // every server.
 func TestSentinelScript(t *testing.T) {
+	caddyproc.SkipShort(t)
 	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
 	readmeSays(t,
 		"examples/sentinel-cluster/sentinel.sh start",
@@ -372,6 +375,7 @@ func TestSentinelScript(t *testing.T) {
 // node and the resumable publish the README gives reach the stream;
 // cluster.sh stop stops every node.
 func TestClusterScript(t *testing.T) {
+	caddyproc.SkipShort(t)
 	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
 	readmeSays(t,
 		"examples/sentinel-cluster/cluster.sh start",

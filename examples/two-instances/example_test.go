@@ -41,6 +41,7 @@ func openStreams(t *testing.T, in *caddyproc.Instance) int {
 }
 
 func TestTwoInstancesExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	rdb := rs.Client()
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

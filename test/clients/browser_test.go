@@ -199,6 +199,7 @@ func (d *demo) stop(t *testing.T) {
 // when the server goes away the page shows "reconnecting", and once the
 // demo is back it is "open" again and events flow.
 func TestDemoPageInChromiumHTTP1(t *testing.T) {
+	caddyproc.SkipShort(t)
 	b := startBrowser(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
 	d := startDemo(t, addr)
@@ -278,6 +279,7 @@ func demoCaddyfileH2(t *testing.T, redisURL string) string {
 // page shows "reconnecting", and on reconnect it resumes: what was
 // published while it was away arrives, once.
 func TestDemoPageInChromiumHTTP2(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	in := caddyproc.Start(t, demoCaddyfileH2(t, rs.URL()), nil)
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse")

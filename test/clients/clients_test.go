@@ -224,6 +224,7 @@ func checkResume(t *testing.T, log []msg, ids []string, ended string) {
 // The npm package eventsource: event types, data, ids, comments never
 // dispatched, close then 204; and gapless resume across server closes.
 func TestEventSourcePackage(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := start(t)
 
 	t.Run("events", func(t *testing.T) {
@@ -320,6 +321,7 @@ func hasTick(log []msg, n int) bool {
 // server closes, no empty messages for comments, close then 204; and a
 // refused stream stays refused.
 func TestFetchEventSourcePackage(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := start(t)
 	body := `{"room":"r1","question":"why is the sky blue?"}`
 

@@ -188,10 +188,16 @@ func helperToken(t *testing.T, channel string, exp time.Time) string {
 
 // The browser helper (client/caddy-sse.js) in Chromium, over EventSource and
 // over fetch.
-func TestBrowserHelperChromium(t *testing.T) { testBrowserHelper(t, "chromium") }
+func TestBrowserHelperChromium(t *testing.T) {
+	caddyproc.SkipShort(t)
+	testBrowserHelper(t, "chromium")
+}
 
 // The same in Firefox ESR, driven over WebDriver BiDi.
-func TestBrowserHelperFirefox(t *testing.T) { testBrowserHelper(t, "firefox") }
+func TestBrowserHelperFirefox(t *testing.T) {
+	caddyproc.SkipShort(t)
+	testBrowserHelper(t, "firefox")
+}
 
 func testBrowserHelper(t *testing.T, which string) {
 	rs := redistest.Start(t)
@@ -455,6 +461,7 @@ func helperGivesUpRefreshing(e *helperEnv) {
 // page's 5 s) with Last-Event-ID 3, and 204 ends it. Then 503s: retried
 // with backoff (Retry-After first) until maxRetries.
 func TestBrowserHelperFraming(t *testing.T) {
+	caddyproc.SkipShort(t)
 	bin := requireNode(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

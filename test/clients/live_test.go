@@ -117,6 +117,7 @@ const liveDOMExpr = `(() => {
 // address, without credentials; no Content-Security-Policy violation; the
 // screenshot shows the chart's colours.
 func TestLiveViewInChromium(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	ctx := context.Background()
 	if err := rs.Client().Do(ctx, "ACL", "SETUSER", liveRedisUser, "on", ">"+liveRedisPassword,
