@@ -19,13 +19,7 @@ import (
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
 
-const liveCaddyfile = `{
-	admin 127.0.0.1:{ADMIN}
-	default_bind 127.0.0.1
-	auto_https off
-	persist_config off
-}
-
+var liveCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /a/* {
 		redis {REDIS}

@@ -16,11 +16,12 @@ import (
 	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // The existing app decides: it authenticates the request and answers with
 // the channel instead of a body; Caddy holds the stream.
-const backendCaddyfile = globalOptions + `
+var backendCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	reverse_proxy {APP} {
 		@stream header X-Sse-Channel *
@@ -128,7 +129,7 @@ func TestBackendDrivenStream(t *testing.T) {
 	}
 	var text strings.Builder
 	for {
-		ev := next(t, s)
+		ev := ssetest.Next(t, s)
 		if ev.Event == "done" {
 			break
 		}
@@ -213,7 +214,7 @@ func TestBackendChatsAreIsolated(t *testing.T) {
 	for _, s := range []*sseclient.Stream{s1, s2} {
 		n := 0
 		for {
-			ev := next(t, s)
+			ev := ssetest.Next(t, s)
 			if ev.Event == "done" {
 				break
 			}

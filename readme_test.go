@@ -19,6 +19,7 @@ import (
 	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 var caddyfileBlock = regexp.MustCompile("(?s)```caddyfile\n(.*?)```")
@@ -122,11 +123,11 @@ func TestReadmePublishExampleIsProtected(t *testing.T) {
 	if code := post("backend", "wrong"); code != http.StatusUnauthorized {
 		t.Fatalf("publish with a wrong password: %d, want 401", code)
 	}
-	noEvent(t, s, 200*time.Millisecond)
+	ssetest.NoEvent(t, s, 200*time.Millisecond)
 	if code := post("backend", "change me"); code != http.StatusOK {
 		t.Fatalf("publish with credentials: %d, want 200", code)
 	}
-	if ev := next(t, s); ev.Data != "extra" {
+	if ev := ssetest.Next(t, s); ev.Data != "extra" {
 		t.Fatalf("got %+v", ev)
 	}
 }

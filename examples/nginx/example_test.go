@@ -18,6 +18,7 @@ import (
 	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // mainConf is nginx.conf as Debian's nginx package installs it
@@ -197,7 +198,7 @@ func eventsOneByOne(t *testing.T, rs *redistest.Server, s *sseclient.Stream, n i
 	for i := 1; i <= n; i++ {
 		msg := fmt.Sprintf("event %d", i)
 		start := time.Now()
-		if got := exampletest.Publish(t, rs.Client(), "user:42", msg); got != 1 {
+		if got := ssetest.Publish(t, rs.Client(), "user:42", msg); got != 1 {
 			t.Fatalf("PUBLISH reached %d subscriptions", got)
 		}
 		ev, err := s.Next(within)
@@ -233,7 +234,7 @@ func TestNginxExample(t *testing.T) {
 		t.Fatalf("the app saw X-Forwarded-For %q, want the browser's then nginx's address", got)
 	}
 
-	s := exampletest.Open(t, ngx.URL()+"/events/42")
+	s := ssetest.Open(t, ngx.URL()+"/events/42")
 	if ct := s.Resp.Header.Get("Content-Type"); ct != "text/event-stream; charset=utf-8" {
 		t.Fatalf("Content-Type through nginx = %q", ct)
 	}
@@ -281,13 +282,13 @@ func TestNginxBufferingIsDetected(t *testing.T) {
 		t.Fatal("the shipped caddy-sse.conf no longer has proxy_buffering off, proxy_cache off and gzip off in a row")
 	}
 	ngx := startNginx(t, broken)
-	s, err := exampletest.TryOpen(ngx.URL()+"/events/42", 2*time.Second)
+	s, err := ssetest.TryOpen(ngx.URL()+"/events/42", 2*time.Second)
 	if err != nil {
 		t.Logf("with buffering, not even the headers arrived within 2s: %v", err)
 		return
 	}
 	defer s.Close()
-	exampletest.Publish(t, rs.Client(), "user:42", "held back")
+	ssetest.Publish(t, rs.Client(), "user:42", "held back")
 	if ev, err := s.Next(time.Second); err == nil {
 		t.Fatalf("with buffering and gzip, the event arrived at once (%+v): the check cannot tell a buffered stream", ev)
 	}

@@ -3,7 +3,6 @@ package presence
 import (
 	"encoding/base64"
 	"encoding/json"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -17,6 +16,7 @@ import (
 	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // startApp builds ./app and runs it as its doc comment says, with its
@@ -62,17 +62,8 @@ func basic(user, pass string) string {
 
 func call(t *testing.T, method, url, body string) (int, string) {
 	t.Helper()
-	req, err := http.NewRequest(method, url, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	code, _, answer := ssetest.Do(t, method, url, body)
+	return code, answer
 }
 
 type onlineAnswer struct {
@@ -119,24 +110,24 @@ func TestPresenceExample(t *testing.T) {
 
 	// She connects: the app learns it from the lifecycle stream and sends
 	// a greeting and what was pending.
-	if _, err := exampletest.TryOpen(in.URL()+"/events", 5*time.Second); err == nil || !strings.Contains(err.Error(), "401") {
+	if _, err := ssetest.TryOpen(in.URL()+"/events", 5*time.Second); err == nil || !strings.Contains(err.Error(), "401") {
 		t.Fatalf("a stream without credentials: %v, want 401", err)
 	}
-	alice := exampletest.Open(t, in.URL()+"/events", "Authorization", basic("alice", "alice-secret"))
-	if ev := exampletest.Next(t, alice); ev.Data != `{"text":"Welcome, alice"}` {
+	alice := ssetest.Open(t, in.URL()+"/events", "Authorization", basic("alice", "alice-secret"))
+	if ev := ssetest.Next(t, alice); ev.Data != `{"text":"Welcome, alice"}` {
 		t.Fatalf("alice got %+v, want the greeting", ev)
 	}
-	if ev := exampletest.Next(t, alice); ev.Data != `{"text":"your report is ready"}` {
+	if ev := ssetest.Next(t, alice); ev.Data != `{"text":"your report is ready"}` {
 		t.Fatalf("alice got %+v, want what was pending", ev)
 	}
 	waitOnline(t, app, "alice", 1)
 
 	// A second tab: greeted too (on her channel, so both tabs see it).
-	second := exampletest.Open(t, in.URL()+"/events", "Authorization", basic("alice", "alice-secret"))
-	if ev := exampletest.Next(t, second); ev.Data != `{"text":"Welcome, alice"}` {
+	second := ssetest.Open(t, in.URL()+"/events", "Authorization", basic("alice", "alice-secret"))
+	if ev := ssetest.Next(t, second); ev.Data != `{"text":"Welcome, alice"}` {
 		t.Fatalf("the second stream got %+v, want its greeting", ev)
 	}
-	if ev := exampletest.Next(t, alice); ev.Data != `{"text":"Welcome, alice"}` {
+	if ev := ssetest.Next(t, alice); ev.Data != `{"text":"Welcome, alice"}` {
 		t.Fatalf("alice got %+v, want the second stream's greeting", ev)
 	}
 	waitOnline(t, app, "alice", 2)
@@ -146,10 +137,10 @@ func TestPresenceExample(t *testing.T) {
 	if code, body := call(t, http.MethodPost, "http://"+app+"/internal/notify?user=alice", "now"); code != 200 || body != "delivered\n" {
 		t.Fatalf("notify while online: %d %q", code, body)
 	}
-	if ev := exampletest.Next(t, alice); ev.Data != `{"text":"now"}` {
+	if ev := ssetest.Next(t, alice); ev.Data != `{"text":"now"}` {
 		t.Fatalf("alice got %+v", ev)
 	}
-	if ev := exampletest.Next(t, second); ev.Data != `{"text":"now"}` {
+	if ev := ssetest.Next(t, second); ev.Data != `{"text":"now"}` {
 		t.Fatalf("the second stream got %+v", ev)
 	}
 

@@ -19,6 +19,7 @@ import (
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
 	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // Both shipped files adapt and validate as they are (validation provisions
@@ -127,15 +128,15 @@ func TestSentinelStreamsAndFailsOver(t *testing.T) {
 	in := caddyproc.Start(t, cf, nil)
 	redistest.WaitLibrary(t, master.Client(), "caddy_sse")
 
-	s := exampletest.Open(t, in.URL()+"/events/42")
-	if n := exampletest.Publish(t, master.Client(), "user:42", "via sentinel"); n != 1 {
+	s := ssetest.Open(t, in.URL()+"/events/42")
+	if n := ssetest.Publish(t, master.Client(), "user:42", "via sentinel"); n != 1 {
 		t.Fatalf("PUBLISH on the master reached %d subscriptions, want 1", n)
 	}
-	if ev := exampletest.Next(t, s); ev.Data != "via sentinel" {
+	if ev := ssetest.Next(t, s); ev.Data != "via sentinel" {
 		t.Fatalf("got %+v", ev)
 	}
-	id := exampletest.PublishResumable(t, master.Client(), "user:42", "resumable via sentinel")
-	if ev := exampletest.Next(t, s); ev.Data != "resumable via sentinel" || ev.ID != id {
+	id := ssetest.PublishResumable(t, master.Client(), "user:42", "resumable via sentinel")
+	if ev := ssetest.Next(t, s); ev.Data != "resumable via sentinel" || ev.ID != id {
 		t.Fatalf("got %+v, want id %s", ev, id)
 	}
 
@@ -152,7 +153,7 @@ func TestSentinelStreamsAndFailsOver(t *testing.T) {
 	// Published on the new master, resumable: it reaches the stream that
 	// stayed open, through the new subscription (or the catch-up from
 	// history if it was published while Caddy was still switching).
-	after := exampletest.PublishResumable(t, replica.Client(), "user:42", "after the failover")
+	after := ssetest.PublishResumable(t, replica.Client(), "user:42", "after the failover")
 	ev, err := s.Next(20 * time.Second)
 	if err != nil {
 		t.Fatalf("after the failover, the open stream got nothing: %v (raw %q)\n%s", err, s.Raw(), in.Logs())
@@ -170,8 +171,8 @@ func TestSentinelStreamsAndFailsOver(t *testing.T) {
 		n, _ := replica.Client().PubSubNumSub(ctx, "user:42").Result()
 		return n["user:42"] == 1
 	})
-	exampletest.Publish(t, replica.Client(), "user:42", "live on the new master")
-	if ev := exampletest.Next(t, s); ev.Data != "live on the new master" {
+	ssetest.Publish(t, replica.Client(), "user:42", "live on the new master")
+	if ev := ssetest.Next(t, s); ev.Data != "live on the new master" {
 		t.Fatalf("got %+v", ev)
 	}
 }
@@ -206,20 +207,20 @@ func TestClusterStreams(t *testing.T) {
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
 	)
 	in := caddyproc.Start(t, cf, nil)
-	s := exampletest.Open(t, in.URL()+"/events/42")
+	s := ssetest.Open(t, in.URL()+"/events/42")
 	for i, n := range nodes {
 		msg := fmt.Sprintf("published on node %d", i)
-		exampletest.Publish(t, n.Client(), "user:42", msg)
-		if ev := exampletest.Next(t, s); ev.Data != msg {
+		ssetest.Publish(t, n.Client(), "user:42", msg)
+		if ev := ssetest.Next(t, s); ev.Data != msg {
 			t.Fatalf("got %+v, want %q", ev, msg)
 		}
 	}
-	other := exampletest.Open(t, in.URL()+"/events/7")
-	exampletest.Publish(t, nodes[2].Client(), "user:7", "for 7")
-	if ev := exampletest.Next(t, other); ev.Data != "for 7" {
+	other := ssetest.Open(t, in.URL()+"/events/7")
+	ssetest.Publish(t, nodes[2].Client(), "user:7", "for 7")
+	if ev := ssetest.Next(t, other); ev.Data != "for 7" {
 		t.Fatalf("got %+v", ev)
 	}
-	exampletest.NoEvent(t, s, 100*time.Millisecond)
+	ssetest.NoEvent(t, s, 100*time.Millisecond)
 
 	// Resumable events, published as the Caddyfile's comment says, with a
 	// cluster client.
@@ -237,13 +238,13 @@ func TestClusterStreams(t *testing.T) {
 		return fmt.Sprint(id)
 	}
 	first := fcall("user:42", "resumable 1")
-	if ev := exampletest.Next(t, s); ev.Data != "resumable 1" || ev.ID != first {
+	if ev := ssetest.Next(t, s); ev.Data != "resumable 1" || ev.ID != first {
 		t.Fatalf("got %+v, want id %s", ev, first)
 	}
 	s.Close()
 	second := fcall("user:42", "resumable 2")
-	resumed := exampletest.Open(t, in.URL()+"/events/42", "Last-Event-ID", first)
-	if ev := exampletest.Next(t, resumed); ev.Data != "resumable 2" || ev.ID != second {
+	resumed := ssetest.Open(t, in.URL()+"/events/42", "Last-Event-ID", first)
+	if ev := ssetest.Next(t, resumed); ev.Data != "resumable 2" || ev.ID != second {
 		t.Fatalf("resumed: got %+v, want id %s", ev, second)
 	}
 }
@@ -340,9 +341,9 @@ func TestSentinelScript(t *testing.T) {
 	mc, rc := client(master), client(replica)
 	redistest.WaitLibrary(t, mc, "caddy_sse")
 
-	s := exampletest.Open(t, in.URL()+"/events/42")
-	before := exampletest.PublishResumable(t, mc, "user:42", "before the failover")
-	if ev := exampletest.Next(t, s); ev.Data != "before the failover" || ev.ID != before {
+	s := ssetest.Open(t, in.URL()+"/events/42")
+	before := ssetest.PublishResumable(t, mc, "user:42", "before the failover")
+	if ev := ssetest.Next(t, s); ev.Data != "before the failover" || ev.ID != before {
 		t.Fatalf("got %+v, want id %s", ev, before)
 	}
 
@@ -407,13 +408,13 @@ func TestClusterScript(t *testing.T) {
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
 	)
 	in := caddyproc.Start(t, cf, nil)
-	s := exampletest.Open(t, in.URL()+"/events/42")
+	s := ssetest.Open(t, in.URL()+"/events/42")
 	for i, addr := range addrs {
 		c := redis.NewClient(&redis.Options{Addr: addr})
 		msg := "published on node " + ports[i]
-		exampletest.Publish(t, c, "user:42", msg)
+		ssetest.Publish(t, c, "user:42", msg)
 		c.Close()
-		if ev := exampletest.Next(t, s); ev.Data != msg {
+		if ev := ssetest.Next(t, s); ev.Data != msg {
 			t.Fatalf("got %+v, want %q", ev, msg)
 		}
 	}
@@ -425,7 +426,7 @@ func TestClusterScript(t *testing.T) {
 		id = fmt.Sprint(v)
 		return err == nil
 	})
-	if ev := exampletest.Next(t, s); ev.Data != `{"text":"hello"}` || ev.ID != id {
+	if ev := ssetest.Next(t, s); ev.Data != `{"text":"hello"}` || ev.ID != id {
 		t.Fatalf("got %+v, want id %s", ev, id)
 	}
 }

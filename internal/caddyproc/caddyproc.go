@@ -26,6 +26,18 @@ var (
 	buildErr  error
 )
 
+// GlobalOptions is the global options block of a test Caddyfile: it keeps
+// the instance on loopback, on its own admin port, and away from the
+// user's trust store and saved config.
+const GlobalOptions = `{
+	admin 127.0.0.1:{ADMIN}
+	default_bind 127.0.0.1
+	auto_https off
+	skip_install_trust
+	persist_config off
+}
+`
+
 // SkipShort skips, under `go test -short`, a test that runs processes
 // (Caddy, Redis clusters, apps, browsers, scripts). Binary does it for every
 // test that runs Caddy; a test that starts other processes first calls it

@@ -36,13 +36,7 @@ const (
 //     Last-Event-ID again and again;
 //   - POST /chat: fetch-event-source's case, a backend-driven stream: the
 //     app checks the token and the JSON body, and answers with the channel.
-const clientsCaddyfile = `{
-	admin 127.0.0.1:{ADMIN}
-	default_bind 127.0.0.1
-	auto_https off
-	persist_config off
-}
-
+const clientsCaddyfile = caddyproc.GlobalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /live/* {
 		redis {REDIS}

@@ -28,13 +28,7 @@ const helperSecret = "caddy-sse-browser-helper-test-secret-0123456789"
 //	/short/<name>  the same, closed by the server every 1.5s (max_duration)
 //	/user/<name>   one stream per name: a newer one evicts the older
 //	/jwt/<name>    needs a token granting j:<name>
-const helperCaddyfile = `{
-	admin 127.0.0.1:{ADMIN}
-	default_bind 127.0.0.1
-	auto_https off
-	persist_config off
-}
-
+const helperCaddyfile = caddyproc.GlobalOptions + `
 http://127.0.0.1:{HTTP} {
 	log {
 		output stderr

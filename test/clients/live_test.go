@@ -58,13 +58,7 @@ func liveCaddyfile(t *testing.T) string {
 		t.Fatalf("the README's live view block should proxy to localhost:2019 once:\n%s", block)
 	}
 	block = strings.Replace(block, "localhost:2019", "127.0.0.1:{ADMIN}", 1)
-	return `{
-	admin 127.0.0.1:{ADMIN}
-	default_bind 127.0.0.1
-	auto_https off
-	persist_config off
-}
-
+	return caddyproc.GlobalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /events/* {
 		redis {REDIS}
