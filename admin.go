@@ -88,7 +88,7 @@ func handleChannels(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	out := adminChannels{Redis: []adminHub{}}
-	proc.hubs.Range(func(key, value any) bool {
+	proc().hubs.Range(func(key, value any) bool {
 		h, ok := value.(*hub)
 		if !ok {
 			return true
@@ -119,7 +119,7 @@ func handleStats(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	var out adminStats
-	proc.hubs.Range(func(_, value any) bool {
+	proc().hubs.Range(func(_, value any) bool {
 		if h, ok := value.(*hub); ok {
 			out.Channels += h.reg.Snapshot().Channels
 			out.Hubs++

@@ -146,9 +146,9 @@ func handleLiveJSON(w http.ResponseWriter, r *http.Request) error {
 		Closed:   g.byLabel("caddy_sse_streams_closed_total"),
 		Rejected: g.byLabel("caddy_sse_streams_rejected_total"),
 		Redis:    []liveHub{},
-		Series:   proc.live.series(since),
+		Series:   proc().live.series(since),
 	}
-	proc.hubs.Range(func(key, value any) bool {
+	proc().hubs.Range(func(key, value any) bool {
 		h, ok := value.(*hub)
 		if !ok {
 			return true
@@ -185,7 +185,7 @@ func (g gathered) byLabel(name string) map[string]float64 {
 
 func gatherLive() gathered {
 	g := gathered{}
-	mfs, _ := proc.liveRegistry().Gather()
+	mfs, _ := proc().liveRegistry().Gather()
 	for _, mf := range mfs {
 		vals := map[string]float64{}
 		for _, m := range mf.GetMetric() {
@@ -227,7 +227,7 @@ func readLiveCounters() liveCounters {
 // admin endpoint is up: Caddy cancels ctx when the config that made the
 // endpoint goes.
 func (*adminAPI) Provision(ctx caddy.Context) error {
-	live := proc.live
+	live := proc().live
 	live.acquire()
 	context.AfterFunc(ctx, live.release)
 	return nil

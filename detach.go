@@ -48,7 +48,7 @@ type detached struct {
 func (d *detached) count(n, size int) {
 	d.events += int64(n)
 	d.bytes += int64(size)
-	proc.metrics.delivered.Add(float64(n))
+	proc().metrics.delivered.Add(float64(n))
 }
 
 // The modes of a stream prepared for takeover.
@@ -344,7 +344,7 @@ func (s *detachedSet) scan() {
 	for {
 		select {
 		case <-t.C:
-		case <-proc.exiting:
+		case <-proc().exiting:
 			s.mu.Lock()
 			for d := range s.streams {
 				d := d

@@ -88,7 +88,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		// A publisher ended these channels: serve the others, and tell
 		// EventSource to stop reconnecting (204) when none is left.
 		if channels = h.hub.openChannels(r.Context(), channels); len(channels) == 0 {
-			proc.metrics.streamsRejected.WithLabelValues("closed").Inc()
+			proc().metrics.streamsRejected.WithLabelValues("closed").Inc()
 			w.WriteHeader(http.StatusNoContent)
 			return nil
 		}
@@ -123,8 +123,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	adm.add(func() { h.hub.reg.Detach(sub) })
 
 	setHeaders(w.Header())
-	proc.metrics.streamsOpen.Inc()
-	adm.add(proc.metrics.streamsOpen.Dec)
+	proc().metrics.streamsOpen.Inc()
+	adm.add(proc().metrics.streamsOpen.Dec)
 	life, unpresence := h.opened(channels, identity)
 	if unpresence != nil {
 		adm.add(unpresence)
@@ -500,7 +500,7 @@ func (st *stream) finish(why string) {
 // what the access log cannot know: it logs the request when the stream
 // starts (a taken-over one) or cannot say why it ended.
 func streamEnded(logger *zap.Logger, why string, channels []string, started time.Time, events, bytes int64, takeover bool) {
-	proc.metrics.streamsClosed.WithLabelValues(why).Inc()
+	proc().metrics.streamsClosed.WithLabelValues(why).Inc()
 	if ce := logger.Check(zap.InfoLevel, "stream closed"); ce != nil {
 		ce.Write(zap.Strings("channels", channels), zap.String("reason", why),
 			zap.Duration("duration", time.Since(started)), zap.Int64("events", events),
@@ -557,7 +557,7 @@ func (st *stream) run(ctx context.Context, end streamDeadline) string {
 			return reasonClient
 		case <-deadline:
 			return end.why
-		case <-proc.exiting:
+		case <-proc().exiting:
 			// Spread the reconnects, but stay prompt: Caddy waits for us.
 			select {
 			case <-time.After(time.Duration(rand.Int64N(int64(exitJitter)))):
@@ -608,7 +608,7 @@ func (st *stream) drain() (string, error) {
 func (st *stream) count(n, size int) {
 	st.events.Add(int64(n))
 	st.bytes.Add(int64(size))
-	proc.metrics.delivered.Add(float64(n))
+	proc().metrics.delivered.Add(float64(n))
 }
 
 // recoverStream, deferred in a goroutine that serves one stream, keeps a

@@ -41,7 +41,7 @@ func (Health) CaddyModule() caddy.ModuleInfo {
 
 // Provision takes a reference to the hub of its Redis.
 func (hl *Health) Provision(ctx caddy.Context) error {
-	if err := proc.metrics.register(ctx.GetMetricsRegistry()); err != nil {
+	if err := proc().metrics.register(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
 	hb, key, err := acquireHub(hl.Redis)
@@ -82,7 +82,7 @@ func (hl *Health) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return refusal(w, r, http.StatusMethodNotAllowed, "method not allowed: use GET or HEAD")
 	}
 	up, since := hl.hub.brk.State()
-	ans := healthAnswer{Status: "up", Since: since.UTC().Format(time.RFC3339), Instance: proc.instance}
+	ans := healthAnswer{Status: "up", Since: since.UTC().Format(time.RFC3339), Instance: proc().instance}
 	status := http.StatusOK
 	if !up {
 		ans.Status = "down"
@@ -118,8 +118,8 @@ type statsWithRedis struct {
 
 // withRedisState adds the Redis state to the totals.
 func withRedisState(s adminStats) statsWithRedis {
-	out := statsWithRedis{adminStats: s, Instance: proc.instance, Redis: []redisState{}}
-	proc.hubs.Range(func(key, value any) bool {
+	out := statsWithRedis{adminStats: s, Instance: proc().instance, Redis: []redisState{}}
+	proc().hubs.Range(func(key, value any) bool {
 		if h, ok := value.(*hub); ok {
 			up, since := h.brk.State()
 			out.Redis = append(out.Redis, redisState{Redis: describeHubKey(key), Connected: up,

@@ -37,7 +37,7 @@ func acquireHub(cfg *RedisConfig) (*hub, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	v, _, err := proc.hubs.LoadOrNew(key, func() (caddy.Destructor, error) {
+	v, _, err := proc().hubs.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return newHub(opts, cluster, logger)
 	})
 	if err != nil {
@@ -47,30 +47,30 @@ func acquireHub(cfg *RedisConfig) (*hub, string, error) {
 }
 
 func releaseHub(key string) error {
-	_, err := proc.hubs.Delete(key)
+	_, err := proc().hubs.Delete(key)
 	return err
 }
 
 func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hub, error) {
-	proc.redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
+	proc().redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
 	src := &brokerSource{}
 	reg := registry.New(src, logger, registry.Metrics{
-		Dropped: proc.metrics.dropped,
-		Faults:  proc.metrics.faults,
+		Dropped: proc().metrics.dropped,
+		Faults:  proc().metrics.faults,
 	})
 	brk, err := broker.New(broker.Options{
 		Redis:    opts,
 		Cluster:  cluster,
 		Logger:   logger,
-		Instance: proc.instance,
+		Instance: proc().instance,
 		Metrics: broker.Metrics{
-			Connected:        proc.metrics.redisConnected,
-			Reconnects:       proc.metrics.redisReconnects,
-			Channels:         proc.metrics.channels,
-			Received:         proc.metrics.received,
-			Rejected:         proc.metrics.rejected,
-			PresenceFailures: proc.metrics.presenceFailures,
-			LifecycleDropped: proc.metrics.lifecycleDropped,
+			Connected:        proc().metrics.redisConnected,
+			Reconnects:       proc().metrics.redisReconnects,
+			Channels:         proc().metrics.channels,
+			Received:         proc().metrics.received,
+			Rejected:         proc().metrics.rejected,
+			PresenceFailures: proc().metrics.presenceFailures,
+			LifecycleDropped: proc().metrics.lifecycleDropped,
 		},
 	}, brokerSink{reg})
 	if err != nil {
@@ -80,7 +80,7 @@ func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hu
 	src.b = brk
 	h := &hub{reg: reg, brk: brk, logger: logger}
 	reg.OnClose = h.markClosed
-	proc.watchExit()
+	proc().watchExit()
 	return h, nil
 }
 

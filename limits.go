@@ -77,5 +77,5 @@ func (h *Handler) admitPer(repl *caddy.Replacer, sub *registry.Subscriber) (rele
 	if err != nil || v == "" {
 		return func() {}, true
 	}
-	return proc.limits.Admit(l.Key+"\x00"+v, l.Max, l.Policy == policyEvictOldest, sub)
+	return proc().limits.Admit(l.Key+"\x00"+v, l.Max, l.Policy == policyEvictOldest, sub)
 }

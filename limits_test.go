@@ -60,12 +60,12 @@ func TestAdmitPer(t *testing.T) {
 			rel()
 		}
 	}
-	if n := proc.limits.Keys(); n != 2 {
+	if n := proc().limits.Keys(); n != 2 {
 		t.Fatalf("%d keys counted, want alice and bob", n)
 	}
 	rel()
 	relBob()
-	if n := proc.limits.Keys(); n != 0 {
+	if n := proc().limits.Keys(); n != 0 {
 		t.Fatalf("%d keys left after every stream ended", n)
 	}
 }

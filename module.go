@@ -139,7 +139,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.compile(); err != nil {
 		return err
 	}
-	if err := proc.metrics.register(ctx.GetMetricsRegistry()); err != nil {
+	if err := proc().metrics.register(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
 	hb, key, err := acquireHub(h.Redis)

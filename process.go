@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -46,8 +47,13 @@ type process struct {
 	done        chan struct{} // stops the exit watcher
 }
 
-// proc is the process's state.
-var proc = newProcess()
+// current is the process's state; tests swap it for a fresh one.
+var current atomic.Pointer[process]
+
+func init() { current.Store(newProcess()) }
+
+// proc returns the process's state.
+func proc() *process { return current.Load() }
 
 func newProcess() *process {
 	p := &process{

@@ -7,17 +7,15 @@ import "testing"
 // test must load no config that outlives it.
 func freshProcess(t *testing.T) {
 	t.Helper()
-	prev := proc
-	proc = newProcess()
+	prev := current.Swap(newProcess())
 	t.Cleanup(func() {
-		if n := proc.limits.Keys(); n != 0 {
+		if n := proc().limits.Keys(); n != 0 {
 			t.Errorf("%d max_connections_per keys still counted at the end of the test", n)
 		}
-		proc.hubs.Range(func(key, _ any) bool {
+		proc().hubs.Range(func(key, _ any) bool {
 			t.Errorf("a hub is still in use at the end of the test: %v", describeHubKey(key))
 			return true
 		})
-		proc.stop()
-		proc = prev
+		current.Swap(prev).stop()
 	})
 }

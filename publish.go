@@ -52,7 +52,7 @@ const defaultMaxSize = 1 << 20
 // Provision takes a reference to the hub of its Redis.
 func (p *Publish) Provision(ctx caddy.Context) error {
 	p.logger = ctx.Logger()
-	if err := proc.metrics.register(ctx.GetMetricsRegistry()); err != nil {
+	if err := proc().metrics.register(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
 	if p.MaxSize == 0 {
@@ -125,7 +125,7 @@ func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		p.logger.Error("publish failed", zap.String("channel", channel), zap.Error(err))
 		return p.refuse(w, r, http.StatusServiceUnavailable, "redis", "publish failed: Redis unavailable")
 	}
-	proc.metrics.published.WithLabelValues("ok").Inc()
+	proc().metrics.published.WithLabelValues("ok").Inc()
 	w.Header().Set("Content-Type", "application/json")
 	if seq == 0 {
 		_, _ = w.Write([]byte("{}\n"))
@@ -138,7 +138,7 @@ func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 // refuse refuses a publish with status and a short reason (see refusal),
 // counted under label in caddy_sse_published_total.
 func (p *Publish) refuse(w http.ResponseWriter, r *http.Request, status int, label, reason string) error {
-	proc.metrics.published.WithLabelValues(label).Inc()
+	proc().metrics.published.WithLabelValues(label).Inc()
 	return refusal(w, r, status, reason)
 }
 

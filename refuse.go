@@ -17,7 +17,7 @@ import (
 // under label in caddy_sse_streams_rejected_total. Headers the refusal
 // needs (Allow, Retry-After, WWW-Authenticate) are set before the call.
 func refuse(w http.ResponseWriter, r *http.Request, status int, label, reason string) error {
-	proc.metrics.streamsRejected.WithLabelValues(label).Inc()
+	proc().metrics.streamsRejected.WithLabelValues(label).Inc()
 	return refusal(w, r, status, reason)
 }
 
