@@ -96,7 +96,8 @@ type Handler struct {
 
 	// JWT, when set, requires every stream request to carry a valid JSON Web
 	// Token (else 401) whose claim grants each of its channels (else 403).
-	// The token's subject is {sse.jwt.sub} in the channel templates.
+	// The token's subject is {http.sse.jwt.sub} (or {sse.jwt.sub}) in the
+	// channel templates.
 	JWT *JWTConfig `json:"jwt,omitempty"`
 
 	// MaxConnectionsPer caps the concurrent streams of this process that

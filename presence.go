@@ -24,7 +24,7 @@ import (
 // a backend reads them with FCALL sse_presence.
 type Presence struct {
 	// Identity is a template expanded per request, such as
-	// {http.auth.user.id} or {sse.jwt.sub}. A stream whose identity expands
+	// {http.auth.user.id} or {http.sse.jwt.sub}. A stream whose identity expands
 	// empty (or names an unknown placeholder) is anonymous: not counted.
 	Identity string `json:"identity,omitempty"`
 	// TTL bounds how long a killed instance keeps counting: its liveness
