@@ -29,9 +29,10 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 const (
@@ -89,7 +90,7 @@ http://127.0.0.1:{PLAIN} {
 
 type abuseEnv struct {
 	rs    *redistest.Server
-	in    *caddytest.Instance
+	in    *caddyproc.Instance
 	plain string // host:port of the HTTP/1.1 site
 	alive *aliveWatch
 }
@@ -98,8 +99,8 @@ func startAbuse(t *testing.T) *abuseEnv {
 	t.Helper()
 	raiseNoFile(t)
 	rs := redistest.Start(t)
-	plain := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
-	in := caddytest.Start(t, abuseCaddyfile, caddytest.Options{
+	plain := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
+	in := caddyproc.Start(t, abuseCaddyfile, caddyproc.Options{
 		"{REDIS}": rs.URL(), "{STORAGE}": t.TempDir(), "{PLAIN}": strings.Split(plain, ":")[1],
 	})
 	e := &abuseEnv{rs: rs, in: in, plain: plain, alive: watchAlive(in.Pid())}
@@ -154,7 +155,7 @@ func (e *abuseEnv) h2Stream(t *testing.T, path string) *sseclient.Stream {
 func (e *abuseEnv) metric(t *testing.T, name string) float64 {
 	t.Helper()
 	e.check(t)
-	if v := metricValue(t, e.in, name); v >= 0 {
+	if v := ssetest.Metric(t, e.in.AdminURL()+"/metrics", name); v >= 0 {
 		return v
 	}
 	return 0
@@ -163,30 +164,22 @@ func (e *abuseEnv) metric(t *testing.T, name string) float64 {
 // waitMetric waits within d for a metric to equal want.
 func (e *abuseEnv) waitMetric(t *testing.T, name string, want float64, d time.Duration) {
 	t.Helper()
-	var got float64
-	deadline := time.Now().Add(d)
-	for got = e.metric(t, name); got != want; got = e.metric(t, name) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s = %v after %v, want %v; metrics:\n%s", name, got, d, want,
-				grepLines(scrape(t, e.in.AdminURL()+"/metrics"), "caddy_sse_"))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	e.check(t)
+	ssetest.WaitMetric(t, e.in.AdminURL()+"/metrics", name, d, func(v float64) bool {
+		e.check(t)
+		return v == want || v == -1 && want == 0 // an absent series is 0
+	})
 }
 
 // waitUnsubscribed waits within d until no instance listens to channel.
 func (e *abuseEnv) waitUnsubscribed(t *testing.T, d time.Duration, channels ...string) {
 	t.Helper()
 	rdb := e.rs.Client()
-	deadline := time.Now().Add(d)
 	for _, ch := range channels {
-		for n := numsub(t, rdb, ch); n != 0; n = numsub(t, rdb, ch) {
+		ssetest.Wait(t, d, "PUBSUB NUMSUB "+ch+" = 0", func() bool {
 			e.check(t)
-			if time.Now().After(deadline) {
-				t.Fatalf("PUBSUB NUMSUB %s = %d after %v, want 0", ch, n, d)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+			return ssetest.Numsub(t, rdb, ch) == 0
+		})
 	}
 }
 
@@ -470,7 +463,7 @@ func TestAbuseH2StalledWindowsAndResets(t *testing.T) {
 		c := cs[i%conns]
 		all = append(all, ref{c, c.get(t, "/stall/abuse")})
 	}
-	waitFor(t, 30*time.Second, "every stalled stream answered 200 with its opening comment", func() bool {
+	ssetest.Wait(t, 30*time.Second, "every stalled stream answered 200 with its opening comment", func() bool {
 		for _, c := range cs {
 			if !c.holds(c.allOpen) {
 				return false
@@ -479,7 +472,7 @@ func TestAbuseH2StalledWindowsAndResets(t *testing.T) {
 		return true
 	})
 	e.waitMetric(t, "caddy_sse_streams_open", stalledStreams, 10*time.Second)
-	waitNumsub(t, e.rs.Client(), "abuse", 1)
+	ssetest.WaitNumsub(t, e.rs.Client(), "abuse", 1, 5*time.Second)
 	overflowName := `caddy_sse_streams_closed_total{reason="overflow"}`
 	overflowBefore := e.metric(t, overflowName)
 
@@ -513,16 +506,16 @@ func TestAbuseH2StalledWindowsAndResets(t *testing.T) {
 		stalledStreams, conns, reset, time.Since(published).Round(time.Millisecond), overflowed)
 	if want := float64(stalledStreams - reset); overflowed < want {
 		t.Errorf("streams closed for overflow grew by %v, want at least %v (the streams the client did not reset); metrics:\n%s",
-			overflowed, want, grepLines(scrape(t, e.in.AdminURL()+"/metrics"), "caddy_sse_streams_closed"))
+			overflowed, want, ssetest.Lines(ssetest.Metrics(t, e.in.AdminURL()+"/metrics"), "caddy_sse_streams_closed"))
 	}
 
 	// A normal client is still served.
 	s := e.h2Stream(t, "/stall/abuse")
-	waitNumsub(t, rdb, "abuse", 1)
+	ssetest.WaitNumsub(t, rdb, "abuse", 1, 5*time.Second)
 	if err := rdb.Publish(context.Background(), "abuse", "after the abuse").Err(); err != nil {
 		t.Fatal(err)
 	}
-	if ev := next(t, s); ev.Data != "after the abuse" {
+	if ev := ssetest.Next(t, s); ev.Data != "after the abuse" {
 		t.Fatalf("fresh stream got %+v", ev)
 	}
 	e.check(t)
@@ -573,7 +566,7 @@ func TestAbuseH2SocketNotRead(t *testing.T) {
 	// Read until every stream is open, then never read again.
 	c.readUntil(t, 20*time.Second, "the streams to open", c.allOpen)
 	e.waitMetric(t, "caddy_sse_streams_open", stalled+2, 10*time.Second)
-	waitNumsub(t, e.rs.Client(), own[0], 1)
+	ssetest.WaitNumsub(t, e.rs.Client(), own[0], 1, 5*time.Second)
 
 	bulkPublish(t, e, "shared", 400, 16<<10, readers) // 6.4 MB a stream
 	published := time.Now()
@@ -631,7 +624,7 @@ func TestAbuseH1SocketNotRead(t *testing.T) {
 	readers := []*sseclient.Stream{openPlain(t, e, "/multi/fast1"), openPlain(t, e, "/multi/fast2")}
 	rawStreamH1(t, e.plain, "GET /multi/stall HTTP/1.1\r\nHost: "+e.plain+"\r\nAccept: text/event-stream\r\n\r\n", 4096)
 	e.waitMetric(t, "caddy_sse_streams_open", 3, 10*time.Second)
-	waitNumsub(t, e.rs.Client(), "stall", 1)
+	ssetest.WaitNumsub(t, e.rs.Client(), "stall", 1, 5*time.Second)
 	overflowName := `caddy_sse_streams_closed_total{reason="overflow"}`
 	overflowBefore := e.metric(t, overflowName)
 
@@ -641,7 +634,7 @@ func TestAbuseH1SocketNotRead(t *testing.T) {
 	e.waitUnsubscribed(t, abuseBound-time.Since(published), "stall")
 	if got := e.metric(t, overflowName) - overflowBefore; got < 1 {
 		t.Errorf("the unread stream ended but was not counted as overflow (overflow grew by %v); metrics:\n%s",
-			got, grepLines(scrape(t, e.in.AdminURL()+"/metrics"), "caddy_sse_streams_closed"))
+			got, ssetest.Lines(ssetest.Metrics(t, e.in.AdminURL()+"/metrics"), "caddy_sse_streams_closed"))
 	}
 	bulkPublish(t, e, "shared", 3, 16, readers)
 	e.check(t)
@@ -710,10 +703,10 @@ func TestAbuseBytesAfterRequest(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	waitNumsub(t, e.rs.Client(), "post", 1)
+	ssetest.WaitNumsub(t, e.rs.Client(), "post", 1, 5*time.Second)
 	for i := range 6 {
 		e.rs.Client().Publish(context.Background(), "post", fmt.Sprint("post ", i))
-		if ev := next(t, s); ev.Data != fmt.Sprint("post ", i) {
+		if ev := ssetest.Next(t, s); ev.Data != fmt.Sprint("post ", i) {
 			t.Fatalf("POST stream got %+v", ev)
 		}
 		time.Sleep(500 * time.Millisecond) // pacing only: the stream must stay open across it
@@ -821,7 +814,7 @@ func TestAbuseResumeLargeHistory(t *testing.T) {
 	}
 	t.Logf("replayed %d events of 100 KB in %v", events, time.Since(start).Round(time.Millisecond))
 	live := e.rs.Client().FCall(context.Background(), "sse_publish", []string{"big"}, "live").Val()
-	ev := next(t, s)
+	ev := ssetest.Next(t, s)
 	if ev.Data != "live" || ev.ID != fmt.Sprint(live) {
 		t.Fatalf("after the replay got %+v, want the live event %v", ev, live)
 	}

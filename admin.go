@@ -88,7 +88,7 @@ func handleChannels(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	out := adminChannels{Redis: []adminHub{}}
-	hubs.Range(func(key, value any) bool {
+	proc().hubs.Range(func(key, value any) bool {
 		h, ok := value.(*hub)
 		if !ok {
 			return true
@@ -110,7 +110,7 @@ func handleChannels(w http.ResponseWriter, r *http.Request) error {
 		return out.Redis[i].Redis.sortKey() < out.Redis[j].Redis.sortKey()
 	})
 	out.Hubs = len(out.Redis)
-	out.Streams = openStreams.Load()
+	out.Streams = proc().streams.Load()
 	return writeAdminJSON(w, r, out)
 }
 
@@ -119,14 +119,14 @@ func handleStats(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	var out adminStats
-	hubs.Range(func(_, value any) bool {
+	proc().hubs.Range(func(_, value any) bool {
 		if h, ok := value.(*hub); ok {
 			out.Channels += h.reg.Snapshot().Channels
 			out.Hubs++
 		}
 		return true
 	})
-	out.Streams = openStreams.Load()
+	out.Streams = proc().streams.Load()
 	return writeAdminJSON(w, r, withRedisState(out))
 }
 
@@ -159,37 +159,6 @@ func writeAdminJSON(w http.ResponseWriter, r *http.Request, v any) error {
 	}
 	_, err = w.Write(append(b, '\n'))
 	return err
-}
-
-// describeHubKey reads the Redis configuration back from a key of the hubs
-// pool (see acquireHub). The key holds the password: only the fields named
-// here are ever taken from it, and the key itself is never shown.
-func describeHubKey(key any) redisDescription {
-	s, _ := key.(string)
-	var fields []json.RawMessage
-	if err := json.Unmarshal([]byte(s), &fields); err != nil || len(fields) < 7 {
-		return redisDescription{Mode: "unknown", Addrs: []string{}}
-	}
-	var d redisDescription
-	var cluster bool
-	_ = json.Unmarshal(fields[0], &d.Addrs)
-	_ = json.Unmarshal(fields[1], &d.MasterName)
-	// fields[2] and fields[3] are the username and password: never read.
-	_ = json.Unmarshal(fields[4], &d.DB)
-	_ = json.Unmarshal(fields[5], &d.TLS)
-	_ = json.Unmarshal(fields[6], &cluster)
-	if d.Addrs == nil {
-		d.Addrs = []string{}
-	}
-	switch {
-	case d.MasterName != "":
-		d.Mode = "sentinel"
-	case cluster || len(d.Addrs) > 1:
-		d.Mode = "cluster"
-	default:
-		d.Mode = "single"
-	}
-	return d
 }
 
 // Interface guards

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // The live view: GET /sse/live is a page that draws what GET
@@ -131,7 +130,7 @@ func handleLiveJSON(w http.ResponseWriter, r *http.Request) error {
 	out := liveAnswer{
 		Now:        time.Now().UnixMilli(),
 		IntervalMS: liveInterval.Milliseconds(),
-		Streams:    openStreams.Load(),
+		Streams:    proc().streams.Load(),
 		Totals: map[string]float64{
 			"received":         g.sum("caddy_sse_redis_messages_received_total"),
 			"delivered":        g.sum("caddy_sse_events_delivered_total"),
@@ -147,9 +146,9 @@ func handleLiveJSON(w http.ResponseWriter, r *http.Request) error {
 		Closed:   g.byLabel("caddy_sse_streams_closed_total"),
 		Rejected: g.byLabel("caddy_sse_streams_rejected_total"),
 		Redis:    []liveHub{},
-		Series:   live.series(since),
+		Series:   proc().live.series(since),
 	}
-	hubs.Range(func(key, value any) bool {
+	proc().hubs.Range(func(key, value any) bool {
 		h, ok := value.(*hub)
 		if !ok {
 			return true
@@ -184,17 +183,9 @@ func (g gathered) byLabel(name string) map[string]float64 {
 	return out
 }
 
-// liveRegistry holds the module's collectors (they may be in many
-// registries), so that the live view reads them the way /metrics does.
-var liveRegistry = sync.OnceValue(func() *prometheus.Registry {
-	reg := prometheus.NewRegistry()
-	_ = registerMetrics(reg) // new registry: nothing is registered twice
-	return reg
-})
-
 func gatherLive() gathered {
 	g := gathered{}
-	mfs, _ := liveRegistry().Gather()
+	mfs, _ := proc().liveRegistry().Gather()
 	for _, mf := range mfs {
 		vals := map[string]float64{}
 		for _, m := range mf.GetMetric() {
@@ -223,7 +214,7 @@ type liveCounters struct {
 func readLiveCounters() liveCounters {
 	g := gatherLive()
 	return liveCounters{
-		streams:   openStreams.Load(),
+		streams:   proc().streams.Load(),
 		received:  g.sum("caddy_sse_redis_messages_received_total"),
 		delivered: g.sum("caddy_sse_events_delivered_total"),
 		dropped:   g.sum("caddy_sse_events_dropped_total"),
@@ -236,17 +227,16 @@ func readLiveCounters() liveCounters {
 // admin endpoint is up: Caddy cancels ctx when the config that made the
 // endpoint goes.
 func (*adminAPI) Provision(ctx caddy.Context) error {
+	live := proc().live
 	live.acquire()
 	context.AfterFunc(ctx, live.release)
 	return nil
 }
 
-// live samples the counters while an admin endpoint is up. It is one per
-// process, as the counters are, so the history survives config reloads
-// (each of which makes a new admin endpoint before the old one goes).
-var live liveRecorder
-
-// liveRecorder keeps the last liveSamples samples in a ring. One goroutine
+// liveRecorder samples the counters while an admin endpoint is up. It is one
+// per process (see process), as the counters are, so the history survives
+// config reloads (each of which makes a new admin endpoint before the old one
+// goes). It keeps the last liveSamples samples in a ring. One goroutine
 // takes them, from the first acquire to the last release.
 type liveRecorder struct {
 	mu    sync.Mutex

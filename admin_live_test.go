@@ -14,18 +14,12 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
 
-const liveCaddyfile = `{
-	admin 127.0.0.1:{ADMIN}
-	default_bind 127.0.0.1
-	auto_https off
-	persist_config off
-}
-
+var liveCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /a/* {
 		redis {REDIS}
@@ -58,7 +52,7 @@ type liveJSON struct {
 	} `json:"series"`
 }
 
-func getLive(t *testing.T, in *caddytest.Instance, query string) (liveJSON, string) {
+func getLive(t *testing.T, in *caddyproc.Instance, query string) (liveJSON, string) {
 	t.Helper()
 	code, hdr, body := adminGet(t, in, "/sse/live.json"+query)
 	if code != http.StatusOK || !strings.HasPrefix(hdr.Get("Content-Type"), "application/json") {
@@ -86,7 +80,7 @@ func cspSources(csp, directive string) []string {
 // style allowed by hash and nothing else.
 func TestAdminLivePage(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, liveCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, liveCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	code, hdr, body := adminGet(t, in, "/sse/live")
 	if code != http.StatusOK || hdr.Get("Content-Type") != "text/html; charset=utf-8" {
 		t.Fatalf("GET /sse/live: %d %q", code, hdr.Get("Content-Type"))
@@ -173,7 +167,7 @@ func TestAdminLiveJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	url := "redis://" + adminTestUser + ":" + adminTestPassword + "@" + rs.Addr()
-	in := caddytest.Start(t, liveCaddyfile, caddytest.Options{"{REDIS}": url})
+	in := caddyproc.Start(t, liveCaddyfile, caddyproc.Options{"{REDIS}": url})
 
 	before, _ := getLive(t, in, "")
 	if before.IntervalMS != 1000 || before.Streams != 0 {

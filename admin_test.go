@@ -3,7 +3,6 @@ package caddysse_test
 import (
 	"context"
 	"encoding/json"
-	"io"
 	"net/http"
 	"reflect"
 	"strings"
@@ -12,9 +11,10 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // The admin API test's credentials: they must never appear in its answers.
@@ -23,13 +23,7 @@ const (
 	adminTestPassword = "s3cret-Pa55-never-shown"
 )
 
-const adminCaddyfile = `{
-	admin 127.0.0.1:{ADMIN}
-	default_bind 127.0.0.1
-	auto_https off
-	persist_config off
-}
-
+var adminCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /a/* {
 		redis {REDIS_A}
@@ -65,18 +59,9 @@ type adminChannels struct {
 	} `json:"redis"`
 }
 
-func adminGet(t *testing.T, in *caddytest.Instance, path string) (int, http.Header, string) {
+func adminGet(t *testing.T, in *caddyproc.Instance, path string) (int, http.Header, string) {
 	t.Helper()
-	resp, err := http.Get(in.AdminURL() + path)
-	if err != nil {
-		t.Fatalf("GET %s: %v", path, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp.StatusCode, resp.Header, string(body)
+	return ssetest.Do(t, http.MethodGet, in.AdminURL()+path, "")
 }
 
 func TestAdminAPIChannelsAndStats(t *testing.T) {
@@ -89,7 +74,7 @@ func TestAdminAPIChannelsAndStats(t *testing.T) {
 	}
 	rsB := redistest.Start(t)
 	urlA := "redis://" + adminTestUser + ":" + adminTestPassword + "@" + rsA.Addr()
-	in := caddytest.Start(t, adminCaddyfile, caddytest.Options{"{REDIS_A}": urlA, "{REDIS_B}": rsB.URL()})
+	in := caddyproc.Start(t, adminCaddyfile, caddyproc.Options{"{REDIS_A}": urlA, "{REDIS_B}": rsB.URL()})
 
 	// Nothing open yet: the routes answer with zeros, not an error.
 	code, hdr, body := adminGet(t, in, "/sse/stats")

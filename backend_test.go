@@ -13,14 +13,15 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // The existing app decides: it authenticates the request and answers with
 // the channel instead of a body; Caddy holds the stream.
-const backendCaddyfile = globalOptions + `
+var backendCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	reverse_proxy {APP} {
 		@stream header X-Sse-Channel *
@@ -88,13 +89,13 @@ func (a *chatApp) publish(channel string) {
 	a.rdb.FCall(ctx, "sse_publish", []string{channel}, `{"event":"done","data":"","close":true}`)
 }
 
-func startBackend(t *testing.T) (*caddytest.Instance, *chatApp) {
+func startBackend(t *testing.T) (*caddyproc.Instance, *chatApp) {
 	t.Helper()
 	rs := redistest.Start(t)
 	app := &chatApp{rdb: rs.Client(), answer: []string{"He", "llo", ", ", "wor", "ld", "!"}}
 	upstream := httptest.NewServer(app)
 	t.Cleanup(upstream.Close)
-	in := caddytest.Start(t, backendCaddyfile, caddytest.Options{
+	in := caddyproc.Start(t, backendCaddyfile, caddyproc.Options{
 		"{REDIS}": rs.URL(),
 		"{APP}":   strings.TrimPrefix(upstream.URL, "http://"),
 	})
@@ -102,7 +103,7 @@ func startBackend(t *testing.T) (*caddytest.Instance, *chatApp) {
 	return in, app
 }
 
-func chatRequest(t *testing.T, in *caddytest.Instance, token string, header ...string) *http.Request {
+func chatRequest(t *testing.T, in *caddyproc.Instance, token string, header ...string) *http.Request {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodPost, in.URL()+"/chat", strings.NewReader(`{"question":"hi?"}`))
 	if err != nil {
@@ -128,7 +129,7 @@ func TestBackendDrivenStream(t *testing.T) {
 	}
 	var text strings.Builder
 	for {
-		ev := next(t, s)
+		ev := ssetest.Next(t, s)
 		if ev.Event == "done" {
 			break
 		}
@@ -213,7 +214,7 @@ func TestBackendChatsAreIsolated(t *testing.T) {
 	for _, s := range []*sseclient.Stream{s1, s2} {
 		n := 0
 		for {
-			ev := next(t, s)
+			ev := ssetest.Next(t, s)
 			if ev.Event == "done" {
 				break
 			}

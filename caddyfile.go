@@ -6,11 +6,9 @@ package caddysse
 // and `caddy validate` fail on the line at fault, with the option's name.
 
 import (
-	"errors"
 	"math"
-	"net"
-	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -20,6 +18,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
 
+	"github.com/caddy-sse/caddy-sse/auth"
 	"github.com/caddy-sse/caddy-sse/sse"
 )
 
@@ -480,8 +479,8 @@ func parseJWT(d *caddyfile.Dispenser) (*JWTConfig, error) {
 			j.Key, err = optArg(d, "jwt: key")
 		case "alg":
 			j.Alg, err = optArg(d, "jwt: alg")
-			if err == nil && !contains(jwtAlgs, j.Alg) {
-				return nil, d.Errf("jwt: alg: want one of %s, got '%s'", strings.Join(jwtAlgs, ", "), j.Alg)
+			if err == nil && !slices.Contains(auth.Algs, j.Alg) {
+				return nil, d.Errf("jwt: alg: want one of %s, got '%s'", strings.Join(auth.Algs, ", "), j.Alg)
 			}
 		case "claim":
 			j.Claim, err = optArg(d, "jwt: claim")
@@ -522,178 +521,10 @@ func parseJWT(d *caddyfile.Dispenser) (*JWTConfig, error) {
 		return nil, d.Err(err.Error())
 	}
 	// A literal secret can be checked now; a placeholder only at load time.
-	if (j.Alg == "" || j.Alg == "HS256") && !strings.Contains(j.Key, "{") && len(j.Key) < minHMACKey {
-		return nil, d.Errf("jwt: key: an HS256 secret must be at least %d bytes, got %d", minHMACKey, len(j.Key))
+	if (j.Alg == "" || j.Alg == "HS256") && !strings.Contains(j.Key, "{") && len(j.Key) < auth.MinHMACKey {
+		return nil, d.Errf("jwt: key: an HS256 secret must be at least %d bytes, got %d", auth.MinHMACKey, len(j.Key))
 	}
 	return j, nil
-}
-
-// parseRedis reads the `redis` option, whose name is the current token:
-// either a URL on its line or a block, not both (a URL plus a block would
-// leave open which of the two wins for the password or the database).
-func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
-	rc := new(RedisConfig)
-	args := d.RemainingArgs()
-	switch len(args) {
-	case 0:
-	case 1:
-		if err := checkRedisURL(args[0]); err != nil {
-			return nil, d.Errf("redis: %v", err)
-		}
-		rc.URL = args[0]
-	default:
-		return nil, d.Errf("redis: want one URL or a block, got %d arguments", len(args))
-	}
-
-	var block bool
-	seen := make(map[string]bool)
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		if rc.URL != "" {
-			return nil, d.Err("redis: give either a URL or a block, not both")
-		}
-		block = true
-		opt := d.Val()
-		if opt != "addrs" && seen[opt] {
-			return nil, d.Errf("redis: %s: specified more than once", opt)
-		}
-		seen[opt] = true
-
-		switch opt {
-		case "addrs":
-			addrs, err := optArgs(d, "redis: addrs", 1, -1)
-			if err != nil {
-				return nil, err
-			}
-			for _, a := range addrs {
-				if err := checkAddr(a); err != nil {
-					return nil, d.Errf("redis: addrs: %v", err)
-				}
-			}
-			rc.Addrs = append(rc.Addrs, addrs...)
-		case "master_name":
-			v, err := optArg(d, "redis: master_name")
-			if err != nil {
-				return nil, err
-			}
-			rc.MasterName = v
-		case "cluster":
-			if _, err := optArgs(d, "redis: cluster", 0, 0); err != nil {
-				return nil, err
-			}
-			rc.Cluster = true
-		case "username":
-			v, err := optArg(d, "redis: username")
-			if err != nil {
-				return nil, err
-			}
-			rc.Username = v
-		case "password":
-			v, err := optArg(d, "redis: password")
-			if err != nil {
-				return nil, err
-			}
-			rc.Password = v
-		case "db":
-			n, err := optInt(d, "redis: db")
-			if err != nil {
-				return nil, err
-			}
-			rc.DB = n
-		case "tls":
-			if _, err := optArgs(d, "redis: tls", 0, 0); err != nil {
-				return nil, err
-			}
-			rc.TLS = true
-		default:
-			return nil, d.Errf("redis: unrecognized option '%s'", opt)
-		}
-	}
-
-	if rc.URL == "" && !block {
-		return nil, d.Err("redis: want a redis:// or rediss:// URL or a block")
-	}
-	// Conflicts go-redis would otherwise settle silently by picking a mode.
-	if rc.Cluster && rc.MasterName != "" {
-		return nil, d.Err("redis: cluster and master_name exclude each other (Cluster or Sentinel)")
-	}
-	if rc.Cluster && rc.DB != 0 {
-		return nil, d.Err("redis: db: Redis Cluster has only database 0")
-	}
-	if rc.MasterName != "" && len(rc.Addrs) == 0 {
-		return nil, d.Err("redis: master_name needs the Sentinel addresses in addrs")
-	}
-	// Without addrs the server comes from {env.REDIS_URL} or the default
-	// URL, whose path names the database: a db here would be ignored.
-	if seen["db"] && len(rc.Addrs) == 0 {
-		return nil, d.Err("redis: db needs addrs (with a URL, give the database as its path, such as redis://host:6379/2)")
-	}
-	return rc, nil
-}
-
-// checkRedisURL accepts a redis:// or rediss:// URL, or a value that is a
-// placeholder (such as {env.REDIS_URL}) and only known at load time. Errors
-// never repeat the URL, since it may hold a password.
-func checkRedisURL(s string) error {
-	if strings.HasPrefix(s, "{") {
-		return nil
-	}
-	lower := strings.ToLower(s)
-	if !strings.HasPrefix(lower, "redis://") && !strings.HasPrefix(lower, "rediss://") {
-		return errors.New("URL must start with redis:// or rediss:// (or be a placeholder such as {env.REDIS_URL})")
-	}
-	if strings.Contains(s, "{") {
-		// Parts of it are placeholders; the rest is checked when it is loaded.
-		return nil
-	}
-	u, err := url.Parse(s)
-	if err != nil {
-		var uerr *url.Error
-		if errors.As(err, &uerr) {
-			err = uerr.Err // without the URL and its password
-		}
-		return errors.New("invalid URL: " + err.Error())
-	}
-	if db := strings.TrimPrefix(u.Path, "/"); db != "" {
-		if n, err := strconv.Atoi(db); err != nil || n < 0 {
-			return errors.New("the URL's path must be a database number, such as /0")
-		}
-	}
-	return nil
-}
-
-// checkAddr accepts host:port, or a value with placeholders.
-func checkAddr(a string) error {
-	if strings.Contains(a, "{") {
-		return nil
-	}
-	if _, port, err := net.SplitHostPort(a); err != nil || port == "" {
-		return errors.New("want host:port, got '" + a + "'")
-	}
-	return nil
-}
-
-// parseHistory reads `history <n> [<ttl>]`, whose name is the current token.
-func parseHistory(d *caddyfile.Dispenser) (*History, error) {
-	args, err := optArgs(d, "history", 1, 2)
-	if err != nil {
-		return nil, err
-	}
-	n, err := strconv.Atoi(args[0])
-	if err != nil || n <= 0 {
-		return nil, d.Errf("history: size must be a positive integer, got '%s'", args[0])
-	}
-	hi := &History{Size: n}
-	if len(args) == 2 {
-		ttl, err := caddy.ParseDuration(args[1])
-		if err != nil {
-			return nil, d.Errf("history: ttl: %v", err)
-		}
-		if ttl < 0 {
-			return nil, d.Errf("history: ttl must not be negative, got '%s'", args[1])
-		}
-		hi.TTL = caddy.Duration(ttl)
-	}
-	return hi, nil
 }
 
 // optArgs returns the arguments of the option whose name is the current

@@ -63,3 +63,27 @@ func FuzzCaddyfile(f *testing.F) {
 		}
 	})
 }
+
+// findHandlers returns every handler object named name in the decoded JSON
+// config v.
+func findHandlers(v any, name string) []map[string]any {
+	var found []map[string]any
+	var walk func(v any)
+	walk = func(v any) {
+		switch v := v.(type) {
+		case map[string]any:
+			if v["handler"] == name {
+				found = append(found, v)
+			}
+			for _, e := range v {
+				walk(e)
+			}
+		case []any:
+			for _, e := range v {
+				walk(e)
+			}
+		}
+	}
+	walk(v)
+	return found
+}

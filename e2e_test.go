@@ -12,26 +12,18 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
-// globalOptions keep test instances on loopback and away from the user's
-// trust store and saved config.
-const globalOptions = `{
-	admin 127.0.0.1:{ADMIN}
-	default_bind 127.0.0.1
-	auto_https off
-	skip_install_trust
-	persist_config off
-	metrics {
-		per_host
-	}
-}
-`
+// globalOptions are caddyproc's with Caddy's HTTP metrics on, per host, as
+// production sites run them.
+var globalOptions = strings.Replace(caddyproc.GlobalOptions, "persist_config off\n",
+	"persist_config off\n\tmetrics {\n\t\tper_host\n\t}\n", 1)
 
-const coreCaddyfile = globalOptions + `
+var coreCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	log
 	header /path/* Access-Control-Allow-Origin "https://app.example"
@@ -78,52 +70,24 @@ http://127.0.0.1:{HTTP} {
 type env struct {
 	redis *redistest.Server
 	rdb   *redis.Client
-	caddy *caddytest.Instance
+	caddy *caddyproc.Instance
 }
 
 func startCore(t *testing.T) *env {
 	t.Helper()
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, coreCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, coreCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	return &env{redis: rs, rdb: rs.Client(), caddy: in}
 }
 
 func (e *env) open(t *testing.T, path string, header ...string) *sseclient.Stream {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s, err := sseclient.Get(context.Background(), e.caddy.URL()+path, header...)
-	if err != nil {
-		t.Fatalf("open %s: %v", path, err)
-	}
-	_ = ctx
-	t.Cleanup(s.Close)
-	return s
+	return ssetest.Open(t, e.caddy.URL()+path, header...)
 }
 
 func (e *env) publish(t *testing.T, channel, payload string) int64 {
 	t.Helper()
-	n, err := e.rdb.Publish(context.Background(), channel, payload).Result()
-	if err != nil {
-		t.Fatalf("PUBLISH %s: %v", channel, err)
-	}
-	return n
-}
-
-func next(t *testing.T, s *sseclient.Stream) sseclient.Event {
-	t.Helper()
-	ev, err := s.Next(5 * time.Second)
-	if err != nil {
-		t.Fatalf("waiting for an event: %v (received so far: %q)", err, s.Raw())
-	}
-	return ev
-}
-
-func noEvent(t *testing.T, s *sseclient.Stream, within time.Duration) {
-	t.Helper()
-	if ev, err := s.Next(within); err == nil {
-		t.Fatalf("unexpected event %+v", ev)
-	}
+	return ssetest.Publish(t, e.rdb, channel, payload)
 }
 
 func TestStreamHeadersAndFirstComment(t *testing.T) {
@@ -157,13 +121,13 @@ func TestTakeoverAndStandardWriterAgree(t *testing.T) {
 	e := startCore(t)
 	taken := e.open(t, "/path/same")
 	standard := e.open(t, "/standard/same")
-	waitNumsub(t, e.rdb, "user:same", 1)
+	ssetest.WaitNumsub(t, e.rdb, "user:same", 1, 5*time.Second)
 	for _, p := range []string{"one", "two\nlines", ""} {
 		e.publish(t, "user:same", p)
 	}
 	for _, s := range []*sseclient.Stream{taken, standard} {
 		for _, want := range []string{"one", "two\nlines", ""} {
-			if ev := next(t, s); ev.Data != want {
+			if ev := ssetest.Next(t, s); ev.Data != want {
 				t.Fatalf("got %+v, want %q", ev, want)
 			}
 		}
@@ -177,7 +141,7 @@ func TestTakeoverAndStandardWriterAgree(t *testing.T) {
 	// Closing the client unsubscribes promptly on both.
 	taken.Close()
 	standard.Close()
-	waitNumsub(t, e.rdb, "user:same", 0)
+	ssetest.WaitNumsub(t, e.rdb, "user:same", 0, 5*time.Second)
 }
 
 func TestPublishReachesExactlyTheSubscribedStreams(t *testing.T) {
@@ -192,30 +156,30 @@ func TestPublishReachesExactlyTheSubscribedStreams(t *testing.T) {
 		t.Fatalf("PUBLISH user:1 reached %d subscriptions, want 1 (one per instance)", n)
 	}
 	for _, s := range []*sseclient.Stream{a1, a2} {
-		if ev := next(t, s); ev.Data != "hello one" || ev.Event != "message" {
+		if ev := ssetest.Next(t, s); ev.Data != "hello one" || ev.Event != "message" {
 			t.Fatalf("got %+v", ev)
 		}
 	}
 	e.publish(t, "user:2", "hello two")
-	if ev := next(t, b); ev.Data != "hello two" {
+	if ev := ssetest.Next(t, b); ev.Data != "hello two" {
 		t.Fatalf("got %+v", ev)
 	}
 	e.publish(t, "room:lobby", "in the lobby")
-	if ev := next(t, q); ev.Data != "in the lobby" {
+	if ev := ssetest.Next(t, q); ev.Data != "in the lobby" {
 		t.Fatalf("got %+v", ev)
 	}
 	e.publish(t, "beta", "b")
 	e.publish(t, "alpha", "a")
-	if ev := next(t, hd); ev.Data != "b" {
+	if ev := ssetest.Next(t, hd); ev.Data != "b" {
 		t.Fatalf("got %+v", ev)
 	}
-	if ev := next(t, hd); ev.Data != "a" {
+	if ev := ssetest.Next(t, hd); ev.Data != "a" {
 		t.Fatalf("got %+v", ev)
 	}
 	// Nobody received what was not theirs.
-	noEvent(t, a1, 200*time.Millisecond)
-	noEvent(t, b, 10*time.Millisecond)
-	noEvent(t, q, 10*time.Millisecond)
+	ssetest.NoEvent(t, a1, 200*time.Millisecond)
+	ssetest.NoEvent(t, b, 10*time.Millisecond)
+	ssetest.NoEvent(t, q, 10*time.Millisecond)
 }
 
 func TestMultiLinePayloadArrivesIntact(t *testing.T) {
@@ -232,7 +196,7 @@ func TestMultiLinePayloadArrivesIntact(t *testing.T) {
 	}
 	for _, c := range cases {
 		e.publish(t, "user:ml", c.payload)
-		ev := next(t, s)
+		ev := ssetest.Next(t, s)
 		if ev.Data != c.want || ev.ID != "" || ev.Event != "message" {
 			t.Errorf("payload %q: got %+v, want data %q and no id", c.payload, ev, c.want)
 		}
@@ -246,24 +210,24 @@ func TestEnvelopeSetsFieldsAndNeverInjects(t *testing.T) {
 		t.Fatalf("no retry hint at stream start: %q", s.Raw())
 	}
 	e.publish(t, "env:1", `{"event":"chat","id":"m-1","data":{"text":"hi"},"retry":1000}`)
-	ev := next(t, s)
+	ev := ssetest.Next(t, s)
 	if ev.Event != "chat" || ev.ID != "m-1" || ev.Data != `{"text":"hi"}` || ev.Retry != "1000" {
 		t.Fatalf("got %+v", ev)
 	}
 	e.publish(t, "env:1", `{"data":"two\nlines"}`)
-	if ev := next(t, s); ev.Data != "two\nlines" || ev.Event != "message" {
+	if ev := ssetest.Next(t, s); ev.Data != "two\nlines" || ev.Event != "message" {
 		t.Fatalf("got %+v", ev)
 	}
 	// CR and LF in event or id must not start a field of their own.
 	e.publish(t, "env:1", `{"event":"x\nid: evil\ndata: injected","id":"a\rretry: 1","data":"safe"}`)
-	ev = next(t, s)
+	ev = ssetest.Next(t, s)
 	if ev.Data != "safe" || strings.Contains(ev.ID, "\n") || ev.Retry != "1000" {
 		t.Fatalf("got %+v", ev)
 	}
-	noEvent(t, s, 200*time.Millisecond)
+	ssetest.NoEvent(t, s, 200*time.Millisecond)
 	// A payload that is not an envelope is delivered raw, not dropped.
 	e.publish(t, "env:1", `not json`)
-	if ev := next(t, s); ev.Data != "not json" {
+	if ev := ssetest.Next(t, s); ev.Data != "not json" {
 		t.Fatalf("got %+v", ev)
 	}
 }
@@ -293,7 +257,7 @@ func TestKeepaliveOnlyOnSilence(t *testing.T) {
 	before := s.Comments()
 	for i := 0; i < 12; i++ {
 		e.publish(t, "env:ka", fmt.Sprintf(`{"data":"%d"}`, i))
-		next(t, s)
+		ssetest.Next(t, s)
 		time.Sleep(100 * time.Millisecond)
 	}
 	if got := s.Comments() - before; got != 0 {
@@ -359,7 +323,7 @@ func TestRefusals(t *testing.T) {
 	}
 	defer s.Close()
 	e.publish(t, "user:post", "via post")
-	if ev := next(t, s); ev.Data != "via post" {
+	if ev := ssetest.Next(t, s); ev.Data != "via post" {
 		t.Fatalf("got %+v", ev)
 	}
 
@@ -375,30 +339,6 @@ func TestRefusals(t *testing.T) {
 	}
 }
 
-func numsub(t *testing.T, rdb *redis.Client, channel string) int64 {
-	t.Helper()
-	m, err := rdb.PubSubNumSub(context.Background(), channel).Result()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return m[channel]
-}
-
-func waitNumsub(t *testing.T, rdb *redis.Client, channel string, want int64) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		got := numsub(t, rdb, channel)
-		if got == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("PUBSUB NUMSUB %s = %d, want %d", channel, got, want)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func TestSlowClientIsCutOffAndOthersContinue(t *testing.T) {
 	e := startCore(t)
 	fast := e.open(t, "/slow")
@@ -410,13 +350,13 @@ func TestSlowClientIsCutOffAndOthersContinue(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer slowResp.Body.Close()
-	waitNumsub(t, e.rdb, "slow", 1)
+	ssetest.WaitNumsub(t, e.rdb, "slow", 1, 5*time.Second)
 
 	payload := strings.Repeat("x", 16<<10)
 	const events = 400 // 6.4 MB: more than loopback socket buffers hold
 	for i := 0; i < events; i++ {
 		e.publish(t, "slow", fmt.Sprintf("%d %s", i, payload))
-		ev := next(t, fast)
+		ev := ssetest.Next(t, fast)
 		if !strings.HasPrefix(ev.Data, fmt.Sprintf("%d ", i)) {
 			t.Fatalf("fast client got event %.10q, want number %d", ev.Data, i)
 		}
@@ -433,14 +373,14 @@ func TestSlowClientIsCutOffAndOthersContinue(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the slow stream was not closed")
 	}
-	if err := e.caddy.Reload(coreCaddyfile, caddytest.Options{"{REDIS}": e.redis.URL()}); err != nil {
+	if err := e.caddy.Reload(coreCaddyfile, caddyproc.Options{"{REDIS}": e.redis.URL()}); err != nil {
 		t.Fatal(err)
 	}
 	// The channel stays subscribed once for the instance while the fast
 	// stream lives, and is unsubscribed when it leaves.
-	waitNumsub(t, e.rdb, "slow", 1)
+	ssetest.WaitNumsub(t, e.rdb, "slow", 1, 5*time.Second)
 	fast.Close()
-	waitNumsub(t, e.rdb, "slow", 0)
+	ssetest.WaitNumsub(t, e.rdb, "slow", 0, 5*time.Second)
 }
 
 func TestSubscriptionCountFollowsStreams(t *testing.T) {
@@ -449,23 +389,23 @@ func TestSubscriptionCountFollowsStreams(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		streams = append(streams, e.open(t, "/path/count"))
 	}
-	waitNumsub(t, e.rdb, "user:count", 1)
+	ssetest.WaitNumsub(t, e.rdb, "user:count", 1, 5*time.Second)
 	for _, s := range streams[:4] {
 		s.Close()
 	}
-	waitNumsub(t, e.rdb, "user:count", 1)
+	ssetest.WaitNumsub(t, e.rdb, "user:count", 1, 5*time.Second)
 	e.publish(t, "user:count", "still here")
-	if ev := next(t, streams[4]); ev.Data != "still here" {
+	if ev := ssetest.Next(t, streams[4]); ev.Data != "still here" {
 		t.Fatalf("got %+v", ev)
 	}
 	streams[4].Close()
-	waitNumsub(t, e.rdb, "user:count", 0)
+	ssetest.WaitNumsub(t, e.rdb, "user:count", 0, 5*time.Second)
 	// Coming back subscribes again, and the first event after the stream
 	// opened is never lost.
 	for i := 0; i < 20; i++ {
 		s := e.open(t, "/path/again")
 		e.publish(t, "user:again", fmt.Sprint(i))
-		if ev := next(t, s); ev.Data != fmt.Sprint(i) {
+		if ev := ssetest.Next(t, s); ev.Data != fmt.Sprint(i) {
 			t.Fatalf("got %+v", ev)
 		}
 		s.Close()
@@ -476,7 +416,7 @@ func TestReloadKeepsStreams(t *testing.T) {
 	e := startCore(t)
 	s1 := e.open(t, "/path/r")
 	s2 := e.open(t, "/query?room=r")
-	vars := caddytest.Options{"{REDIS}": e.redis.URL()}
+	vars := caddyproc.Options{"{REDIS}": e.redis.URL()}
 	for i := 0; i < 3; i++ {
 		if err := e.caddy.Reload(strings.Replace(coreCaddyfile, `respond "app" 200`, fmt.Sprintf(`respond "app %d" 200`, i), 1), vars); err != nil {
 			t.Fatal(err)
@@ -484,19 +424,19 @@ func TestReloadKeepsStreams(t *testing.T) {
 		e.publish(t, "user:r", fmt.Sprint("after reload ", i))
 		e.publish(t, "room:r", fmt.Sprint("after reload ", i))
 		for _, s := range []*sseclient.Stream{s1, s2} {
-			if ev := next(t, s); ev.Data != fmt.Sprint("after reload ", i) {
+			if ev := ssetest.Next(t, s); ev.Data != fmt.Sprint("after reload ", i) {
 				t.Fatalf("got %+v", ev)
 			}
 		}
 	}
-	waitNumsub(t, e.rdb, "user:r", 1)
+	ssetest.WaitNumsub(t, e.rdb, "user:r", 1, 5*time.Second)
 }
 
 func TestMetrics(t *testing.T) {
 	e := startCore(t)
 	s := e.open(t, "/path/m")
 	e.publish(t, "user:m", "one")
-	next(t, s)
+	ssetest.Next(t, s)
 	waitMetrics(t, e.caddy,
 		"caddy_sse_streams_open 1",
 		"caddy_sse_events_delivered_total 1",
@@ -507,47 +447,9 @@ func TestMetrics(t *testing.T) {
 
 // waitMetrics waits until every line is in the admin endpoint's metrics: the
 // counters are updated right after the write the client sees.
-func waitMetrics(t *testing.T, in *caddytest.Instance, lines ...string) {
+func waitMetrics(t *testing.T, in *caddyproc.Instance, lines ...string) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		body := scrape(t, in.AdminURL()+"/metrics")
-		missing := ""
-		for _, want := range lines {
-			if !strings.Contains(body, want+"\n") {
-				missing = want
-				break
-			}
-		}
-		if missing == "" {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("metrics lack %q:\n%s", missing, grepLines(body, "caddy_sse_"))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func grepLines(s, substr string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.Contains(l, substr) && !strings.HasPrefix(l, "#") {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
-}
-
-func scrape(t *testing.T, url string) string {
-	t.Helper()
-	resp, err := http.Get(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return string(b)
+	ssetest.WaitMetricLines(t, in.AdminURL()+"/metrics", 5*time.Second, lines...)
 }
 
 // With the site's access log and per-host metrics on (what production sites
@@ -581,13 +483,13 @@ func TestAccessLogRecordsStreams(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("access log lacks status 200 for both streams:\n%s", grepLines(logs, "http.log.access"))
+			t.Fatalf("access log lacks status 200 for both streams:\n%s", ssetest.Lines(logs, "http.log.access"))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	// Both streams count as 200s in Caddy's own HTTP metrics (the site
 	// served no other request).
-	body := scrape(t, e.caddy.AdminURL()+"/metrics")
+	body := ssetest.Metrics(t, e.caddy.AdminURL()+"/metrics")
 	var n float64
 	for _, l := range strings.Split(body, "\n") {
 		if strings.HasPrefix(l, "caddy_http_request_duration_seconds_count{") && strings.Contains(l, `code="200"`) {
@@ -597,7 +499,7 @@ func TestAccessLogRecordsStreams(t *testing.T) {
 		}
 	}
 	if n < 2 {
-		t.Fatalf("requests with code 200 in Caddy's HTTP metrics: %v, want 2:\n%s", n, grepLines(body, "caddy_http_request_duration_seconds_count"))
+		t.Fatalf("requests with code 200 in Caddy's HTTP metrics: %v, want 2:\n%s", n, ssetest.Lines(body, "caddy_http_request_duration_seconds_count"))
 	}
 }
 

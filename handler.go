@@ -8,7 +8,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -19,10 +18,6 @@ import (
 	"github.com/caddy-sse/caddy-sse/sse"
 	"github.com/caddy-sse/caddy-sse/stream"
 )
-
-// openStreams counts the streams of this process, across config reloads, for
-// max_connections.
-var openStreams atomic.Int64
 
 const (
 	// exitJitter spreads the reconnects of streams ended by a shutdown.
@@ -37,7 +32,7 @@ const (
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	if r.Method != http.MethodGet && r.Method != http.MethodPost {
 		w.Header().Set("Allow", "GET, POST")
-		return refuse(w, http.StatusMethodNotAllowed, "method", "method not allowed: use GET or POST")
+		return refuse(w, r, http.StatusMethodNotAllowed, "method", "method not allowed: use GET or POST")
 	}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	// Authentication comes before the channels resolve: the token's subject
@@ -45,35 +40,35 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	// learns nothing about them.
 	g, status, reason := h.authenticate(r, repl)
 	if status != 0 {
-		return h.refuseAuth(w, status, reason)
+		return h.refuseAuth(w, r, status, reason)
 	}
 	channels, status, reason := h.resolve(repl)
 	if status != 0 {
 		h.logger.Debug("stream refused", zap.Int("status", status), zap.String("reason", reason),
 			zap.Strings("channels", channels))
-		return refuse(w, status, "channels", reason)
+		return refuse(w, r, status, "channels", reason)
 	}
 	if status, reason := h.authorize(g, channels); status != 0 {
-		return h.refuseAuth(w, status, reason)
+		return h.refuseAuth(w, r, status, reason)
 	}
 	identity, ierr := h.identity(repl)
 	if ierr != nil {
-		return refuseIdentity(w, ierr)
+		return refuseIdentity(w, r, ierr)
 	}
-	if n := openStreams.Add(1); h.MaxConnections > 0 && n > int64(h.MaxConnections) {
-		openStreams.Add(-1)
+	if n := proc().streams.Add(1); h.MaxConnections > 0 && n > int64(h.MaxConnections) {
+		proc().streams.Add(-1)
 		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
-		return refuse(w, http.StatusServiceUnavailable, "max_connections", "too many streams; retry later")
+		return refuse(w, r, http.StatusServiceUnavailable, "max_connections", "too many streams; retry later")
 	}
 	adm := &admission{}
 	defer adm.releaseUnlessHandedOver()
-	adm.add(func() { openStreams.Add(-1) })
+	adm.add(func() { proc().streams.Add(-1) })
 
 	if h.format == sse.FormatEnvelope {
 		// A publisher ended these channels: serve the others, and tell
 		// EventSource to stop reconnecting (204) when none is left.
 		if channels = h.hub.openChannels(r.Context(), channels); len(channels) == 0 {
-			metrics.streamsRejected.WithLabelValues("closed").Inc()
+			proc().metrics.streamsRejected.WithLabelValues("closed").Inc()
 			w.WriteHeader(http.StatusNoContent)
 			return nil
 		}
@@ -95,7 +90,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	releasePer, ok := h.admitPer(repl, sub)
 	if !ok {
 		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
-		return refuse(w, http.StatusTooManyRequests, "max_connections_per", "too many streams for this client")
+		return refuse(w, r, http.StatusTooManyRequests, "max_connections_per", "too many streams for this client")
 	}
 	adm.add(releasePer)
 	var life *streamLife
@@ -109,8 +104,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	adm.add(func() { h.hub.reg.Detach(sub) })
 
 	setHeaders(w.Header())
-	metrics.streamsOpen.Inc()
-	adm.add(metrics.streamsOpen.Dec)
+	proc().metrics.streamsOpen.Inc()
+	adm.add(proc().metrics.streamsOpen.Dec)
 	var unpresence func()
 	life, unpresence = h.opened(channels, identity)
 	if unpresence != nil {
@@ -281,16 +276,6 @@ func parseEventID(v string) (uint64, bool) {
 		return 0, false
 	}
 	return n, true
-}
-
-// refuse answers before the stream opens, with a short plain-text reason.
-func refuse(w http.ResponseWriter, status int, label, reason string) error {
-	metrics.streamsRejected.WithLabelValues(label).Inc()
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(status)
-	_, _ = w.Write([]byte(reason + "\n"))
-	return nil
 }
 
 // setHeaders sets the stream's response headers.

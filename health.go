@@ -41,7 +41,7 @@ func (Health) CaddyModule() caddy.ModuleInfo {
 
 // Provision takes a reference to the hub of its Redis.
 func (hl *Health) Provision(ctx caddy.Context) error {
-	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+	if err := proc().metrics.register(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
 	hb, key, err := acquireHub(hl.Redis)
@@ -51,6 +51,9 @@ func (hl *Health) Provision(ctx caddy.Context) error {
 	hl.hub, hl.hubKey = hb, key
 	return nil
 }
+
+// Validate refuses a Redis configuration the Caddyfile would refuse.
+func (hl *Health) Validate() error { return hl.Redis.validate() }
 
 // Cleanup drops this config's reference to the hub.
 func (hl *Health) Cleanup() error {
@@ -76,13 +79,10 @@ type healthAnswer struct {
 func (hl *Health) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		w.WriteHeader(http.StatusMethodNotAllowed)
-		_, _ = w.Write([]byte("method not allowed: use GET or HEAD\n"))
-		return nil
+		return refusal(w, r, http.StatusMethodNotAllowed, "method not allowed: use GET or HEAD")
 	}
 	up, since := hl.hub.brk.State()
-	ans := healthAnswer{Status: "up", Since: since.UTC().Format(time.RFC3339), Instance: instanceID()}
+	ans := healthAnswer{Status: "up", Since: since.UTC().Format(time.RFC3339), Instance: proc().instance}
 	status := http.StatusOK
 	if !up {
 		ans.Status = "down"
@@ -118,8 +118,8 @@ type statsWithRedis struct {
 
 // withRedisState adds the Redis state to the totals.
 func withRedisState(s adminStats) statsWithRedis {
-	out := statsWithRedis{adminStats: s, Instance: instanceID(), Redis: []redisState{}}
-	hubs.Range(func(key, value any) bool {
+	out := statsWithRedis{adminStats: s, Instance: proc().instance, Redis: []redisState{}}
+	proc().hubs.Range(func(key, value any) bool {
 		if h, ok := value.(*hub); ok {
 			up, since := h.brk.State()
 			out.Redis = append(out.Redis, redisState{Redis: describeHubKey(key), Connected: up,
@@ -136,6 +136,7 @@ func withRedisState(s adminStats) statsWithRedis {
 // Interface guards
 var (
 	_ caddy.Provisioner           = (*Health)(nil)
+	_ caddy.Validator             = (*Health)(nil)
 	_ caddy.CleanerUpper          = (*Health)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Health)(nil)
 )

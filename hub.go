@@ -2,10 +2,7 @@ package caddysse
 
 import (
 	"context"
-	"crypto/tls"
-	"encoding/json"
 	"fmt"
-	"strings"
 	"sync"
 	"time"
 
@@ -16,10 +13,6 @@ import (
 	"github.com/caddy-sse/caddy-sse/broker"
 	"github.com/caddy-sse/caddy-sse/registry"
 )
-
-// hubs shares one hub per Redis configuration across config loads, so that a
-// reload with the same Redis keeps every stream and subscription.
-var hubs = caddy.NewUsagePool()
 
 // hub is a registry with the broker that feeds it.
 type hub struct {
@@ -40,13 +33,11 @@ func acquireHub(cfg *RedisConfig) (*hub, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	keyJSON, err := json.Marshal([]any{opts.Addrs, opts.MasterName, opts.Username,
-		opts.Password, opts.DB, opts.TLSConfig != nil, cluster})
+	key, err := hubKey(opts, cluster)
 	if err != nil {
-		return nil, "", fmt.Errorf("redis: %w", err)
+		return nil, "", err
 	}
-	key := string(keyJSON)
-	v, _, err := hubs.LoadOrNew(key, func() (caddy.Destructor, error) {
+	v, _, err := proc().hubs.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return newHub(opts, cluster, logger)
 	})
 	if err != nil {
@@ -56,30 +47,30 @@ func acquireHub(cfg *RedisConfig) (*hub, string, error) {
 }
 
 func releaseHub(key string) error {
-	_, err := hubs.Delete(key)
+	_, err := proc().hubs.Delete(key)
 	return err
 }
 
 func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hub, error) {
-	redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
+	proc().redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
 	src := &brokerSource{}
 	reg := registry.New(src, logger, registry.Metrics{
-		Dropped: metrics.dropped,
-		Faults:  metrics.faults,
+		Dropped: proc().metrics.dropped,
+		Faults:  proc().metrics.faults,
 	})
 	brk, err := broker.New(broker.Options{
 		Redis:    opts,
 		Cluster:  cluster,
 		Logger:   logger,
-		Instance: instanceID(),
+		Instance: proc().instance,
 		Metrics: broker.Metrics{
-			Connected:        metrics.redisConnected,
-			Reconnects:       metrics.redisReconnects,
-			Channels:         metrics.channels,
-			Received:         metrics.received,
-			Rejected:         metrics.rejected,
-			PresenceFailures: metrics.presenceFailures,
-			LifecycleDropped: metrics.lifecycleDropped,
+			Connected:        proc().metrics.redisConnected,
+			Reconnects:       proc().metrics.redisReconnects,
+			Channels:         proc().metrics.channels,
+			Received:         proc().metrics.received,
+			Rejected:         proc().metrics.rejected,
+			PresenceFailures: proc().metrics.presenceFailures,
+			LifecycleDropped: proc().metrics.lifecycleDropped,
 		},
 	}, brokerSink{reg})
 	if err != nil {
@@ -89,7 +80,7 @@ func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hu
 	src.b = brk
 	h := &hub{reg: reg, brk: brk, logger: logger}
 	reg.OnClose = h.markClosed
-	watchExit()
+	proc().watchExit()
 	return h, nil
 }
 
@@ -160,8 +151,8 @@ func (h *hub) Destruct() error {
 		// Caddy does not wait for taken-over connections: let their
 		// jittered ends run first, so that clients do not all reconnect
 		// at the same instant.
-		streamClock.Shutdown(exitJitter)
-		streamClock.Wait(exitJitter + 250*time.Millisecond)
+		proc().clock.Shutdown(exitJitter)
+		proc().clock.Wait(exitJitter + 250*time.Millisecond)
 	}
 	h.reg.Close()
 	return h.brk.Close()
@@ -213,97 +204,14 @@ func (s brokerSink) HandleReconnect() {
 	s.reg.Reconnected(ctx)
 }
 
-// go-redis logs each failed dial of its pools to stderr, several a second
-// during an outage, whatever Caddy's log level. The broker reports the outage
-// once; go-redis's own lines go to Caddy's log at debug.
-var redisLogger sync.Once
-
+// goRedisLogger takes go-redis's own log lines: go-redis logs each failed
+// dial of its pools to stderr, several a second during an outage, whatever
+// Caddy's log level. The broker reports the outage once; go-redis's lines go
+// to Caddy's log at debug.
 type goRedisLogger struct{ l *zap.Logger }
 
 func (g goRedisLogger) Printf(_ context.Context, format string, v ...any) {
 	if ce := g.l.Check(zap.DebugLevel, "go-redis"); ce != nil {
 		ce.Write(zap.String("message", fmt.Sprintf(format, v...)))
 	}
-}
-
-// defaultRedisURL is used when neither the config nor REDIS_URL names one.
-const defaultRedisURL = "redis://127.0.0.1:6379"
-
-// options turns the config into go-redis options, expanding placeholders
-// such as {env.REDIS_URL}.
-func (c *RedisConfig) options() (*redis.UniversalOptions, bool, error) {
-	repl := caddy.NewReplacer()
-	if c == nil {
-		c = &RedisConfig{}
-	}
-	if len(c.Addrs) > 0 {
-		if c.URL != "" {
-			return nil, false, fmt.Errorf("redis: give either a url or addrs, not both")
-		}
-		opts := &redis.UniversalOptions{
-			Addrs:      c.Addrs,
-			MasterName: c.MasterName,
-			Username:   repl.ReplaceAll(c.Username, ""),
-			Password:   repl.ReplaceAll(c.Password, ""),
-			DB:         c.DB,
-		}
-		if c.TLS {
-			opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
-		}
-		return opts, c.Cluster, nil
-	}
-	raw := c.URL
-	if raw == "" {
-		raw = "{env.REDIS_URL}"
-	}
-	u := strings.TrimSpace(repl.ReplaceAll(raw, ""))
-	if u == "" {
-		u = defaultRedisURL
-	}
-	opts, err := broker.ParseURL(u)
-	if err != nil {
-		return nil, false, fmt.Errorf("redis: %w", err)
-	}
-	if c.Username != "" {
-		opts.Username = repl.ReplaceAll(c.Username, "")
-	}
-	if c.Password != "" {
-		opts.Password = repl.ReplaceAll(c.Password, "")
-	}
-	if c.DB != 0 {
-		opts.DB = c.DB
-	}
-	if c.TLS && opts.TLSConfig == nil {
-		opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
-	}
-	return opts, c.Cluster, nil
-}
-
-// watchExit ends the streams promptly once Caddy is exiting, instead of
-// holding up the server's graceful shutdown forever. Caddy runs its exit
-// callbacks only after the servers stopped, too late for that, so the flag
-// is polled.
-var exitWatcher sync.Once
-
-func watchExit() {
-	exitWatcher.Do(func() {
-		go func() {
-			t := time.NewTicker(100 * time.Millisecond)
-			defer t.Stop()
-			for range t.C {
-				if caddy.Exiting() {
-					streamClock.Shutdown(exitJitter)
-					return
-				}
-			}
-		}()
-	})
-}
-
-// retention is the history a config asks Redis to keep.
-func (hi *History) retention() broker.Retention {
-	if hi == nil {
-		return broker.Retention{}
-	}
-	return broker.Retention{MaxLen: int64(hi.Size), TTL: time.Duration(hi.TTL)}
 }

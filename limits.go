@@ -1,14 +1,13 @@
 package caddysse
 
-// This file enforces max_connections_per: at most n concurrent streams per
-// key (a user, a client address) in this process.
+// This file configures max_connections_per: at most n concurrent streams
+// per key (a user, a client address) in this process, counted by
+// registry.Limits.
 
 import (
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
-	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 
@@ -65,17 +64,10 @@ func (l *ConnectionLimit) validate() error {
 	return nil
 }
 
-// perKey holds the open streams of every key, oldest first. It is shared by
-// the whole process, so that a config reload does not reset the counts of
-// the streams that outlive it; keys are prefixed with their template, so
-// that handlers with the same template count together and others apart.
-var perKey = struct {
-	mu      sync.Mutex
-	streams map[string][]*registry.Subscriber
-}{streams: make(map[string][]*registry.Subscriber)}
-
 // admitPer applies max_connections_per: it returns a release function to
 // call when the stream ends, and false when the stream must be refused.
+// Keys are prefixed with their template, so that handlers with the same
+// template count together and others apart.
 func (h *Handler) admitPer(repl *caddy.Replacer, sub *registry.Subscriber) (release func(), ok bool) {
 	l := h.MaxConnectionsPer
 	if l == nil || l.Max < 1 || repl == nil {
@@ -85,49 +77,5 @@ func (h *Handler) admitPer(repl *caddy.Replacer, sub *registry.Subscriber) (rele
 	if err != nil || v == "" {
 		return func() {}, true
 	}
-	key := l.Key + "\x00" + v
-
-	var evicted []*registry.Subscriber
-	perKey.mu.Lock()
-	list := perKey.streams[key]
-	if len(list) >= l.Max {
-		if l.Policy != policyEvictOldest {
-			perKey.mu.Unlock()
-			return nil, false
-		}
-		n := len(list) - l.Max + 1
-		evicted = append(evicted, list[:n]...)
-		// slices.Delete clears the freed tail, so that the array does not
-		// keep the evicted subscribers alive.
-		list = slices.Delete(list, 0, n)
-	}
-	perKey.streams[key] = append(list, sub)
-	perKey.mu.Unlock()
-
-	// An evicted stream leaves the count now, so that the key never holds
-	// more than Max; its own release then finds nothing to remove.
-	for _, s := range evicted {
-		s.End(registry.ReasonEvicted)
-	}
-	var once sync.Once
-	return func() { once.Do(func() { releasePer(key, sub) }) }, true
-}
-
-// releasePer removes sub from key's streams, and the key once it has none,
-// so that the table holds only keys with open streams.
-func releasePer(key string, sub *registry.Subscriber) {
-	perKey.mu.Lock()
-	defer perKey.mu.Unlock()
-	list := perKey.streams[key]
-	for i, s := range list {
-		if s == sub {
-			list = slices.Delete(list, i, i+1)
-			break
-		}
-	}
-	if len(list) == 0 {
-		delete(perKey.streams, key)
-	} else {
-		perKey.streams[key] = list
-	}
+	return proc().limits.Admit(l.Key+"\x00"+v, l.Max, l.Policy == policyEvictOldest, sub)
 }

@@ -97,7 +97,8 @@ type Handler struct {
 
 	// JWT, when set, requires every stream request to carry a valid JSON Web
 	// Token (else 401) whose claim grants each of its channels (else 403).
-	// The token's subject is {sse.jwt.sub} in the channel templates.
+	// The token's subject is {http.sse.jwt.sub} (or {sse.jwt.sub}) in the
+	// channel templates.
 	JWT *JWTConfig `json:"jwt,omitempty"`
 
 	// MaxConnectionsPer caps the concurrent streams of this process that
@@ -123,50 +124,6 @@ type Handler struct {
 	streams      *stream.Options
 }
 
-// RedisConfig says how to reach Redis: a URL, or addresses for a single
-// server, Sentinel (with MasterName) or Cluster.
-type RedisConfig struct {
-	// URL is a redis:// or rediss:// URL. Placeholders such as {env.REDIS_URL}
-	// are expanded at load time.
-	URL string `json:"url,omitempty"`
-	// Addrs are host:port addresses: one server, the Sentinels (with
-	// MasterName), or Cluster nodes.
-	Addrs []string `json:"addrs,omitempty"`
-	// MasterName selects Sentinel mode: the name of the monitored master.
-	MasterName string `json:"master_name,omitempty"`
-	// Cluster selects Redis Cluster mode.
-	Cluster bool `json:"cluster,omitempty"`
-	// Username for Redis ACL authentication.
-	Username string `json:"username,omitempty"`
-	// Password for Redis authentication. Placeholders are expanded.
-	Password string `json:"password,omitempty"`
-	// DB is the database number (not in Cluster mode).
-	DB int `json:"db,omitempty"`
-	// TLS connects with TLS.
-	TLS bool `json:"tls,omitempty"`
-}
-
-// History is the per-channel retention that serves Last-Event-ID resume.
-type History struct {
-	// Size keeps about this many recent events per channel.
-	Size int `json:"size,omitempty"`
-	// TTL drops a channel's history after this long without a publish.
-	TTL caddy.Duration `json:"ttl,omitempty"`
-}
-
-func (hi *History) validate() error {
-	if hi == nil {
-		return nil
-	}
-	if hi.Size < 0 {
-		return fmt.Errorf("history: size must not be negative")
-	}
-	if hi.TTL < 0 {
-		return fmt.Errorf("history: ttl must not be negative")
-	}
-	return nil
-}
-
 // CaddyModule returns the Caddy module information.
 func (Handler) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
@@ -190,10 +147,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Evicted:   evictedFrame,
 		Logger:    h.logger,
 		Metrics:   streamMetrics{},
-		Clock:     streamClock,
-		Poller:    streamPoller(),
+		Clock:     proc().clock,
+		Poller:    proc().poller(),
 	}
-	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+	if err := proc().metrics.register(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
 	hb, key, err := acquireHub(h.Redis)
@@ -292,10 +249,11 @@ func (h *Handler) Validate() error {
 	if err := h.Lifecycle.validate(); err != nil {
 		return err
 	}
-	if h.JWT != nil {
-		if err := h.JWT.validate(); err != nil {
-			return err
-		}
+	if err := h.JWT.validate(); err != nil {
+		return err
+	}
+	if err := h.Redis.validate(); err != nil {
+		return err
 	}
 	return h.History.validate()
 }

@@ -8,14 +8,9 @@ package caddysse
 // waiting for Redis.
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"net/http"
-	"os"
 	"strings"
-	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -25,19 +20,11 @@ import (
 	"github.com/caddy-sse/caddy-sse/broker"
 )
 
-func init() {
-	// Every reason is exported from the start, at 0, so that an alert on
-	// its rate has a series to look at before the first drop.
-	for _, r := range []string{broker.DropQueueFull, broker.DropRedis, broker.DropStopped} {
-		metrics.lifecycleDropped.WithLabelValues(r)
-	}
-}
-
 // Presence counts the streams of each identity per channel in Redis, where
 // a backend reads them with FCALL sse_presence.
 type Presence struct {
 	// Identity is a template expanded per request, such as
-	// {http.auth.user.id} or {sse.jwt.sub}. A stream whose identity expands
+	// {http.auth.user.id} or {http.sse.jwt.sub}. A stream whose identity expands
 	// empty (or names an unknown placeholder) is anonymous: not counted.
 	Identity string `json:"identity,omitempty"`
 	// TTL bounds how long a killed instance keeps counting: its liveness
@@ -159,34 +146,4 @@ func (l *streamLife) emit(typ, reason string) {
 		Stream: lc.Stream, MaxLen: lc.maxLen(), Type: typ,
 		Channels: l.channels, Identity: l.identity, Reason: reason, Time: time.Now(),
 	})
-}
-
-// instanceID names this process in Redis (presence fields, the liveness
-// key, lifecycle entries): the host name, so that an operator knows where
-// to look, and a random suffix, so that two processes on one host (or a
-// restart) never share fields. Every config and Redis of the process uses
-// it.
-var instanceID = sync.OnceValue(func() string {
-	host, _ := os.Hostname()
-	host = strings.Map(func(r rune) rune {
-		switch {
-		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '.', r == '_':
-			return r
-		}
-		return -1
-	}, host)
-	if len(host) > 64 {
-		host = host[:64]
-	}
-	if host == "" {
-		host = "caddy"
-	}
-	var b [4]byte
-	_, _ = rand.Read(b[:])
-	return host + "-" + hex.EncodeToString(b[:])
-})
-
-// refuseIdentity answers a request whose presence identity is unusable.
-func refuseIdentity(w http.ResponseWriter, ce *channelError) error {
-	return refuse(w, ce.status, "identity", ce.reason)
 }

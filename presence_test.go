@@ -3,7 +3,7 @@ package caddysse_test
 import (
 	"context"
 	"encoding/json"
-	"io"
+	"fmt"
 	"net/http"
 	"reflect"
 	"sort"
@@ -14,9 +14,10 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // presenceTTL is the presence ttl of the test configs: a killed instance
@@ -25,7 +26,7 @@ const presenceTTL = 3 * time.Second
 
 // The identity comes from a header to keep the tests short; the README
 // shows it from basic_auth and a JWT.
-const presenceCaddyfile = globalOptions + `
+var presenceCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /room/* {
 		redis {REDIS}
@@ -53,16 +54,16 @@ http://127.0.0.1:{HTTP} {
 }
 `
 
-func startPresence(t *testing.T, rs *redistest.Server) *caddytest.Instance {
+func startPresence(t *testing.T, rs *redistest.Server) *caddyproc.Instance {
 	t.Helper()
-	in := caddytest.Start(t, presenceCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, presenceCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse_presence")
 	return in
 }
 
-func openAs(t *testing.T, in *caddytest.Instance, path, user string) *sseclient.Stream {
+func openAs(t *testing.T, in *caddyproc.Instance, path, user string) *sseclient.Stream {
 	t.Helper()
-	return openAt(t, in, path, "X-User", user)
+	return ssetest.Open(t, in.URL()+path, "X-User", user)
 }
 
 // presence reads a channel's presence as a backend does: one FCALL.
@@ -83,24 +84,18 @@ func presence(t testing.TB, c redis.Cmdable, channel string) map[string]int64 {
 // within.
 func waitPresence(t testing.TB, c redis.Cmdable, channel string, within time.Duration, want map[string]int64) {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		got := presence(t, c, channel)
-		if reflect.DeepEqual(got, want) {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("presence of %s is %v, want %v (after %v)", channel, got, want, within)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	var got map[string]int64
+	ssetest.Wait(t, within, fmt.Sprintf("presence of %s to be %v", channel, want), func() bool {
+		got = presence(t, c, channel)
+		return reflect.DeepEqual(got, want)
+	}, func() string { return fmt.Sprint("it is ", got) })
 }
 
 // instanceOf is an instance's name in Redis, from GET /sse/stats.
-func instanceOf(t *testing.T, in *caddytest.Instance) string {
+func instanceOf(t *testing.T, in *caddyproc.Instance) string {
 	t.Helper()
 	var stats struct{ Instance string }
-	if err := json.Unmarshal([]byte(scrape(t, in.AdminURL()+"/sse/stats")), &stats); err != nil || stats.Instance == "" {
+	if err := json.Unmarshal([]byte(ssetest.Metrics(t, in.AdminURL()+"/sse/stats")), &stats); err != nil || stats.Instance == "" {
 		t.Fatalf("GET /sse/stats has no instance: %v", err)
 	}
 	return stats.Instance
@@ -116,7 +111,7 @@ func TestPresenceAcrossInstances(t *testing.T) {
 	openAs(t, a, "/std/1", "alice") // served without takeover
 	openAs(t, b, "/room/1", "alice")
 	openAs(t, b, "/room/1", "bob")
-	openAt(t, a, "/room/1") // no identity: anonymous, not counted
+	ssetest.Open(t, a.URL()+"/room/1") // no identity: anonymous, not counted
 	waitPresence(t, rdb, "room:1", 5*time.Second, map[string]int64{"alice": 3, "bob": 1})
 
 	// The raw hash, for debugging: one field per instance and identity.
@@ -196,9 +191,9 @@ func TestPresenceAfterRedisRestart(t *testing.T) {
 	redistest.WaitLibrary(t, rdb, "caddy_sse_presence")
 	waitPresence(t, rdb, "room:1", 10*time.Second, map[string]int64{"alice": 2})
 	waitPresence(t, rdb, "room:2", 5*time.Second, map[string]int64{"bob": 1})
-	waitNumsub(t, rdb, "room:1", 1)
+	ssetest.WaitNumsub(t, rdb, "room:1", 1, 5*time.Second)
 	rdb.Publish(context.Background(), "room:1", "after the restart")
-	if ev := next(t, s); ev.Data != "after the restart" {
+	if ev := ssetest.Next(t, s); ev.Data != "after the restart" {
 		t.Fatalf("got %+v", ev)
 	}
 }
@@ -214,9 +209,9 @@ func TestLifecycleEvents(t *testing.T) {
 	start := time.Now()
 	alice := openAs(t, in, "/room/1", "alice")
 	bob := openAs(t, in, "/std/2", "bob")
-	anon := openAt(t, in, "/room/3")
+	anon := ssetest.Open(t, in.URL()+"/room/3")
 	carol := openAs(t, in, "/short/4", "carol") // ends itself after max_duration
-	waitMetric(t, in, "caddy_sse_streams_open", 5*time.Second, is(4))
+	waitMetric(t, in, "caddy_sse_streams_open", 5*time.Second, ssetest.Is(4))
 	alice.Close()
 	bob.Close()
 	anon.Close()
@@ -225,7 +220,7 @@ func TestLifecycleEvents(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the max_duration stream did not end")
 	}
-	waitMetric(t, in, "caddy_sse_streams_open", 5*time.Second, is(0))
+	waitMetric(t, in, "caddy_sse_streams_open", 5*time.Second, ssetest.Is(0))
 
 	type entry struct{ typ, channels, identity, reason string }
 	want := map[entry]int{
@@ -239,7 +234,7 @@ func TestLifecycleEvents(t *testing.T) {
 		{"close", "room:4,user:carol", "carol", "max_duration"}: 1,
 	}
 	var entries []redis.XMessage
-	waitFor(t, 5*time.Second, "8 lifecycle entries", func() bool {
+	ssetest.Wait(t, 5*time.Second, "8 lifecycle entries", func() bool {
 		entries = rdb.XRange(context.Background(), "sse:lifecycle", "-", "+").Val()
 		return len(entries) >= len(want)
 	})
@@ -271,10 +266,10 @@ func TestLifecycleEvents(t *testing.T) {
 		t.Fatalf("lifecycle entries %v, want %v", got, want)
 	}
 	// The reasons are the metric's.
-	if n := metricValue(t, in, `caddy_sse_streams_closed_total{reason="client"}`); n != 3 {
+	if n := ssetest.Metric(t, in.AdminURL()+"/metrics", `caddy_sse_streams_closed_total{reason="client"}`); n != 3 {
 		t.Fatalf("streams closed by the client: %v, want 3", n)
 	}
-	if n := metricValue(t, in, `caddy_sse_streams_closed_total{reason="max_duration"}`); n != 1 {
+	if n := ssetest.Metric(t, in.AdminURL()+"/metrics", `caddy_sse_streams_closed_total{reason="max_duration"}`); n != 1 {
 		t.Fatalf("streams closed by max_duration: %v, want 1", n)
 	}
 }
@@ -293,9 +288,9 @@ func TestLifecycleDroppedStreamsGoOn(t *testing.T) {
 	openAs(t, in, "/std/1", "bob").Close()
 	waitMetric(t, in, `caddy_sse_lifecycle_dropped_total{reason="redis"}`, 10*time.Second,
 		func(v float64) bool { return v >= 3 })
-	waitNumsub(t, rdb, "room:1", 1)
+	ssetest.WaitNumsub(t, rdb, "room:1", 1, 5*time.Second)
 	rdb.Publish(context.Background(), "room:1", "still here")
-	if ev := next(t, s); ev.Data != "still here" {
+	if ev := ssetest.Next(t, s); ev.Data != "still here" {
 		t.Fatalf("got %+v", ev)
 	}
 	// Presence is written all the same.
@@ -309,20 +304,14 @@ func TestHealth(t *testing.T) {
 	rs := redistest.Start(t)
 	in := startPresence(t, rs)
 	get := func(method string) (int, string) {
-		req, _ := http.NewRequest(method, in.URL()+"/healthz", nil)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(body)
+		code, _, body := ssetest.Do(t, method, in.URL()+"/healthz", "")
+		return code, body
 	}
 	waitStatus := func(want int) string {
 		t.Helper()
 		var code int
 		var body string
-		waitFor(t, 10*time.Second, "sse_health "+strconv.Itoa(want), func() bool {
+		ssetest.Wait(t, 10*time.Second, "sse_health "+strconv.Itoa(want), func() bool {
 			code, body = get(http.MethodGet)
 			return code == want
 		})
@@ -344,18 +333,18 @@ func TestHealth(t *testing.T) {
 	if !strings.Contains(body, "redis subscription down since ") || !strings.Contains(body, `"status":"down"`) {
 		t.Fatalf("unhealthy answer %q lacks the reason", body)
 	}
-	if stats := scrape(t, in.AdminURL()+"/sse/stats"); !strings.Contains(stats, `"connected": false`) {
+	if stats := ssetest.Metrics(t, in.AdminURL()+"/sse/stats"); !strings.Contains(stats, `"connected": false`) {
 		t.Fatalf("/sse/stats during the outage:\n%s", stats)
 	}
 
 	rs.Restart()
 	waitStatus(http.StatusOK)
-	if stats := scrape(t, in.AdminURL()+"/sse/stats"); !strings.Contains(stats, `"connected": true`) {
+	if stats := ssetest.Metrics(t, in.AdminURL()+"/sse/stats"); !strings.Contains(stats, `"connected": true`) {
 		t.Fatalf("/sse/stats after the outage:\n%s", stats)
 	}
 }
 
-const clusterPresenceCaddyfile = globalOptions + `
+var clusterPresenceCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /room/* {
 		redis {
@@ -374,7 +363,7 @@ http://127.0.0.1:{HTTP} {
 func TestPresenceOnCluster(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 0)
 	cc := c.Client()
-	in := caddytest.Start(t, clusterPresenceCaddyfile, caddytest.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
+	in := caddyproc.Start(t, clusterPresenceCaddyfile, caddyproc.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
 	redistest.WaitLibrary(t, c.MasterOf("{sse}:presence:x").Client(), "caddy_sse_presence")
 	chans := channelsOnShards(t, c)
 	for _, ch := range chans {
@@ -385,7 +374,7 @@ func TestPresenceOnCluster(t *testing.T) {
 	for _, ch := range chans {
 		waitPresence(t, cc, ch, 10*time.Second, map[string]int64{"alice": 2, "bob": 1})
 	}
-	waitFor(t, 10*time.Second, "lifecycle entries", func() bool {
+	ssetest.Wait(t, 10*time.Second, "lifecycle entries", func() bool {
 		return cc.XLen(context.Background(), "sse:lifecycle").Val() >= int64(3*len(chans))
 	})
 	if _, err := in.Stop(10 * time.Second); err != nil {

@@ -52,7 +52,7 @@ const defaultMaxSize = 1 << 20
 // Provision takes a reference to the hub of its Redis.
 func (p *Publish) Provision(ctx caddy.Context) error {
 	p.logger = ctx.Logger()
-	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+	if err := proc().metrics.register(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
 	if p.MaxSize == 0 {
@@ -82,6 +82,9 @@ func (p *Publish) Validate() error {
 	if p.MaxSize < 0 {
 		return fmt.Errorf("max_size: must not be negative")
 	}
+	if err := p.Redis.validate(); err != nil {
+		return err
+	}
 	return p.History.validate()
 }
 
@@ -97,7 +100,7 @@ func (p *Publish) Cleanup() error {
 func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", "POST")
-		return p.answer(w, http.StatusMethodNotAllowed, "method", "method not allowed: use POST")
+		return p.refuse(w, r, http.StatusMethodNotAllowed, "method", "method not allowed: use POST")
 	}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	// One channel per request, whatever the template: a value's comma
@@ -105,24 +108,24 @@ func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	names, err := expandChannels(repl, p.Channel, false)
 	if err != nil {
 		ce := err.(*channelError)
-		return p.answer(w, ce.status, "channel", ce.reason)
+		return p.refuse(w, r, ce.status, "channel", ce.reason)
 	}
 	channel := names[0]
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, p.MaxSize))
 	if err != nil {
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
-			return p.answer(w, http.StatusRequestEntityTooLarge, "max_size",
+			return p.refuse(w, r, http.StatusRequestEntityTooLarge, "max_size",
 				fmt.Sprintf("message larger than %d bytes", p.MaxSize))
 		}
-		return p.answer(w, http.StatusBadRequest, "body", "could not read the body")
+		return p.refuse(w, r, http.StatusBadRequest, "body", "could not read the body")
 	}
 	seq, err := p.hub.brk.Publish(r.Context(), channel, body, p.History.retention())
 	if err != nil {
 		p.logger.Error("publish failed", zap.String("channel", channel), zap.Error(err))
-		return p.answer(w, http.StatusServiceUnavailable, "redis", "publish failed: Redis unavailable")
+		return p.refuse(w, r, http.StatusServiceUnavailable, "redis", "publish failed: Redis unavailable")
 	}
-	metrics.published.WithLabelValues("ok").Inc()
+	proc().metrics.published.WithLabelValues("ok").Inc()
 	w.Header().Set("Content-Type", "application/json")
 	if seq == 0 {
 		_, _ = w.Write([]byte("{}\n"))
@@ -132,14 +135,11 @@ func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	return nil
 }
 
-// answer refuses a publish with a short plain-text reason.
-func (p *Publish) answer(w http.ResponseWriter, status int, label, reason string) error {
-	metrics.published.WithLabelValues(label).Inc()
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(status)
-	_, _ = w.Write([]byte(reason + "\n"))
-	return nil
+// refuse refuses a publish with status and a short reason (see refusal),
+// counted under label in caddy_sse_published_total.
+func (p *Publish) refuse(w http.ResponseWriter, r *http.Request, status int, label, reason string) error {
+	proc().metrics.published.WithLabelValues(label).Inc()
+	return refusal(w, r, status, reason)
 }
 
 // Interface guards

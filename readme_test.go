@@ -16,9 +16,10 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/caddy-sse/caddy-sse"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 var caddyfileBlock = regexp.MustCompile("(?s)```caddyfile\n(.*?)```")
@@ -96,7 +97,7 @@ func TestReadmePublishExampleIsProtected(t *testing.T) {
 		channel {path.1}
 		history 100
 	}`, 1)
-	in := caddytest.Start(t, cf, nil, "REDIS_URL="+rs.URL())
+	in := caddyproc.Start(t, cf, nil, "REDIS_URL="+rs.URL())
 	waitFunctions(t, rs.Client())
 	s, err := sseclient.Get(context.Background(), in.URL()+"/events/news")
 	if err != nil {
@@ -122,11 +123,11 @@ func TestReadmePublishExampleIsProtected(t *testing.T) {
 	if code := post("backend", "wrong"); code != http.StatusUnauthorized {
 		t.Fatalf("publish with a wrong password: %d, want 401", code)
 	}
-	noEvent(t, s, 200*time.Millisecond)
+	ssetest.NoEvent(t, s, 200*time.Millisecond)
 	if code := post("backend", "change me"); code != http.StatusOK {
 		t.Fatalf("publish with credentials: %d, want 200", code)
 	}
-	if ev := next(t, s); ev.Data != "extra" {
+	if ev := ssetest.Next(t, s); ev.Data != "extra" {
 		t.Fatalf("got %+v", ev)
 	}
 }

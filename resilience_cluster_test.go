@@ -2,7 +2,6 @@ package caddysse_test
 
 import (
 	"context"
-	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -12,12 +11,13 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
-const clusterCaddyfile = globalOptions + `
+var clusterCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /r/* {
 		redis {
@@ -62,9 +62,9 @@ func channelsOnShards(t *testing.T, c *redistest.Cluster) []string {
 	return out
 }
 
-func startClusterCaddy(t *testing.T, c *redistest.Cluster) *caddytest.Instance {
+func startClusterCaddy(t *testing.T, c *redistest.Cluster) *caddyproc.Instance {
 	t.Helper()
-	in := caddytest.Start(t, clusterCaddyfile, caddytest.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
+	in := caddyproc.Start(t, clusterCaddyfile, caddyproc.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
 	waitClusterLibrary(t, c.MasterOf("{sse}:seq").Client())
 	return in
 }
@@ -81,7 +81,7 @@ func waitClusterLibrary(t *testing.T, rdb *redis.Client) {
 func TestClusterChannelsOnEveryShard(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 0)
 	a := startClusterCaddy(t, c)
-	b := caddytest.Start(t, clusterCaddyfile, caddytest.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
+	b := caddyproc.Start(t, clusterCaddyfile, caddyproc.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
 	ctx := context.Background()
 	cc := c.Client()
 	chans := channelsOnShards(t, c)
@@ -90,9 +90,9 @@ func TestClusterChannelsOnEveryShard(t *testing.T) {
 	}
 	var streams []*sseclient.Stream
 	for _, ch := range chans {
-		streams = append(streams, openAt(t, a, "/r/"+ch))
+		streams = append(streams, ssetest.Open(t, a.URL()+"/r/"+ch))
 	}
-	multi := openAt(t, a, "/multi/"+chans[0]+"/"+chans[1])
+	multi := ssetest.Open(t, a.URL()+"/multi/"+chans[0]+"/"+chans[1])
 	waitClusterNumsub(t, cc, chans)
 
 	for i, ch := range chans {
@@ -101,7 +101,7 @@ func TestClusterChannelsOnEveryShard(t *testing.T) {
 		if err := other.Client().Publish(ctx, ch, "plain "+ch).Err(); err != nil {
 			t.Fatal(err)
 		}
-		if ev := next(t, streams[i]); ev.Data != "plain "+ch || ev.ID != "" {
+		if ev := ssetest.Next(t, streams[i]); ev.Data != "plain "+ch || ev.ID != "" {
 			t.Fatalf("stream %s got %+v", ch, ev)
 		}
 	}
@@ -110,31 +110,25 @@ func TestClusterChannelsOnEveryShard(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if ev := next(t, streams[i]); ev.Data != "fcall "+ch || ev.ID != strconv.FormatUint(id, 10) {
+		if ev := ssetest.Next(t, streams[i]); ev.Data != "fcall "+ch || ev.ID != strconv.FormatUint(id, 10) {
 			t.Fatalf("stream %s got %+v, want id %d", ch, ev, id)
 		}
-		resp, err := http.Post(a.URL()+"/publish/"+ch, "text/plain", strings.NewReader("http "+ch))
-		if err != nil {
-			t.Fatal(err)
+		if code, _, body := ssetest.Do(t, http.MethodPost, a.URL()+"/publish/"+ch, "http "+ch, "Content-Type", "text/plain"); code != http.StatusOK {
+			t.Fatalf("publish over HTTP: %d %s", code, body)
 		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			t.Fatalf("publish over HTTP: %s %s", resp.Status, body)
-		}
-		if ev := next(t, streams[i]); ev.Data != "http "+ch {
+		if ev := ssetest.Next(t, streams[i]); ev.Data != "http "+ch {
 			t.Fatalf("stream %s got %+v", ch, ev)
 		}
 	}
 	// The multi-channel stream saw its two shards' events in id order.
-	evs := expectData(t, multi, "plain "+chans[0], "plain "+chans[1],
+	evs := ssetest.Expect(t, multi, "plain "+chans[0], "plain "+chans[1],
 		"fcall "+chans[0], "http "+chans[0], "fcall "+chans[1], "http "+chans[1])
 	last := evs[3].ID
 	multi.Close()
 	cc.FCall(ctx, "sse_publish", []string{"{sse}:h:" + chans[1]}, "missed 1")
 	cc.FCall(ctx, "sse_publish", []string{"{sse}:h:" + chans[0]}, "missed 2")
-	r := openAt(t, b, "/multi/"+chans[0]+"/"+chans[1], "Last-Event-ID", last)
-	expectData(t, r, "fcall "+chans[1], "http "+chans[1], "missed 1", "missed 2")
+	r := ssetest.Open(t, b.URL()+"/multi/"+chans[0]+"/"+chans[1], "Last-Event-ID", last)
+	ssetest.Expect(t, r, "fcall "+chans[1], "http "+chans[1], "missed 1", "missed 2")
 }
 
 // A master fails over to its replica while streams are open and resumable
@@ -148,7 +142,7 @@ func TestClusterFailoverKeepsStreams(t *testing.T) {
 	chans := channelsOnShards(t, c)
 	var streams []*sseclient.Stream
 	for i := range 12 {
-		streams = append(streams, openAt(t, in, "/r/"+chans[i%len(chans)]))
+		streams = append(streams, ssetest.Open(t, in.URL()+"/r/"+chans[i%len(chans)]))
 	}
 	waitClusterNumsub(t, cc, chans)
 	next := make([]int, len(chans))

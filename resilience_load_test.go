@@ -22,8 +22,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // longLoad reports whether the long versions were asked for.
@@ -156,7 +157,7 @@ func (s *rawStream) ended() bool {
 }
 
 // openMany opens n streams, path(i) each, from a few dozen goroutines.
-func openMany(t *testing.T, d *loadDialer, in *caddytest.Instance, n int, path func(i int) string, onEvent func(i int) func(string)) []*rawStream {
+func openMany(t *testing.T, d *loadDialer, in *caddyproc.Instance, n int, path func(i int) string, onEvent func(i int) func(string)) []*rawStream {
 	t.Helper()
 	streams := make([]*rawStream, n)
 	var next atomic.Int64
@@ -203,30 +204,11 @@ func openMany(t *testing.T, d *loadDialer, in *caddytest.Instance, n int, path f
 	return streams
 }
 
-// waitFor polls cond every 20 ms until it holds or within passes.
-func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", within, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // waitMetric waits until an unlabelled metric satisfies ok.
-func waitMetric(t *testing.T, in *caddytest.Instance, name string, within time.Duration, ok func(float64) bool) float64 {
+func waitMetric(t *testing.T, in *caddyproc.Instance, name string, within time.Duration, ok func(float64) bool) float64 {
 	t.Helper()
-	var v float64
-	waitFor(t, within, name, func() bool {
-		v = metricValue(t, in, name)
-		return ok(v)
-	})
-	return v
+	return ssetest.WaitMetric(t, in.AdminURL()+"/metrics", name, within, ok)
 }
-
-func is(want float64) func(float64) bool { return func(v float64) bool { return v == want } }
 
 // rssKiB is the resident set size of a process, from /proc.
 func rssKiB(t *testing.T, pid int) int64 {
@@ -245,7 +227,7 @@ func rssKiB(t *testing.T, pid int) int64 {
 }
 
 // goroutines is the count Caddy's admin pprof endpoint reports.
-func goroutines(t *testing.T, in *caddytest.Instance) int {
+func goroutines(t *testing.T, in *caddyproc.Instance) int {
 	t.Helper()
 	resp, err := http.Get(in.AdminURL() + "/debug/pprof/goroutine?debug=1")
 	if err != nil {
@@ -260,7 +242,7 @@ func goroutines(t *testing.T, in *caddytest.Instance) int {
 	return n
 }
 
-const loadCaddyfile = globalOptions + `
+var loadCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /events/* {
 		redis {REDIS}
@@ -286,12 +268,12 @@ http://127.0.0.1:{HTTP} {
 }
 `
 
-func startLoad(t *testing.T, keepalive string) (*redistest.Server, *caddytest.Instance, caddytest.Options) {
+func startLoad(t *testing.T, keepalive string) (*redistest.Server, *caddyproc.Instance, caddyproc.Options) {
 	t.Helper()
 	raiseNoFile(t)
 	rs := redistest.Start(t)
-	vars := caddytest.Options{"{REDIS}": rs.URL(), "{KEEPALIVE}": keepalive}
-	return rs, caddytest.Start(t, loadCaddyfile, vars), vars
+	vars := caddyproc.Options{"{REDIS}": rs.URL(), "{KEEPALIVE}": keepalive}
+	return rs, caddyproc.Start(t, loadCaddyfile, vars), vars
 }
 
 // Redis dies while 1,000 streams are open: they stay open with keepalives,
@@ -307,15 +289,15 @@ func TestLoadRedisKilledWith1000Streams(t *testing.T) {
 	rs, in, _ := startLoad(t, "500ms")
 	d := &loadDialer{}
 	all := openMany(t, d, in, streams, func(i int) string { return fmt.Sprintf("/events/o%d", i%channels) }, nil)
-	waitMetric(t, in, "caddy_sse_streams_open", 10*time.Second, is(streams))
+	waitMetric(t, in, "caddy_sse_streams_open", 10*time.Second, ssetest.Is(streams))
 	rdb := rs.Client()
 	ctx := context.Background()
-	waitFor(t, 10*time.Second, "every channel subscribed", func() bool {
+	ssetest.Wait(t, 10*time.Second, "every channel subscribed", func() bool {
 		return len(rdb.PubSubChannels(ctx, "o*").Val()) == channels
 	})
 
 	rs.Stop()
-	waitMetric(t, in, "caddy_sse_redis_connected", 10*time.Second, is(0))
+	waitMetric(t, in, "caddy_sse_redis_connected", 10*time.Second, ssetest.Is(0))
 	before := make([]int64, streams)
 	for i, s := range all {
 		before[i] = s.comments.Load()
@@ -332,12 +314,12 @@ func TestLoadRedisKilledWith1000Streams(t *testing.T) {
 
 	restarted := time.Now()
 	rs.Restart()
-	waitMetric(t, in, "caddy_sse_redis_connected", 15*time.Second, is(1))
+	waitMetric(t, in, "caddy_sse_redis_connected", 15*time.Second, ssetest.Is(1))
 	reconnected := time.Since(restarted)
-	if n := metricValue(t, in, "caddy_sse_redis_reconnects_total"); n < 1 {
+	if n := ssetest.Metric(t, in.AdminURL()+"/metrics", "caddy_sse_redis_reconnects_total"); n < 1 {
 		t.Fatalf("caddy_sse_redis_reconnects_total %v after the outage", n)
 	}
-	waitFor(t, 10*time.Second, "every channel resubscribed", func() bool {
+	ssetest.Wait(t, 10*time.Second, "every channel resubscribed", func() bool {
 		return len(rdb.PubSubChannels(ctx, "o*").Val()) == channels
 	})
 	published := time.Now()
@@ -346,7 +328,7 @@ func TestLoadRedisKilledWith1000Streams(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, 15*time.Second, "the event on every stream", func() bool {
+	ssetest.Wait(t, 15*time.Second, "the event on every stream", func() bool {
 		for _, s := range all {
 			if s.events.Load() < 1 {
 				return false
@@ -416,7 +398,7 @@ func TestLoadReloadUnderPublishLoad(t *testing.T) {
 	for i := range reloads {
 		time.Sleep(time.Second)
 		// A config that differs each time, or Caddy would skip the load.
-		v := caddytest.Options{"{REDIS}": vars["{REDIS}"], "{KEEPALIVE}": fmt.Sprintf("%ds", 15+i%2)}
+		v := caddyproc.Options{"{REDIS}": vars["{REDIS}"], "{KEEPALIVE}": fmt.Sprintf("%ds", 15+i%2)}
 		if err := in.Reload(loadCaddyfile, v); err != nil {
 			t.Fatalf("reload %d: %v", i, err)
 		}
@@ -430,7 +412,7 @@ func TestLoadReloadUnderPublishLoad(t *testing.T) {
 	for _, n := range sent {
 		total += n
 	}
-	waitFor(t, 20*time.Second, "every event on every stream", func() bool {
+	ssetest.Wait(t, 20*time.Second, "every event on every stream", func() bool {
 		for i, s := range all {
 			if s.events.Load() < int64(sent[i%channels]) {
 				return false
@@ -460,13 +442,13 @@ func TestLoadStopWith5000Streams(t *testing.T) {
 	_, in, _ := startLoad(t, "15s")
 	d := &loadDialer{}
 	all := openMany(t, d, in, streams, func(i int) string { return fmt.Sprintf("/events/s%d", i%channels) }, nil)
-	waitMetric(t, in, "caddy_sse_streams_open", 30*time.Second, is(streams))
+	waitMetric(t, in, "caddy_sse_streams_open", 30*time.Second, ssetest.Is(streams))
 	rss := rssKiB(t, in.Pid())
 	took, err := in.Stop(30 * time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "every stream to end", func() bool {
+	ssetest.Wait(t, 10*time.Second, "every stream to end", func() bool {
 		for _, s := range all {
 			if !s.ended() {
 				return false
@@ -509,7 +491,7 @@ func TestLoadSlowClientAmong1000(t *testing.T) {
 			mu.Unlock()
 		}
 	})
-	waitMetric(t, in, "caddy_sse_streams_open", 10*time.Second, is(streams))
+	waitMetric(t, in, "caddy_sse_streams_open", 10*time.Second, ssetest.Is(streams))
 	pad := strings.Repeat("x", 2048)
 
 	phase := func(name string, base int64) (p50, p99 time.Duration) {
@@ -542,7 +524,7 @@ func TestLoadSlowClientAmong1000(t *testing.T) {
 			}
 			if time.Now().After(deadline) {
 				t.Fatalf("%s: %d fast streams lack events (fewest %d of %d), %d ended; metrics:\n%s",
-					name, behind, min, base+int64(events), ended, grepLines(scrape(t, in.AdminURL()+"/metrics"), "caddy_sse_"))
+					name, behind, min, base+int64(events), ended, ssetest.Lines(ssetest.Metrics(t, in.AdminURL()+"/metrics"), "caddy_sse_"))
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
@@ -569,7 +551,7 @@ func TestLoadSlowClientAmong1000(t *testing.T) {
 	// fills its socket buffers at once: its queue then overflows during
 	// the phase.
 	fmt.Fprintf(slow, "GET /slow/bulk HTTP/1.1\r\nHost: %s\r\n\r\n", in.Addr())
-	waitMetric(t, in, "caddy_sse_streams_open", 10*time.Second, is(streams+1))
+	waitMetric(t, in, "caddy_sse_streams_open", 10*time.Second, ssetest.Is(streams+1))
 	bulk := strings.Repeat("b", 64<<10)
 	for range 64 {
 		if err := rdb.Publish(ctx, "bulk", bulk).Err(); err != nil {
@@ -588,7 +570,7 @@ func TestLoadSlowClientAmong1000(t *testing.T) {
 		t.Fatalf("%d events garbled", n)
 	}
 	// The slow client was cut off when its queue overflowed.
-	waitMetric(t, in, "caddy_sse_streams_open", 10*time.Second, is(streams))
+	waitMetric(t, in, "caddy_sse_streams_open", 10*time.Second, ssetest.Is(streams))
 	t.Logf("%d streams, %d events of 2 KiB at %d/s per phase: delivery p50 %v p99 %v without the slow client, p50 %v p99 %v with it (it was cut off); Caddy RSS %d MiB, %d MiB",
 		streams, events, rate, p50a.Round(time.Microsecond), p99a.Round(time.Microsecond),
 		p50b.Round(time.Microsecond), p99b.Round(time.Microsecond), rssA/1024, rssB/1024)
@@ -614,7 +596,7 @@ func TestLoadConnectionChurn(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.Close()
-	waitMetric(t, in, "caddy_sse_streams_open", 10*time.Second, is(0))
+	waitMetric(t, in, "caddy_sse_streams_open", 10*time.Second, ssetest.Is(0))
 	time.Sleep(500 * time.Millisecond)
 	base := goroutines(t, in)
 
@@ -650,13 +632,13 @@ func TestLoadConnectionChurn(t *testing.T) {
 	if n := failed.Load(); n > 0 {
 		t.Fatalf("%d of %d connections failed; first: %v", n, total, firstErr.Load())
 	}
-	waitMetric(t, in, "caddy_sse_streams_open", 15*time.Second, is(0))
-	waitFor(t, 15*time.Second, "no channel left subscribed", func() bool {
+	waitMetric(t, in, "caddy_sse_streams_open", 15*time.Second, ssetest.Is(0))
+	ssetest.Wait(t, 15*time.Second, "no channel left subscribed", func() bool {
 		return len(rdb.PubSubChannels(ctx, "*").Val()) == 0
 	})
 	// Goroutines of closing connections take a moment to go.
 	var after int
-	waitFor(t, 15*time.Second, "the goroutine count back to its baseline", func() bool {
+	ssetest.Wait(t, 15*time.Second, "the goroutine count back to its baseline", func() bool {
 		after = goroutines(t, in)
 		return after <= base+5
 	})

@@ -8,12 +8,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
-const sentinelCaddyfile = globalOptions + `
+var sentinelCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /r/* {
 		redis {
@@ -52,7 +53,7 @@ func TestSentinelMasterKilledKeepsStreams(t *testing.T) {
 
 func testSentinelStreams(t *testing.T, kill bool) {
 	st := redistest.StartSentinel(t, 1, 3)
-	in := caddytest.Start(t, sentinelCaddyfile, caddytest.Options{
+	in := caddyproc.Start(t, sentinelCaddyfile, caddyproc.Options{
 		"{SENTINELS}": strings.Join(st.SentinelAddrs(), " "),
 	})
 	ctx := context.Background()
@@ -63,10 +64,10 @@ func testSentinelStreams(t *testing.T, kill bool) {
 	const channels, perChannel = 4, 3
 	var resumable, plain []*sseclient.Stream
 	for i := range channels * perChannel {
-		resumable = append(resumable, openAt(t, in, fmt.Sprintf("/r/c%d", i%channels)))
-		plain = append(plain, openAt(t, in, fmt.Sprintf("/p/c%d", i%channels)))
+		resumable = append(resumable, ssetest.Open(t, in.URL()+fmt.Sprintf("/r/c%d", i%channels)))
+		plain = append(plain, ssetest.Open(t, in.URL()+fmt.Sprintf("/p/c%d", i%channels)))
 	}
-	waitNumsub(t, rdb, "r:c0", 1)
+	ssetest.WaitNumsub(t, rdb, "r:c0", 1, 5*time.Second)
 
 	// Each channel carries 0, 1, 2, ... so that a stream can tell a gap.
 	next := make([]int, channels)
@@ -111,7 +112,7 @@ func testSentinelStreams(t *testing.T, kill bool) {
 			}
 		}
 	}
-	if n := metricValue(t, in, "caddy_sse_redis_reconnects_total"); n < 1 {
+	if n := ssetest.Metric(t, in.AdminURL()+"/metrics", "caddy_sse_redis_reconnects_total"); n < 1 {
 		t.Fatalf("caddy_sse_redis_reconnects_total %v after the failover", n)
 	}
 	waitMetrics(t, in, "caddy_sse_redis_connected 1")
@@ -119,7 +120,7 @@ func testSentinelStreams(t *testing.T, kill bool) {
 	// new master.
 	mrdb := master.Client()
 	for c := range channels {
-		waitNumsub(t, mrdb, fmt.Sprint("p:c", c), 1)
+		ssetest.WaitNumsub(t, mrdb, fmt.Sprint("p:c", c), 1, 5*time.Second)
 		if err := mrdb.Publish(ctx, fmt.Sprint("p:c", c), "after").Err(); err != nil {
 			t.Fatal(err)
 		}
@@ -137,19 +138,4 @@ func testSentinelStreams(t *testing.T, kill bool) {
 		default:
 		}
 	}
-}
-
-// metricValue is the value of an unlabelled metric, -1 when absent.
-func metricValue(t *testing.T, in *caddytest.Instance, name string) float64 {
-	t.Helper()
-	for _, l := range strings.Split(scrape(t, in.AdminURL()+"/metrics"), "\n") {
-		if v, ok := strings.CutPrefix(l, name+" "); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			if err != nil {
-				t.Fatalf("metric %s: %v", l, err)
-			}
-			return f
-		}
-	}
-	return -1
 }

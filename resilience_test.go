@@ -10,9 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // Events are flushed one by one through encode (gzip) and over HTTP/2.
@@ -37,7 +38,7 @@ https://127.0.0.1:{HTTP} {
 	}
 }
 `
-	in := caddytest.Start(t, cf, caddytest.Options{"{REDIS}": rs.URL(), "{STORAGE}": t.TempDir()})
+	in := caddyproc.Start(t, cf, caddyproc.Options{"{REDIS}": rs.URL(), "{STORAGE}": t.TempDir()})
 	client := &http.Client{Transport: &http.Transport{
 		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true}, // Caddy's internal CA
 		ForceAttemptHTTP2: true,
@@ -67,7 +68,7 @@ https://127.0.0.1:{HTTP} {
 		rdb.Publish(context.Background(), "h2", fmt.Sprint("event ", i))
 		// Each event arrives before the next is published: flushed through
 		// the gzip writer and the HTTP/2 framer.
-		if ev := next(t, s); ev.Data != fmt.Sprint("event ", i) {
+		if ev := ssetest.Next(t, s); ev.Data != fmt.Sprint("event ", i) {
 			t.Fatalf("got %+v", ev)
 		}
 	}
@@ -79,7 +80,7 @@ https://127.0.0.1:{HTTP} {
 // under a gzip header.
 func TestHTTP1EncodeWithTakeover(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, globalOptions+`
+	in := caddyproc.Start(t, globalOptions+`
 http://127.0.0.1:{HTTP} {
 	encode gzip
 	sse /events/* {
@@ -87,21 +88,21 @@ http://127.0.0.1:{HTTP} {
 		channel {path.1}
 	}
 }
-`, caddytest.Options{"{REDIS}": rs.URL()})
-	s := openAt(t, in, "/events/h1gz")
+`, caddyproc.Options{"{REDIS}": rs.URL()})
+	s := ssetest.Open(t, in.URL()+"/events/h1gz")
 	if !s.Resp.Uncompressed {
 		t.Fatal("the stream was not gzip-encoded: encode did not wrap it")
 	}
-	waitNumsub(t, rs.Client(), "h1gz", 1)
+	ssetest.WaitNumsub(t, rs.Client(), "h1gz", 1, 5*time.Second)
 	for i := 0; i < 5; i++ {
 		rs.Client().Publish(context.Background(), "h1gz", fmt.Sprint("event ", i))
-		if ev := next(t, s); ev.Data != fmt.Sprint("event ", i) {
+		if ev := ssetest.Next(t, s); ev.Data != fmt.Sprint("event ", i) {
 			t.Fatalf("got %+v", ev)
 		}
 	}
 }
 
-const outageCaddyfile = globalOptions + `
+var outageCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /events/* {
 		redis {REDIS}
@@ -124,13 +125,13 @@ http://127.0.0.1:{HTTP} {
 
 func TestRedisOutageKeepsStreamsOpen(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, outageCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, outageCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	const streams = 50
 	var all []*sseclient.Stream
 	for i := 0; i < streams; i++ {
-		all = append(all, openAt(t, in, fmt.Sprintf("/events/c%d", i%5)))
+		all = append(all, ssetest.Open(t, in.URL()+fmt.Sprintf("/events/c%d", i%5)))
 	}
-	waitNumsub(t, rs.Client(), "c0", 1)
+	ssetest.WaitNumsub(t, rs.Client(), "c0", 1, 5*time.Second)
 
 	rs.Stop()
 	waitMetrics(t, in, "caddy_sse_redis_connected 0")
@@ -140,7 +141,7 @@ func TestRedisOutageKeepsStreamsOpen(t *testing.T) {
 	if all[0].Comments() <= before {
 		t.Fatal("no keepalive during the outage")
 	}
-	all = append(all, openAt(t, in, "/events/c0"))
+	all = append(all, ssetest.Open(t, in.URL()+"/events/c0"))
 	for _, s := range all {
 		select {
 		case <-s.Done():
@@ -153,11 +154,11 @@ func TestRedisOutageKeepsStreamsOpen(t *testing.T) {
 	waitMetrics(t, in, "caddy_sse_redis_connected 1", "caddy_sse_redis_reconnects_total 1")
 	rdb := rs.Client()
 	for c := 0; c < 5; c++ {
-		waitNumsub(t, rdb, fmt.Sprint("c", c), 1)
+		ssetest.WaitNumsub(t, rdb, fmt.Sprint("c", c), 1, 5*time.Second)
 		rdb.Publish(context.Background(), fmt.Sprint("c", c), "after the outage")
 	}
 	for _, s := range all {
-		if ev := next(t, s); ev.Data != "after the outage" {
+		if ev := ssetest.Next(t, s); ev.Data != "after the outage" {
 			t.Fatalf("got %+v", ev)
 		}
 	}
@@ -167,10 +168,10 @@ func TestRedisOutageKeepsStreamsOpen(t *testing.T) {
 // publishes, resumable channels catch up from history: nothing is lost.
 func TestSubscriptionLossLosesNoResumableEvent(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, outageCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, outageCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	rdb := rs.Client()
 	waitFunctions(t, rdb)
-	s := openAt(t, in, "/resumable/x")
+	s := ssetest.Open(t, in.URL()+"/resumable/x")
 	ctx := context.Background()
 	const events = 300
 	for i := 0; i < events; i++ {
@@ -203,7 +204,7 @@ func TestSubscriptionLossLosesNoResumableEvent(t *testing.T) {
 // losing anything.
 func TestMaxDurationResumes(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, outageCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, outageCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	rdb := rs.Client()
 	waitFunctions(t, rdb)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -262,7 +263,7 @@ func TestMaxDurationResumes(t *testing.T) {
 // them in the graceful shutdown.
 func TestStopEndsStreamsPromptly(t *testing.T) {
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, outageCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, outageCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	var streams []*sseclient.Stream
 	var mu sync.Mutex
 	var wg sync.WaitGroup

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -15,12 +14,13 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
-const resumeCaddyfile = globalOptions + `
+var resumeCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /events/* {
 		redis {REDIS}
@@ -50,17 +50,17 @@ http://127.0.0.1:{HTTP} {
 type cluster struct {
 	redis *redistest.Server
 	rdb   *redis.Client
-	a, b  *caddytest.Instance
+	a, b  *caddyproc.Instance
 }
 
 // startTwo runs two Caddy instances on one Redis, as behind a load balancer.
 func startTwo(t *testing.T) *cluster {
 	t.Helper()
 	rs := redistest.Start(t)
-	vars := caddytest.Options{"{REDIS}": rs.URL()}
+	vars := caddyproc.Options{"{REDIS}": rs.URL()}
 	c := &cluster{redis: rs, rdb: rs.Client()}
-	c.a = caddytest.Start(t, resumeCaddyfile, vars)
-	c.b = caddytest.Start(t, resumeCaddyfile, vars)
+	c.a = caddyproc.Start(t, resumeCaddyfile, vars)
+	c.b = caddyproc.Start(t, resumeCaddyfile, vars)
 	waitFunctions(t, c.rdb)
 	return c
 }
@@ -69,47 +69,21 @@ func startTwo(t *testing.T) *cluster {
 // Redis command.
 func (c *cluster) fcall(t testing.TB, channel, payload string) uint64 {
 	t.Helper()
-	id, err := c.rdb.FCall(context.Background(), "sse_publish", []string{channel}, payload).Uint64()
+	id, err := strconv.ParseUint(ssetest.PublishResumable(t, c.rdb, channel, payload), 10, 64)
 	if err != nil {
-		t.Fatalf("FCALL sse_publish %s: %v", channel, err)
+		t.Fatalf("FCALL sse_publish %s: id %v", channel, err)
 	}
 	return id
 }
 
-func openAt(t testing.TB, in *caddytest.Instance, path string, header ...string) *sseclient.Stream {
-	t.Helper()
-	s, err := sseclient.Get(context.Background(), in.URL()+path, header...)
-	if err != nil {
-		t.Fatalf("open %s: %v", path, err)
-	}
-	t.Cleanup(s.Close)
-	return s
-}
-
-func expectData(t testing.TB, s *sseclient.Stream, want ...string) []sseclient.Event {
-	t.Helper()
-	var got []sseclient.Event
-	for _, w := range want {
-		ev, err := s.Next(5 * time.Second)
-		if err != nil {
-			t.Fatalf("waiting for %q: %v (raw so far %q)", w, err, s.Raw())
-		}
-		if ev.Data != w {
-			t.Fatalf("got data %q (id %q), want %q", ev.Data, ev.ID, w)
-		}
-		got = append(got, ev)
-	}
-	return got
-}
-
 func TestResumeOnAnotherInstance(t *testing.T) {
 	c := startTwo(t)
-	s := openAt(t, c.a, "/events/feed")
+	s := ssetest.Open(t, c.a.URL()+"/events/feed")
 	var ids []uint64
 	for i := 1; i <= 3; i++ {
 		ids = append(ids, c.fcall(t, "feed", fmt.Sprint("event ", i)))
 	}
-	evs := expectData(t, s, "event 1", "event 2", "event 3")
+	evs := ssetest.Expect(t, s, "event 1", "event 2", "event 3")
 	for i, ev := range evs {
 		if ev.ID != strconv.FormatUint(ids[i], 10) {
 			t.Fatalf("event %d has id %q, want the published id %d", i+1, ev.ID, ids[i])
@@ -120,49 +94,49 @@ func TestResumeOnAnotherInstance(t *testing.T) {
 	for i := 4; i <= 6; i++ {
 		c.fcall(t, "feed", fmt.Sprint("event ", i))
 	}
-	r := openAt(t, c.b, "/events/feed", "Last-Event-ID", last)
-	expectData(t, r, "event 4", "event 5", "event 6")
+	r := ssetest.Open(t, c.b.URL()+"/events/feed", "Last-Event-ID", last)
+	ssetest.Expect(t, r, "event 4", "event 5", "event 6")
 	c.fcall(t, "feed", "event 7")
-	expectData(t, r, "event 7")
-	noEvent(t, r, 200*time.Millisecond)
+	ssetest.Expect(t, r, "event 7")
+	ssetest.NoEvent(t, r, 200*time.Millisecond)
 
 	// A first page load resumes with the lastEventId query parameter.
-	q := openAt(t, c.a, "/events/feed?lastEventId="+last)
-	expectData(t, q, "event 4", "event 5", "event 6", "event 7")
+	q := ssetest.Open(t, c.a.URL()+"/events/feed?lastEventId="+last)
+	ssetest.Expect(t, q, "event 4", "event 5", "event 6", "event 7")
 }
 
 func TestResumeTwoChannelsInterleaved(t *testing.T) {
 	c := startTwo(t)
-	s := openAt(t, c.a, "/multi/x")
+	s := ssetest.Open(t, c.a.URL()+"/multi/x")
 	c.fcall(t, "a:x", "a1")
 	c.fcall(t, "b:x", "b1")
 	c.fcall(t, "a:x", "a2")
-	expectData(t, s, "a1", "b1", "a2")
+	ssetest.Expect(t, s, "a1", "b1", "a2")
 	last := s.LastEventID()
 	s.Close()
 	c.fcall(t, "b:x", "b2")
 	c.fcall(t, "a:x", "a3")
 	c.fcall(t, "b:x", "b3")
 	c.fcall(t, "a:other", "not mine")
-	r := openAt(t, c.b, "/multi/x", "Last-Event-ID", last)
-	expectData(t, r, "b2", "a3", "b3")
+	r := ssetest.Open(t, c.b.URL()+"/multi/x", "Last-Event-ID", last)
+	ssetest.Expect(t, r, "b2", "a3", "b3")
 	c.fcall(t, "a:x", "a4")
-	expectData(t, r, "a4")
-	noEvent(t, r, 200*time.Millisecond)
+	ssetest.Expect(t, r, "a4")
+	ssetest.NoEvent(t, r, 200*time.Millisecond)
 }
 
 func TestResumeRoundTripsBytes(t *testing.T) {
 	c := startTwo(t)
-	s := openAt(t, c.a, "/events/bytes")
+	s := ssetest.Open(t, c.a.URL()+"/events/bytes")
 	payloads := []string{"", " ", "a\nb", "tab\there", "ünïcödé ✓", strings.Repeat("z", 64<<10), `{"json":["x"]}`}
 	for _, p := range payloads {
 		c.fcall(t, "bytes", p)
 	}
-	live := expectData(t, s, payloads...)
+	live := ssetest.Expect(t, s, payloads...)
 	// 0 asks for everything retained (an id below the first one this
 	// Redis issued cannot be proven gapless: see TestResumeAfterFlushAll).
-	r := openAt(t, c.b, "/events/bytes", "Last-Event-ID", "0")
-	replayed := expectData(t, r, payloads...)
+	r := ssetest.Open(t, c.b.URL()+"/events/bytes", "Last-Event-ID", "0")
+	replayed := ssetest.Expect(t, r, payloads...)
 	for i := range live {
 		if live[i].ID != replayed[i].ID {
 			t.Fatalf("event %d: live id %q, replayed id %q", i, live[i].ID, replayed[i].ID)
@@ -172,9 +146,9 @@ func TestResumeRoundTripsBytes(t *testing.T) {
 
 func TestReplayLargerThanBuffer(t *testing.T) {
 	c := startTwo(t)
-	s := openAt(t, c.a, "/events/big")
+	s := ssetest.Open(t, c.a.URL()+"/events/big")
 	c.fcall(t, "big", "first")
-	expectData(t, s, "first")
+	ssetest.Expect(t, s, "first")
 	last := s.LastEventID()
 	s.Close()
 	const missed = 5000
@@ -186,7 +160,7 @@ func TestReplayLargerThanBuffer(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	r := openAt(t, c.b, "/events/big", "Last-Event-ID", last)
+	r := ssetest.Open(t, c.b.URL()+"/events/big", "Last-Event-ID", last)
 	for i := 0; i < missed; i++ {
 		ev, err := r.Next(10 * time.Second)
 		if err != nil {
@@ -198,7 +172,7 @@ func TestReplayLargerThanBuffer(t *testing.T) {
 	}
 	t.Logf("replayed %d events through a stream with buffer 64 in %v", missed, time.Since(start))
 	c.fcall(t, "big", "live")
-	expectData(t, r, "live")
+	ssetest.Expect(t, r, "live")
 }
 
 // After FLUSHALL the history a client would resume from is gone, and
@@ -206,33 +180,33 @@ func TestReplayLargerThanBuffer(t *testing.T) {
 // proven gapless, so the client is told it may have missed events.
 func TestResumeAfterFlushAll(t *testing.T) {
 	c := startTwo(t)
-	s := openAt(t, c.a, "/events/flush")
+	s := ssetest.Open(t, c.a.URL()+"/events/flush")
 	c.fcall(t, "flush", "1")
 	c.fcall(t, "flush", "2")
-	expectData(t, s, "1", "2")
+	ssetest.Expect(t, s, "1", "2")
 	last := s.LastEventID()
 	s.Close()
 	if err := c.rdb.FlushAll(context.Background()).Err(); err != nil {
 		t.Fatal(err)
 	}
 	c.fcall(t, "flush", "3")
-	r := openAt(t, c.b, "/events/flush", "Last-Event-ID", last)
-	if ev := next(t, r); ev.Event != "sse-missed" || ev.ID != "" {
+	r := ssetest.Open(t, c.b.URL()+"/events/flush", "Last-Event-ID", last)
+	if ev := ssetest.Next(t, r); ev.Event != "sse-missed" || ev.ID != "" {
 		t.Fatalf("first event after FLUSHALL = %+v, want sse-missed without id", ev)
 	}
-	expectData(t, r, "3")
+	ssetest.Expect(t, r, "3")
 	// A resume from an id of the new era is gapless again.
 	id := r.LastEventID()
 	c.fcall(t, "flush", "4")
-	r2 := openAt(t, c.a, "/events/flush", "Last-Event-ID", id)
-	expectData(t, r2, "4")
+	r2 := ssetest.Open(t, c.a.URL()+"/events/flush", "Last-Event-ID", id)
+	ssetest.Expect(t, r2, "4")
 }
 
 func TestResumeOlderThanRetention(t *testing.T) {
 	c := startTwo(t)
-	s := openAt(t, c.a, "/short/k")
+	s := ssetest.Open(t, c.a.URL()+"/short/k")
 	c.fcall(t, "short:k", "kept?")
-	expectData(t, s, "kept?")
+	ssetest.Expect(t, s, "kept?")
 	last := s.LastEventID()
 	s.Close()
 	// Retention is set per publish here (the library default is the largest
@@ -242,8 +216,8 @@ func TestResumeOlderThanRetention(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	r := openAt(t, c.b, "/short/k", "Last-Event-ID", last)
-	ev := next(t, r)
+	r := ssetest.Open(t, c.b.URL()+"/short/k", "Last-Event-ID", last)
+	ev := ssetest.Next(t, r)
 	if ev.Event != "sse-missed" || ev.ID != "" {
 		t.Fatalf("first event after a too old id = %+v, want the sse-missed event without id", ev)
 	}
@@ -281,7 +255,7 @@ func TestNoLossWhileReconnecting(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			errs <- followWithReconnects(ctx, []*caddytest.Instance{c.a, c.b}, i, events, ready)
+			errs <- followWithReconnects(ctx, []*caddyproc.Instance{c.a, c.b}, i, events, ready)
 		}(i)
 	}
 	for i := 0; i < clients; i++ {
@@ -302,7 +276,7 @@ func TestNoLossWhileReconnecting(t *testing.T) {
 	}
 }
 
-func followWithReconnects(ctx context.Context, instances []*caddytest.Instance, client, events int, ready chan<- struct{}) error {
+func followWithReconnects(ctx context.Context, instances []*caddyproc.Instance, client, events int, ready chan<- struct{}) error {
 	want := 0
 	lastID := ""
 	for round := 0; want < events; round++ {
@@ -340,15 +314,10 @@ func followWithReconnects(ctx context.Context, instances []*caddytest.Instance, 
 
 func TestPublishOverHTTP(t *testing.T) {
 	c := startTwo(t)
-	s := openAt(t, c.b, "/events/http")
+	s := ssetest.Open(t, c.b.URL()+"/events/http")
 	post := func(path, body string) (int, string) {
-		resp, err := http.Post(c.a.URL()+path, "application/json", strings.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
+		code, _, answer := ssetest.Do(t, http.MethodPost, c.a.URL()+path, body, "Content-Type", "application/json")
+		return code, answer
 	}
 	status, body := post("/publish/http", `{"text":"from http"}`)
 	if status != http.StatusOK {
@@ -358,7 +327,7 @@ func TestPublishOverHTTP(t *testing.T) {
 	if err := json.Unmarshal([]byte(body), &answer); err != nil || answer.ID == "" {
 		t.Fatalf("publish answered %q, want the event id", body)
 	}
-	ev := next(t, s)
+	ev := ssetest.Next(t, s)
 	if ev.Data != `{"text":"from http"}` || ev.ID != answer.ID {
 		t.Fatalf("got %+v, want the published body with id %s", ev, answer.ID)
 	}
@@ -367,9 +336,9 @@ func TestPublishOverHTTP(t *testing.T) {
 	if status != http.StatusOK {
 		t.Fatalf("publish: %d %s", status, body)
 	}
-	expectData(t, s, `{"text":"second"}`)
-	r := openAt(t, c.a, "/events/http", "Last-Event-ID", answer.ID)
-	expectData(t, r, `{"text":"second"}`)
+	ssetest.Expect(t, s, `{"text":"second"}`)
+	r := ssetest.Open(t, c.a.URL()+"/events/http", "Last-Event-ID", answer.ID)
+	ssetest.Expect(t, r, `{"text":"second"}`)
 
 	if status, body := post("/publish/http", strings.Repeat("x", 1025)); status != http.StatusRequestEntityTooLarge {
 		t.Fatalf("oversized publish: %d %s", status, body)
@@ -385,7 +354,7 @@ func TestPublishOverHTTP(t *testing.T) {
 	if resp.StatusCode != http.StatusMethodNotAllowed || resp.Header.Get("Allow") != "POST" {
 		t.Fatalf("GET on publish: %d Allow %q", resp.StatusCode, resp.Header.Get("Allow"))
 	}
-	noEvent(t, s, 200*time.Millisecond)
+	ssetest.NoEvent(t, s, 200*time.Millisecond)
 }
 
 // BenchmarkPublish compares a plain PUBLISH with the resumable one-command
@@ -416,7 +385,7 @@ func BenchmarkPublish(b *testing.B) {
 // installed, and leaves it running.
 func loadFunctions(tb testing.TB, rs *redistest.Server) {
 	tb.Helper()
-	caddytest.Start(tb, resumeCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	caddyproc.Start(tb, resumeCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	waitFunctions(tb, rs.Client())
 }
 

@@ -31,15 +31,16 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 	"golang.org/x/crypto/bcrypt"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // jwtSecret reaches Caddy through the environment, as {env.SSE_JWT_SECRET}.
 const jwtSecret = "test-secret-that-is-long-enough-0123456789"
 
-const securityCaddyfile = globalOptions + `
+var securityCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /jwt/hs {
 		redis {REDIS}
@@ -109,7 +110,7 @@ http://127.0.0.1:{HTTP} {
 
 type secEnv struct {
 	rdb   *redistest.Server
-	caddy *caddytest.Instance
+	caddy *caddyproc.Instance
 	rsa   *rsa.PrivateKey
 	ec    *ecdsa.PrivateKey
 }
@@ -143,7 +144,7 @@ func startSecurity(t *testing.T) *secEnv {
 	}))
 	t.Cleanup(app.Close)
 
-	vars := caddytest.Options{
+	vars := caddyproc.Options{
 		"{REDIS}":        rs.URL(),
 		"{RSA_PEM}":      writePublicPEM(t, &rsaKey.PublicKey),
 		"{EC_PEM}":       writePublicPEM(t, &ecKey.PublicKey),
@@ -151,7 +152,7 @@ func startSecurity(t *testing.T) *secEnv {
 		"{BOB_HASH}":     bcryptHash(t, "bob-pw"),
 		"{FORWARD_AUTH}": strings.TrimPrefix(app.URL, "http://"),
 	}
-	in := caddytest.Start(t, securityCaddyfile, vars, "SSE_JWT_SECRET="+jwtSecret)
+	in := caddyproc.Start(t, securityCaddyfile, vars, "SSE_JWT_SECRET="+jwtSecret)
 	return &secEnv{rdb: rs, caddy: in, rsa: rsaKey, ec: ecKey}
 }
 
@@ -198,35 +199,19 @@ func hs(t *testing.T, channels any, extra ...any) string {
 
 func (e *secEnv) open(t *testing.T, path string, header ...string) *sseclient.Stream {
 	t.Helper()
-	s, err := sseclient.Get(context.Background(), e.caddy.URL()+path, header...)
-	if err != nil {
-		t.Fatalf("open %s: %v", path, err)
-	}
-	t.Cleanup(s.Close)
-	return s
+	return ssetest.Open(t, e.caddy.URL()+path, header...)
 }
 
 // refused opens path and expects it refused with status; it returns the
 // refusal for more checks.
 func (e *secEnv) refused(t *testing.T, path string, status int, header ...string) *sseclient.StatusError {
 	t.Helper()
-	s, err := sseclient.Get(context.Background(), e.caddy.URL()+path, header...)
-	if err == nil {
-		s.Close()
-		t.Fatalf("%s: stream opened, want %d", path, status)
-	}
-	var se *sseclient.StatusError
-	if !errors.As(err, &se) || se.Code != status {
-		t.Fatalf("%s: %v, want status %d", path, err, status)
-	}
-	return se
+	return ssetest.Refused(t, e.caddy.URL()+path, status, header...)
 }
 
 func (e *secEnv) publish(t *testing.T, channel, payload string) {
 	t.Helper()
-	if err := e.rdb.Client().Publish(context.Background(), channel, payload).Err(); err != nil {
-		t.Fatal(err)
-	}
+	ssetest.Publish(t, e.rdb.Client(), channel, payload)
 }
 
 // expectOnly publishes one event to every channel in order and expects s to
@@ -237,11 +222,11 @@ func (e *secEnv) expectOnly(t *testing.T, s *sseclient.Stream, publish []string,
 		e.publish(t, c, "to "+c)
 	}
 	for _, c := range want {
-		if ev := next(t, s); ev.Data != "to "+c {
+		if ev := ssetest.Next(t, s); ev.Data != "to "+c {
 			t.Fatalf("got %q, want %q", ev.Data, "to "+c)
 		}
 	}
-	noEvent(t, s, 200*time.Millisecond)
+	ssetest.NoEvent(t, s, 200*time.Millisecond)
 }
 
 // assertNothingSubscribed checks that refused requests left no channel
@@ -263,7 +248,7 @@ func TestSecurityJWTSources(t *testing.T) {
 	cookie := e.open(t, "/jwt/hs?c=user:42", "Cookie", "access_token="+tok)
 	e.publish(t, "user:42", "hello")
 	for _, s := range []*sseclient.Stream{header, query, cookie} {
-		if ev := next(t, s); ev.Data != "hello" {
+		if ev := ssetest.Next(t, s); ev.Data != "hello" {
 			t.Fatalf("got %+v", ev)
 		}
 	}
@@ -282,7 +267,7 @@ func TestSecurityJWTPublicKeys(t *testing.T) {
 	b := e.open(t, "/jwt/es?c=room:lobby", "Cookie", "sse_token="+es)
 	e.publish(t, "room:lobby", "hi")
 	for _, s := range []*sseclient.Stream{a, b} {
-		if ev := next(t, s); ev.Data != "hi" {
+		if ev := ssetest.Next(t, s); ev.Data != "hi" {
 			t.Fatalf("got %+v", ev)
 		}
 	}
@@ -358,13 +343,13 @@ func TestSecurityBasicAuthOwnChannel(t *testing.T) {
 	bob := e.open(t, "/basic/events", "Authorization", basic("bob", "bob-pw"))
 	e.publish(t, "user:bob", "for bob")
 	e.publish(t, "user:alice", "for alice")
-	if ev := next(t, alice); ev.Data != "for alice" {
+	if ev := ssetest.Next(t, alice); ev.Data != "for alice" {
 		t.Fatalf("alice got %+v", ev)
 	}
-	if ev := next(t, bob); ev.Data != "for bob" {
+	if ev := ssetest.Next(t, bob); ev.Data != "for bob" {
 		t.Fatalf("bob got %+v", ev)
 	}
-	noEvent(t, alice, 200*time.Millisecond)
+	ssetest.NoEvent(t, alice, 200*time.Millisecond)
 	e.refused(t, "/basic/events", http.StatusUnauthorized)
 	e.refused(t, "/basic/events", http.StatusUnauthorized, "Authorization", basic("alice", "bob-pw"))
 }
@@ -423,7 +408,7 @@ func TestSecurityLimitPerEvictOldest(t *testing.T) {
 	s3 := e.open(t, "/basic/evict", alice...)
 
 	// The oldest is told why, then ends.
-	ev := next(t, s1)
+	ev := ssetest.Next(t, s1)
 	if ev.Event != "sse-evicted" || ev.ID != "" {
 		t.Fatalf("oldest stream got %+v, want an sse-evicted event", ev)
 	}
@@ -438,11 +423,11 @@ func TestSecurityLimitPerEvictOldest(t *testing.T) {
 	e.publish(t, "per:alice", "after")
 	e.publish(t, "per:bob", "bob's")
 	for _, s := range []*sseclient.Stream{s2, s3} {
-		if ev := next(t, s); ev.Data != "after" {
+		if ev := ssetest.Next(t, s); ev.Data != "after" {
 			t.Fatalf("got %+v", ev)
 		}
 	}
-	if ev := next(t, bob); ev.Data != "bob's" {
+	if ev := ssetest.Next(t, bob); ev.Data != "bob's" {
 		t.Fatalf("bob got %+v", ev)
 	}
 	waitMetrics(t, e.caddy, `caddy_sse_streams_closed_total{reason="evicted"} 1`)
@@ -451,7 +436,7 @@ func TestSecurityLimitPerEvictOldest(t *testing.T) {
 // TestSecurityValidateFailures runs `caddy validate` on configs with a bad
 // jwt or max_connections_per and expects it to fail naming the option.
 func TestSecurityValidateFailures(t *testing.T) {
-	bin := caddytest.Binary(t)
+	bin := caddyproc.Binary(t)
 	dir := t.TempDir()
 	site := func(opts string) string {
 		return "{\n\tadmin off\n\tstorage file_system " + dir + "\n}\n:8080 {\n\tsse news {\n\t\tredis redis://127.0.0.1:1\n" + opts + "\n\t}\n}\n"
@@ -491,7 +476,7 @@ func TestSecurityValidateFailures(t *testing.T) {
 	}
 }
 
-const hostileCaddyfile = globalOptions + `
+var hostileCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /raw {
 		redis {REDIS}
@@ -687,12 +672,12 @@ func itoa(n int) string { return strconv.Itoa(n) }
 func TestHostilePayloads(t *testing.T) {
 	const total, batch = 10000, 200
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, hostileCaddyfile, caddytest.Options{"{REDIS}": rs.URL()})
+	in := caddyproc.Start(t, hostileCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	rdb := rs.Client()
-	raw := openAt(t, in, "/raw")
-	env := openAt(t, in, "/envelope")
-	waitNumsub(t, rdb, "hostile:raw", 1)
-	waitNumsub(t, rdb, "hostile:env", 1)
+	raw := ssetest.Open(t, in.URL()+"/raw")
+	env := ssetest.Open(t, in.URL()+"/envelope")
+	ssetest.WaitNumsub(t, rdb, "hostile:raw", 1, 5*time.Second)
+	ssetest.WaitNumsub(t, rdb, "hostile:env", 1, 5*time.Second)
 
 	g := &hostileGen{rng: mrand.New(mrand.NewPCG(20240611, 42))}
 	var prevEnv sseclient.Event
@@ -735,8 +720,8 @@ func TestHostilePayloads(t *testing.T) {
 			}
 		}
 	}
-	noEvent(t, raw, 100*time.Millisecond)
-	noEvent(t, env, 10*time.Millisecond)
+	ssetest.NoEvent(t, raw, 100*time.Millisecond)
+	ssetest.NoEvent(t, env, 10*time.Millisecond)
 
 	// On the wire: valid UTF-8, no CR at all, and only the fields each
 	// stream may carry; one blank line per event.
@@ -797,7 +782,7 @@ func TestSecurityReadmeJWTExample(t *testing.T) {
 	}
 	rs := redistest.Start(t)
 	cf := globalOptions + "http://127.0.0.1:{HTTP} {\n" + example + "}\n"
-	in := caddytest.Start(t, cf, nil, "REDIS_URL="+rs.URL(), "SSE_JWT_SECRET="+jwtSecret)
+	in := caddyproc.Start(t, cf, nil, "REDIS_URL="+rs.URL(), "SSE_JWT_SECRET="+jwtSecret)
 	e := &secEnv{rdb: rs, caddy: in}
 
 	e.refused(t, "/events?room=lobby", http.StatusUnauthorized)

@@ -4,10 +4,8 @@ import (
 	"context"
 	"net"
 	"net/http"
-	"sync"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/caddy-sse/caddy-sse/stream"
@@ -73,18 +71,8 @@ func registerConnContext(srv *caddyhttp.Server) {
 	})
 }
 
-// Process-wide stream machinery, shared by every config: the clock that
-// drives keepalives and deadlines, and the poller that notices taken-over
-// clients closing.
-var (
-	streamClock  = stream.NewClock(250 * time.Millisecond)
-	streamPoller = sync.OnceValue(func() *stream.Poller {
-		return stream.NewPoller(caddy.Log().Named("http.handlers.sse"))
-	})
-)
-
 // streamMetrics feeds the module's collectors from the streams.
 type streamMetrics struct{}
 
-func (streamMetrics) Delivered(n int)  { metrics.delivered.Add(float64(n)) }
-func (streamMetrics) Ended(why string) { metrics.streamsClosed.WithLabelValues(why).Inc() }
+func (streamMetrics) Delivered(n int)  { proc().metrics.delivered.Add(float64(n)) }
+func (streamMetrics) Ended(why string) { proc().metrics.streamsClosed.WithLabelValues(why).Inc() }

@@ -20,12 +20,13 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
-const trustCaddyfile = globalOptions + `
+var trustCaddyfile = globalOptions + `
 http://127.0.0.1:{HTTP} {
 	@users path /room /r/* /h
 	basic_auth @users {
@@ -116,7 +117,7 @@ type trustEnv struct {
 func startTrust(t *testing.T) *trustEnv {
 	t.Helper()
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, trustCaddyfile, caddytest.Options{
+	in := caddyproc.Start(t, trustCaddyfile, caddyproc.Options{
 		"{REDIS}":      rs.URL(),
 		"{ALICE_HASH}": bcryptHash(t, "alice-pw"),
 		"{BOB_HASH}":   bcryptHash(t, "bob-pw"),
@@ -156,13 +157,11 @@ func (e *trustEnv) subscribed(t *testing.T) []string {
 // stream a failed case opened and closed does not count against the next.
 func (e *trustEnv) waitNothingSubscribed(t *testing.T) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for chans := e.subscribed(t); len(chans) > 0; chans = e.subscribed(t) {
-		if time.Now().After(deadline) {
-			t.Fatalf("channels still subscribed: %q", chans)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	var chans []string
+	ssetest.Wait(t, 5*time.Second, "no channel subscribed", func() bool {
+		chans = e.subscribed(t)
+		return len(chans) == 0
+	}, func() string { return fmt.Sprintf("still subscribed: %q", chans) })
 }
 
 // refusal is a stream request that must be refused with status.
@@ -254,18 +253,11 @@ func ended(s *sseclient.Stream, d time.Duration) bool {
 // recorded in the background).
 func (e *trustEnv) waitStatus(t *testing.T, path string, status int) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		resp := rawGet(t, e.caddy.URL()+path, nil)
-		resp.Body.Close()
-		if resp.StatusCode == status {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("GET %s: %d, want %d", path, resp.StatusCode, status)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	var got int
+	ssetest.Wait(t, 5*time.Second, fmt.Sprintf("GET %s to answer %d", path, status), func() bool {
+		got, _ = ssetest.Get(t, e.caddy.URL()+path)
+		return got == status
+	}, func() string { return fmt.Sprint("it answers ", got) })
 }
 
 // A template with text around a placeholder names exactly one channel: a
@@ -315,9 +307,9 @@ func TestTrustPlaceholderValueIsData(t *testing.T) {
 	e.publish(t, "news", "news")
 	e.publish(t, "room:lobby", "to the lobby")
 	for _, s := range []*sseclient.Stream{room, path, header} {
-		expectData(t, s, "to alice", "to the lobby")
+		ssetest.Expect(t, s, "to alice", "to the lobby")
 	}
-	expectData(t, q, "news", "to the lobby")
+	ssetest.Expect(t, q, "news", "to the lobby")
 }
 
 // A template that is one placeholder and nothing else is a comma-separated
@@ -346,7 +338,7 @@ func TestTrustSinglePlaceholderIsList(t *testing.T) {
 		e.publish(t, c, "to "+c)
 	}
 	for _, s := range []*sseclient.Stream{header, query} {
-		expectData(t, s, "to a:1", "to b:2")
+		ssetest.Expect(t, s, "to a:1", "to b:2")
 	}
 }
 
@@ -362,13 +354,8 @@ func TestTrustPublishOneChannel(t *testing.T) {
 		t.Fatal(err)
 	}
 	post := func(path, body string) (int, string) {
-		resp, err := http.Post(e.caddy.URL()+path, "text/plain", strings.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
+		code, _, answer := ssetest.Do(t, http.MethodPost, e.caddy.URL()+path, body, "Content-Type", "text/plain")
+		return code, answer
 	}
 	for _, c := range []struct{ name, path string }{
 		{"empty", "/publish/"},
@@ -390,7 +377,7 @@ func TestTrustPublishOneChannel(t *testing.T) {
 	if status, body := post("/publish/ok", "hello ok"); status != http.StatusOK {
 		t.Fatalf("POST /publish/ok: %d %q", status, body)
 	}
-	expectData(t, s, "hello ok")
+	ssetest.Expect(t, s, "hello ok")
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	msg, err := watch.ReceiveMessage(rctx)
@@ -410,11 +397,11 @@ func TestTrustHistoryIDIsResumeID(t *testing.T) {
 	waitFunctions(t, e.client)
 	s := e.open(t, "/hist/one")
 	id1 := e.fcall(t, "h:one", `{"data":"r1"}`)
-	if ev := expectData(t, s, "r1")[0]; ev.ID != fmt.Sprint(id1) {
+	if ev := ssetest.Expect(t, s, "r1")[0]; ev.ID != fmt.Sprint(id1) {
 		t.Fatalf("resumable event has id %q, want %d", ev.ID, id1)
 	}
 	e.publish(t, "h:one", `{"id":"999999","data":"plain"}`)
-	expectData(t, s, "plain")
+	ssetest.Expect(t, s, "plain")
 	if block := rawEvent(s.Raw(), "plain"); hasIDLine(block) {
 		t.Errorf("plain PUBLISH on a history stream sent an id: %q", block)
 	}
@@ -427,16 +414,16 @@ func TestTrustHistoryIDIsResumeID(t *testing.T) {
 	id2 := e.fcall(t, "h:one", `{"data":"r2"}`)
 	id3 := e.fcall(t, "h:one", `{"data":"r3"}`)
 	r := e.open(t, "/hist/one", "Last-Event-ID", last)
-	evs := expectData(t, r, "r2", "r3")
+	evs := ssetest.Expect(t, r, "r2", "r3")
 	if evs[0].ID != fmt.Sprint(id2) || evs[1].ID != fmt.Sprint(id3) {
 		t.Fatalf("replayed ids %q %q, want %d %d", evs[0].ID, evs[1].ID, id2, id3)
 	}
 	e.fcall(t, "h:one", `{"data":"r4"}`)
-	expectData(t, r, "r4")
+	ssetest.Expect(t, r, "r4")
 
 	n := e.open(t, "/nohist/one")
 	e.publish(t, "n:one", `{"id":"999999","data":"y"}`)
-	expectData(t, n, "y")
+	ssetest.Expect(t, n, "y")
 	if block := rawEvent(n.Raw(), "y"); !strings.Contains(block+"\n", "\nid: 999999\n") {
 		t.Fatalf("without history the envelope id is not sent: %q", block)
 	}
@@ -494,20 +481,20 @@ func TestTrustCloseEndsOneChannel(t *testing.T) {
 	t.Run("open stream goes on", func(t *testing.T) {
 		s := e.open(t, "/close?c=t:a,t:b")
 		e.publish(t, "t:a", bye)
-		if ev := next(t, s); ev.Event != "bye" || ev.Data != "x" {
+		if ev := ssetest.Next(t, s); ev.Event != "bye" || ev.Data != "x" {
 			t.Fatalf("got %+v, want the bye event", ev)
 		}
 		e.publish(t, "t:b", `{"data":"b1"}`)
-		expectData(t, s, "b1")
+		ssetest.Expect(t, s, "b1")
 		e.publish(t, "t:a", `{"data":"a after close"}`)
 		e.publish(t, "t:b", `{"data":"b2"}`)
-		expectData(t, s, "b2")
+		ssetest.Expect(t, s, "b2")
 	})
 
 	t.Run("reconnect", func(t *testing.T) {
 		first := e.open(t, "/close?c=u:a,u:b")
 		e.publish(t, "u:a", bye)
-		if ev := next(t, first); ev.Event != "bye" {
+		if ev := ssetest.Next(t, first); ev.Event != "bye" {
 			t.Fatalf("got %+v, want the bye event", ev)
 		}
 		e.waitStatus(t, "/close?c=u:a", http.StatusNoContent)
@@ -515,7 +502,7 @@ func TestTrustCloseEndsOneChannel(t *testing.T) {
 		s := e.open(t, "/close?c=u:a,u:b")
 		e.publish(t, "u:a", `{"data":"a after close"}`)
 		e.publish(t, "u:b", `{"data":"b1"}`)
-		expectData(t, s, "b1")
+		ssetest.Expect(t, s, "b1")
 		e.publish(t, "u:b", bye)
 		for _, st := range []*sseclient.Stream{first, s} {
 			if !ended(st, 5*time.Second) {
@@ -547,5 +534,5 @@ func TestTrustTokenExpiryEndsStream(t *testing.T) {
 	default:
 	}
 	e.publish(t, "j:long", "still here")
-	expectData(t, long, "still here")
+	ssetest.Expect(t, long, "still here")
 }

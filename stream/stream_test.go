@@ -72,8 +72,7 @@ func (f *fixture) open(ch string, buffer int, end Deadline) (*Stream, *registry.
 	f.t.Helper()
 	sub := registry.NewSubscriber([]string{ch}, sse.FormatRaw, buffer, false)
 	ended := make(chan Result, 1)
-	var st *Stream
-	st = New(sub, f.opts, end, 0, func(r Result) {
+	st := New(sub, f.opts, end, 0, func(r Result) {
 		f.reg.Detach(sub)
 		ended <- r
 	})

@@ -12,9 +12,10 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // app stands for the existing app: its sessions are bearer tokens, and it
@@ -55,6 +56,7 @@ func (a *app) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func TestForwardAuthExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	a := &app{}
 	srv := httptest.NewServer(a)
@@ -66,7 +68,7 @@ func TestForwardAuthExample(t *testing.T) {
 		"forward_auth /events 127.0.0.1:8080", "forward_auth /events "+addr,
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+addr,
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	rdb := rs.Client()
 	ctx := context.Background()
 
@@ -118,20 +120,20 @@ func TestForwardAuthExample(t *testing.T) {
 		t.Fatalf("the auth subrequest carried Authorization %q", got)
 	}
 
-	exampletest.Publish(t, rdb, "user:2", "for bob")
-	exampletest.Publish(t, rdb, "team:7", "for alice's team")
-	exampletest.Publish(t, rdb, "user:1", "for alice")
-	if ev := exampletest.Next(t, bob); ev.Data != "for bob" {
+	ssetest.Publish(t, rdb, "user:2", "for bob")
+	ssetest.Publish(t, rdb, "team:7", "for alice's team")
+	ssetest.Publish(t, rdb, "user:1", "for alice")
+	if ev := ssetest.Next(t, bob); ev.Data != "for bob" {
 		t.Fatalf("bob got %+v", ev)
 	}
-	if ev := exampletest.Next(t, alice); ev.Data != "for alice's team" {
+	if ev := ssetest.Next(t, alice); ev.Data != "for alice's team" {
 		t.Fatalf("alice got %+v, want her team's event first (and never bob's)", ev)
 	}
-	if ev := exampletest.Next(t, alice); ev.Data != "for alice" {
+	if ev := ssetest.Next(t, alice); ev.Data != "for alice" {
 		t.Fatalf("alice got %+v", ev)
 	}
-	exampletest.NoEvent(t, alice, 200*time.Millisecond)
-	exampletest.NoEvent(t, bob, 10*time.Millisecond)
+	ssetest.NoEvent(t, alice, 200*time.Millisecond)
+	ssetest.NoEvent(t, bob, 10*time.Millisecond)
 
 	// Everything else is the app's.
 	resp, err := http.Get(in.URL() + "/dashboard")
@@ -166,13 +168,13 @@ func TestReadmeStandInApp(t *testing.T) {
 		"forward_auth /events 127.0.0.1:8080", "forward_auth /events "+addr,
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+addr,
 	)
-	in := caddytest.Start(t, cf, nil)
-	s := exampletest.Open(t, in.URL()+"/events")
+	in := caddyproc.Start(t, cf, nil)
+	s := ssetest.Open(t, in.URL()+"/events")
 	for _, channel := range []string{"team:7", "user:42"} {
-		if n := exampletest.Publish(t, rs.Client(), channel, "hello "+channel); n != 1 {
+		if n := ssetest.Publish(t, rs.Client(), channel, "hello "+channel); n != 1 {
 			t.Fatalf("PUBLISH %s reached %d subscriptions, want 1", channel, n)
 		}
-		if ev := exampletest.Next(t, s); ev.Data != "hello "+channel {
+		if ev := ssetest.Next(t, s); ev.Data != "hello "+channel {
 			t.Fatalf("got %+v, want %q", ev, "hello "+channel)
 		}
 	}

@@ -13,9 +13,10 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // legacyApp stands for the existing app: a page, a form, a 404, and a
@@ -42,6 +43,7 @@ func legacyApp(t *testing.T) (*httptest.Server, *atomic.Int64) {
 }
 
 func TestLegacyAppExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	app, eventsHits := legacyApp(t)
 	cf := exampletest.Caddyfile(t, "Caddyfile",
@@ -49,7 +51,7 @@ func TestLegacyAppExample(t *testing.T) {
 		"redis://127.0.0.1:6379", rs.URL(),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+app.Listener.Addr().String(),
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse")
 
 	// The app's pages and forms pass through untouched.
@@ -98,7 +100,7 @@ func TestLegacyAppExample(t *testing.T) {
 	}
 	var lastID string
 	for _, msg := range []string{"Maintenance at 22:00", "Coffee is ready", "two\nlines"} {
-		lastID = exampletest.PublishResumable(t, rs.Client(), "announcements", msg)
+		lastID = ssetest.PublishResumable(t, rs.Client(), "announcements", msg)
 		// Each event arrives before the next is published: nothing on the
 		// way (encode included) holds it back.
 		ev, err := s.Next(3 * time.Second)
@@ -113,21 +115,21 @@ func TestLegacyAppExample(t *testing.T) {
 		t.Fatalf("stream starts with %q, want the comment and retry: 3000", s.Raw())
 	}
 	// Fire-and-forget events arrive too (without an id).
-	if n := exampletest.Publish(t, rs.Client(), "announcements", "plain"); n != 1 {
+	if n := ssetest.Publish(t, rs.Client(), "announcements", "plain"); n != 1 {
 		t.Fatalf("PUBLISH reached %d subscriptions, want 1", n)
 	}
-	if ev := exampletest.Next(t, s); ev.Data != "plain" {
+	if ev := ssetest.Next(t, s); ev.Data != "plain" {
 		t.Fatalf("got %+v", ev)
 	}
 	s.Close()
 
 	// The browser reconnects with Last-Event-ID and gets what it missed.
-	missed := exampletest.PublishResumable(t, rs.Client(), "announcements", "while you were away")
-	s2 := exampletest.Open(t, in.URL()+"/events", "Last-Event-ID", lastID)
-	if ev := exampletest.Next(t, s2); ev.Data != "while you were away" || ev.ID != missed {
+	missed := ssetest.PublishResumable(t, rs.Client(), "announcements", "while you were away")
+	s2 := ssetest.Open(t, in.URL()+"/events", "Last-Event-ID", lastID)
+	if ev := ssetest.Next(t, s2); ev.Data != "while you were away" || ev.ID != missed {
 		t.Fatalf("resumed stream got %+v, want the missed event %s", ev, missed)
 	}
-	exampletest.NoEvent(t, s2, 200*time.Millisecond)
+	ssetest.NoEvent(t, s2, 200*time.Millisecond)
 
 	// sse answers /events itself: wrong methods get 405, and nothing of it
 	// reaches the app.

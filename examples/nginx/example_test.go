@@ -15,9 +15,10 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // mainConf is nginx.conf as Debian's nginx package installs it
@@ -102,7 +103,7 @@ func debianLayout(t *testing.T, site string, removeDefault bool) (conf, addr str
 		}
 	}
 	dir := t.TempDir()
-	addr = fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
+	addr = fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
 	listen := "listen " + addr + "$1"
 	write := func(name, content string) {
 		t.Helper()
@@ -166,7 +167,7 @@ func (n *nginxServer) URL() string { return "http://" + n.addr }
 
 // setup runs the shipped Caddyfile with a real Redis in front of a test
 // app, and returns it with the shipped nginx server block pointed at it.
-func setup(t *testing.T) (*redistest.Server, *caddytest.Instance, string, *[]string) {
+func setup(t *testing.T) (*redistest.Server, *caddyproc.Instance, string, *[]string) {
 	t.Helper()
 	rs := redistest.Start(t)
 	var mu sync.Mutex
@@ -178,7 +179,7 @@ func setup(t *testing.T) (*redistest.Server, *caddytest.Instance, string, *[]str
 		io.WriteString(w, "app "+r.URL.Path)
 	}))
 	t.Cleanup(app.Close)
-	in := caddytest.Start(t, exampletest.Caddyfile(t, "Caddyfile",
+	in := caddyproc.Start(t, exampletest.Caddyfile(t, "Caddyfile",
 		"http://:8000", "http://:{HTTP}",
 		"redis://127.0.0.1:6379", rs.URL(),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+app.Listener.Addr().String(),
@@ -197,7 +198,7 @@ func eventsOneByOne(t *testing.T, rs *redistest.Server, s *sseclient.Stream, n i
 	for i := 1; i <= n; i++ {
 		msg := fmt.Sprintf("event %d", i)
 		start := time.Now()
-		if got := exampletest.Publish(t, rs.Client(), "user:42", msg); got != 1 {
+		if got := ssetest.Publish(t, rs.Client(), "user:42", msg); got != 1 {
 			t.Fatalf("PUBLISH reached %d subscriptions", got)
 		}
 		ev, err := s.Next(within)
@@ -212,6 +213,7 @@ func eventsOneByOne(t *testing.T, rs *redistest.Server, s *sseclient.Stream, n i
 }
 
 func TestNginxExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs, _, site, forwardedFor := setup(t)
 	ngx := startNginx(t, site)
 
@@ -232,7 +234,7 @@ func TestNginxExample(t *testing.T) {
 		t.Fatalf("the app saw X-Forwarded-For %q, want the browser's then nginx's address", got)
 	}
 
-	s := exampletest.Open(t, ngx.URL()+"/events/42")
+	s := ssetest.Open(t, ngx.URL()+"/events/42")
 	if ct := s.Resp.Header.Get("Content-Type"); ct != "text/event-stream; charset=utf-8" {
 		t.Fatalf("Content-Type through nginx = %q", ct)
 	}
@@ -272,6 +274,7 @@ func TestNginxExample(t *testing.T) {
 // streams), nginx holds the stream back and the same check does not see it
 // in time.
 func TestNginxBufferingIsDetected(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs, _, site, _ := setup(t)
 	broken := strings.Replace(site, "proxy_buffering off;\n\t\tproxy_cache off;\n\t\tgzip off;",
 		"proxy_buffering on;\n\t\tproxy_ignore_headers X-Accel-Buffering;\n\t\tgzip on;\n\t\tgzip_types text/event-stream;", 1)
@@ -279,13 +282,13 @@ func TestNginxBufferingIsDetected(t *testing.T) {
 		t.Fatal("the shipped caddy-sse.conf no longer has proxy_buffering off, proxy_cache off and gzip off in a row")
 	}
 	ngx := startNginx(t, broken)
-	s, err := exampletest.TryOpen(ngx.URL()+"/events/42", 2*time.Second)
+	s, err := ssetest.TryOpen(ngx.URL()+"/events/42", 2*time.Second)
 	if err != nil {
 		t.Logf("with buffering, not even the headers arrived within 2s: %v", err)
 		return
 	}
 	defer s.Close()
-	exampletest.Publish(t, rs.Client(), "user:42", "held back")
+	ssetest.Publish(t, rs.Client(), "user:42", "held back")
 	if ev, err := s.Next(time.Second); err == nil {
 		t.Fatalf("with buffering and gzip, the event arrived at once (%+v): the check cannot tell a buffered stream", ev)
 	}
@@ -299,6 +302,7 @@ func TestNginxBufferingIsDetected(t *testing.T) {
 // example fail before: a server block that is not default_server loses to
 // the default site, and /events/ gets 404.
 func TestNginxOnDebianDefaultSite(t *testing.T) {
+	caddyproc.SkipShort(t)
 	_, _, site, _ := setup(t)
 
 	conf, _ := debianLayout(t, site, false)

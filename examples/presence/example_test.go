@@ -3,7 +3,6 @@ package presence
 import (
 	"encoding/base64"
 	"encoding/json"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,9 +13,10 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // startApp builds ./app and runs it as its doc comment says, with its
@@ -27,7 +27,7 @@ func startApp(t *testing.T, redisURL string) string {
 	if out, err := exec.Command("go", "build", "-o", bin, "./app").CombinedOutput(); err != nil {
 		t.Fatalf("building ./app: %v\n%s", err, out)
 	}
-	addr := "127.0.0.1:" + strconv.Itoa(caddytest.FreePort(t))
+	addr := "127.0.0.1:" + strconv.Itoa(caddyproc.FreePort(t))
 	cmd := exec.Command(bin)
 	cmd.Env = append(os.Environ(), "REDIS_URL="+redisURL, "LISTEN="+addr)
 	logs := &outbuf.Buffer{}
@@ -62,17 +62,8 @@ func basic(user, pass string) string {
 
 func call(t *testing.T, method, url, body string) (int, string) {
 	t.Helper()
-	req, err := http.NewRequest(method, url, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	code, _, answer := ssetest.Do(t, method, url, body)
+	return code, answer
 }
 
 type onlineAnswer struct {
@@ -100,6 +91,7 @@ func waitOnline(t *testing.T, app, user string, want int64) {
 }
 
 func TestPresenceExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	app := startApp(t, rs.URL())
 	cf := exampletest.Caddyfile(t, "Caddyfile",
@@ -107,7 +99,7 @@ func TestPresenceExample(t *testing.T) {
 		"redis://127.0.0.1:6379", rs.URL(),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+app,
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse_presence")
 
 	// alice is away: the app keeps what it has for her.
@@ -118,24 +110,24 @@ func TestPresenceExample(t *testing.T) {
 
 	// She connects: the app learns it from the lifecycle stream and sends
 	// a greeting and what was pending.
-	if _, err := exampletest.TryOpen(in.URL()+"/events", 5*time.Second); err == nil || !strings.Contains(err.Error(), "401") {
+	if _, err := ssetest.TryOpen(in.URL()+"/events", 5*time.Second); err == nil || !strings.Contains(err.Error(), "401") {
 		t.Fatalf("a stream without credentials: %v, want 401", err)
 	}
-	alice := exampletest.Open(t, in.URL()+"/events", "Authorization", basic("alice", "alice-secret"))
-	if ev := exampletest.Next(t, alice); ev.Data != `{"text":"Welcome, alice"}` {
+	alice := ssetest.Open(t, in.URL()+"/events", "Authorization", basic("alice", "alice-secret"))
+	if ev := ssetest.Next(t, alice); ev.Data != `{"text":"Welcome, alice"}` {
 		t.Fatalf("alice got %+v, want the greeting", ev)
 	}
-	if ev := exampletest.Next(t, alice); ev.Data != `{"text":"your report is ready"}` {
+	if ev := ssetest.Next(t, alice); ev.Data != `{"text":"your report is ready"}` {
 		t.Fatalf("alice got %+v, want what was pending", ev)
 	}
 	waitOnline(t, app, "alice", 1)
 
 	// A second tab: greeted too (on her channel, so both tabs see it).
-	second := exampletest.Open(t, in.URL()+"/events", "Authorization", basic("alice", "alice-secret"))
-	if ev := exampletest.Next(t, second); ev.Data != `{"text":"Welcome, alice"}` {
+	second := ssetest.Open(t, in.URL()+"/events", "Authorization", basic("alice", "alice-secret"))
+	if ev := ssetest.Next(t, second); ev.Data != `{"text":"Welcome, alice"}` {
 		t.Fatalf("the second stream got %+v, want its greeting", ev)
 	}
-	if ev := exampletest.Next(t, alice); ev.Data != `{"text":"Welcome, alice"}` {
+	if ev := ssetest.Next(t, alice); ev.Data != `{"text":"Welcome, alice"}` {
 		t.Fatalf("alice got %+v, want the second stream's greeting", ev)
 	}
 	waitOnline(t, app, "alice", 2)
@@ -145,10 +137,10 @@ func TestPresenceExample(t *testing.T) {
 	if code, body := call(t, http.MethodPost, "http://"+app+"/internal/notify?user=alice", "now"); code != 200 || body != "delivered\n" {
 		t.Fatalf("notify while online: %d %q", code, body)
 	}
-	if ev := exampletest.Next(t, alice); ev.Data != `{"text":"now"}` {
+	if ev := ssetest.Next(t, alice); ev.Data != `{"text":"now"}` {
 		t.Fatalf("alice got %+v", ev)
 	}
-	if ev := exampletest.Next(t, second); ev.Data != `{"text":"now"}` {
+	if ev := ssetest.Next(t, second); ev.Data != `{"text":"now"}` {
 		t.Fatalf("the second stream got %+v", ev)
 	}
 

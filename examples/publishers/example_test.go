@@ -9,8 +9,9 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // run runs a publisher as a user would, with REDIS_URL set, and returns
@@ -28,24 +29,25 @@ func run(t *testing.T, redisURL string, name string, args ...string) string {
 }
 
 func TestPublishersExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
 	rs := redistest.Start(t)
 	cf := exampletest.Caddyfile(t, "Caddyfile",
 		"http://localhost:8000", "http://127.0.0.1:{HTTP}",
 		"redis://127.0.0.1:6379", rs.URL(),
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse")
-	s := exampletest.Open(t, in.URL()+"/events/42")
-	other := exampletest.Open(t, in.URL()+"/events/7")
+	s := ssetest.Open(t, in.URL()+"/events/42")
+	other := ssetest.Open(t, in.URL()+"/events/7")
 
 	// The Go publisher, run exactly as its doc comment says.
 	run(t, rs.URL(), "go", "run", "./go", "user:42", `{"text":"hello"}`)
-	if ev := exampletest.Next(t, s); ev.Data != `{"text":"hello"}` || ev.ID != "" {
+	if ev := ssetest.Next(t, s); ev.Data != `{"text":"hello"}` || ev.ID != "" {
 		t.Fatalf("go publisher: got %+v", ev)
 	}
 	goID := run(t, rs.URL(), "go", "run", "./go", "-r", "user:42", `{"text":"from Go"}`)
-	if ev := exampletest.Next(t, s); ev.Data != `{"text":"from Go"}` || ev.ID != goID || goID == "" {
+	if ev := ssetest.Next(t, s); ev.Data != `{"text":"from Go"}` || ev.ID != goID || goID == "" {
 		t.Fatalf("go publisher -r printed %q; stream got %+v", goID, ev)
 	}
 
@@ -54,11 +56,11 @@ func TestPublishersExample(t *testing.T) {
 		t.Fatalf("publish.sh printed %q, want nothing", out)
 	}
 	// An event without an id leaves the client's last event id as it was.
-	if ev := exampletest.Next(t, s); ev.Data != "from the shell\nsecond line" || ev.ID != goID {
+	if ev := ssetest.Next(t, s); ev.Data != "from the shell\nsecond line" || ev.ID != goID {
 		t.Fatalf("publish.sh: got %+v", ev)
 	}
 	shID := run(t, rs.URL(), "sh", "publish.sh", "-r", "user:42", `{"text":"resumable"}`)
-	if ev := exampletest.Next(t, s); ev.Data != `{"text":"resumable"}` || ev.ID != shID || shID == "" {
+	if ev := ssetest.Next(t, s); ev.Data != `{"text":"resumable"}` || ev.ID != shID || shID == "" {
 		t.Fatalf("publish.sh -r printed %q; stream got %+v", shID, ev)
 	}
 
@@ -71,12 +73,12 @@ func TestPublishersExample(t *testing.T) {
 	if got := s.Raw(); got != want {
 		t.Fatalf("stream bytes:\n%q\nwant\n%q", got, want)
 	}
-	exampletest.NoEvent(t, other, 100*time.Millisecond)
+	ssetest.NoEvent(t, other, 100*time.Millisecond)
 
 	// Both resumable events are in the history: a client that was away
 	// since the first event gets the rest.
-	resumed := exampletest.Open(t, in.URL()+"/events/42", "Last-Event-ID", goID)
-	if ev := exampletest.Next(t, resumed); ev.ID != shID {
+	resumed := ssetest.Open(t, in.URL()+"/events/42", "Last-Event-ID", goID)
+	if ev := ssetest.Next(t, resumed); ev.ID != shID {
 		t.Fatalf("resume after %s: got %+v, want id %s", goID, ev, shID)
 	}
 

@@ -17,14 +17,15 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // Both shipped files adapt and validate as they are (validation provisions
 // the handlers; nothing needs to listen on the addresses for that).
 func TestCaddyfilesValidate(t *testing.T) {
-	bin := caddytest.Binary(t)
+	bin := caddyproc.Binary(t)
 	for _, name := range []string{"sentinel.Caddyfile", "cluster.Caddyfile"} {
 		for _, cmd := range []string{"adapt", "validate"} {
 			c := exec.Command(bin, cmd, "--config", name)
@@ -58,7 +59,7 @@ func port(addr string) string {
 func startSentinel(t *testing.T, master string) string {
 	t.Helper()
 	dir := t.TempDir()
-	addr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
+	addr := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
 	conf := filepath.Join(dir, "sentinel.conf") // Sentinel rewrites it
 	err := os.WriteFile(conf, []byte(fmt.Sprintf(`port %s
 bind 127.0.0.1
@@ -103,6 +104,7 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 // Streams through Sentinel, and across a failover: the master dies, the
 // Sentinel promotes the replica, and the open stream keeps receiving.
 func TestSentinelStreamsAndFailsOver(t *testing.T) {
+	caddyproc.SkipShort(t)
 	ctx := context.Background()
 	master := redistest.Start(t)
 	replica := redistest.Start(t, "--replicaof", "127.0.0.1", port(master.Addr()))
@@ -123,18 +125,18 @@ func TestSentinelStreamsAndFailsOver(t *testing.T) {
 		"addrs 127.0.0.1:26379 127.0.0.1:26380 127.0.0.1:26381", "addrs "+sentinel,
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	redistest.WaitLibrary(t, master.Client(), "caddy_sse")
 
-	s := exampletest.Open(t, in.URL()+"/events/42")
-	if n := exampletest.Publish(t, master.Client(), "user:42", "via sentinel"); n != 1 {
+	s := ssetest.Open(t, in.URL()+"/events/42")
+	if n := ssetest.Publish(t, master.Client(), "user:42", "via sentinel"); n != 1 {
 		t.Fatalf("PUBLISH on the master reached %d subscriptions, want 1", n)
 	}
-	if ev := exampletest.Next(t, s); ev.Data != "via sentinel" {
+	if ev := ssetest.Next(t, s); ev.Data != "via sentinel" {
 		t.Fatalf("got %+v", ev)
 	}
-	id := exampletest.PublishResumable(t, master.Client(), "user:42", "resumable via sentinel")
-	if ev := exampletest.Next(t, s); ev.Data != "resumable via sentinel" || ev.ID != id {
+	id := ssetest.PublishResumable(t, master.Client(), "user:42", "resumable via sentinel")
+	if ev := ssetest.Next(t, s); ev.Data != "resumable via sentinel" || ev.ID != id {
 		t.Fatalf("got %+v, want id %s", ev, id)
 	}
 
@@ -151,7 +153,7 @@ func TestSentinelStreamsAndFailsOver(t *testing.T) {
 	// Published on the new master, resumable: it reaches the stream that
 	// stayed open, through the new subscription (or the catch-up from
 	// history if it was published while Caddy was still switching).
-	after := exampletest.PublishResumable(t, replica.Client(), "user:42", "after the failover")
+	after := ssetest.PublishResumable(t, replica.Client(), "user:42", "after the failover")
 	ev, err := s.Next(20 * time.Second)
 	if err != nil {
 		t.Fatalf("after the failover, the open stream got nothing: %v (raw %q)\n%s", err, s.Raw(), in.Logs())
@@ -169,14 +171,15 @@ func TestSentinelStreamsAndFailsOver(t *testing.T) {
 		n, _ := replica.Client().PubSubNumSub(ctx, "user:42").Result()
 		return n["user:42"] == 1
 	})
-	exampletest.Publish(t, replica.Client(), "user:42", "live on the new master")
-	if ev := exampletest.Next(t, s); ev.Data != "live on the new master" {
+	ssetest.Publish(t, replica.Client(), "user:42", "live on the new master")
+	if ev := ssetest.Next(t, s); ev.Data != "live on the new master" {
 		t.Fatalf("got %+v", ev)
 	}
 }
 
 // Streams through Redis Cluster: a PUBLISH on any node reaches the stream.
 func TestClusterStreams(t *testing.T) {
+	caddyproc.SkipShort(t)
 	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
 	ctx := context.Background()
 	var nodes []*redistest.Server
@@ -203,21 +206,21 @@ func TestClusterStreams(t *testing.T) {
 		"addrs 127.0.0.1:7000 127.0.0.1:7001 127.0.0.1:7002", "addrs "+strings.Join(addrs, " "),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
 	)
-	in := caddytest.Start(t, cf, nil)
-	s := exampletest.Open(t, in.URL()+"/events/42")
+	in := caddyproc.Start(t, cf, nil)
+	s := ssetest.Open(t, in.URL()+"/events/42")
 	for i, n := range nodes {
 		msg := fmt.Sprintf("published on node %d", i)
-		exampletest.Publish(t, n.Client(), "user:42", msg)
-		if ev := exampletest.Next(t, s); ev.Data != msg {
+		ssetest.Publish(t, n.Client(), "user:42", msg)
+		if ev := ssetest.Next(t, s); ev.Data != msg {
 			t.Fatalf("got %+v, want %q", ev, msg)
 		}
 	}
-	other := exampletest.Open(t, in.URL()+"/events/7")
-	exampletest.Publish(t, nodes[2].Client(), "user:7", "for 7")
-	if ev := exampletest.Next(t, other); ev.Data != "for 7" {
+	other := ssetest.Open(t, in.URL()+"/events/7")
+	ssetest.Publish(t, nodes[2].Client(), "user:7", "for 7")
+	if ev := ssetest.Next(t, other); ev.Data != "for 7" {
 		t.Fatalf("got %+v", ev)
 	}
-	exampletest.NoEvent(t, s, 100*time.Millisecond)
+	ssetest.NoEvent(t, s, 100*time.Millisecond)
 
 	// Resumable events, published as the Caddyfile's comment says, with a
 	// cluster client.
@@ -235,13 +238,13 @@ func TestClusterStreams(t *testing.T) {
 		return fmt.Sprint(id)
 	}
 	first := fcall("user:42", "resumable 1")
-	if ev := exampletest.Next(t, s); ev.Data != "resumable 1" || ev.ID != first {
+	if ev := ssetest.Next(t, s); ev.Data != "resumable 1" || ev.ID != first {
 		t.Fatalf("got %+v, want id %s", ev, first)
 	}
 	s.Close()
 	second := fcall("user:42", "resumable 2")
-	resumed := exampletest.Open(t, in.URL()+"/events/42", "Last-Event-ID", first)
-	if ev := exampletest.Next(t, resumed); ev.Data != "resumable 2" || ev.ID != second {
+	resumed := ssetest.Open(t, in.URL()+"/events/42", "Last-Event-ID", first)
+	if ev := ssetest.Next(t, resumed); ev.Data != "resumable 2" || ev.ID != second {
 		t.Fatalf("resumed: got %+v, want id %s", ev, second)
 	}
 }
@@ -294,6 +297,7 @@ func closedPorts(t *testing.T, what string, ports ...int) {
 // open stream receives what is published on it; sentinel.sh stop stops
 // every server.
 func TestSentinelScript(t *testing.T) {
+	caddyproc.SkipShort(t)
 	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
 	readmeSays(t,
 		"examples/sentinel-cluster/sentinel.sh start",
@@ -304,8 +308,8 @@ func TestSentinelScript(t *testing.T) {
 		"examples/sentinel-cluster/sentinel.sh stop",
 	)
 	ctx := context.Background()
-	master, replica := caddytest.FreePort(t), caddytest.FreePort(t)
-	sentinels := []int{caddytest.FreePort(t), caddytest.FreePort(t), caddytest.FreePort(t)}
+	master, replica := caddyproc.FreePort(t), caddyproc.FreePort(t)
+	sentinels := []int{caddyproc.FreePort(t), caddyproc.FreePort(t), caddyproc.FreePort(t)}
 	var sentinelAddrs, sentinelPorts []string
 	for _, p := range sentinels {
 		sentinelAddrs = append(sentinelAddrs, fmt.Sprintf("127.0.0.1:%d", p))
@@ -328,7 +332,7 @@ func TestSentinelScript(t *testing.T) {
 		"addrs 127.0.0.1:26379 127.0.0.1:26380 127.0.0.1:26381", "addrs "+strings.Join(sentinelAddrs, " "),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
 	)
-	in := caddytest.Start(t, cf, nil)
+	in := caddyproc.Start(t, cf, nil)
 	client := func(port int) *redis.Client {
 		c := redis.NewClient(&redis.Options{Addr: fmt.Sprintf("127.0.0.1:%d", port)})
 		t.Cleanup(func() { c.Close() })
@@ -337,9 +341,9 @@ func TestSentinelScript(t *testing.T) {
 	mc, rc := client(master), client(replica)
 	redistest.WaitLibrary(t, mc, "caddy_sse")
 
-	s := exampletest.Open(t, in.URL()+"/events/42")
-	before := exampletest.PublishResumable(t, mc, "user:42", "before the failover")
-	if ev := exampletest.Next(t, s); ev.Data != "before the failover" || ev.ID != before {
+	s := ssetest.Open(t, in.URL()+"/events/42")
+	before := ssetest.PublishResumable(t, mc, "user:42", "before the failover")
+	if ev := ssetest.Next(t, s); ev.Data != "before the failover" || ev.ID != before {
 		t.Fatalf("got %+v, want id %s", ev, before)
 	}
 
@@ -372,6 +376,7 @@ func TestSentinelScript(t *testing.T) {
 // node and the resumable publish the README gives reach the stream;
 // cluster.sh stop stops every node.
 func TestClusterScript(t *testing.T) {
+	caddyproc.SkipShort(t)
 	exampletest.NeedBinary(t, "redis-cli", "apt-get install -y redis-tools")
 	readmeSays(t,
 		"examples/sentinel-cluster/cluster.sh start",
@@ -384,7 +389,7 @@ func TestClusterScript(t *testing.T) {
 	var ports, items, addrs []string
 	var all []int
 	for range 3 {
-		p, bus := caddytest.FreePort(t), caddytest.FreePort(t)
+		p, bus := caddyproc.FreePort(t), caddyproc.FreePort(t)
 		all = append(all, p, bus)
 		ports = append(ports, fmt.Sprint(p))
 		items = append(items, fmt.Sprintf("%d:%d", p, bus))
@@ -402,14 +407,14 @@ func TestClusterScript(t *testing.T) {
 		"addrs 127.0.0.1:7000 127.0.0.1:7001 127.0.0.1:7002", "addrs "+strings.Join(addrs, " "),
 		"reverse_proxy 127.0.0.1:8080", "reverse_proxy "+testApp(t),
 	)
-	in := caddytest.Start(t, cf, nil)
-	s := exampletest.Open(t, in.URL()+"/events/42")
+	in := caddyproc.Start(t, cf, nil)
+	s := ssetest.Open(t, in.URL()+"/events/42")
 	for i, addr := range addrs {
 		c := redis.NewClient(&redis.Options{Addr: addr})
 		msg := "published on node " + ports[i]
-		exampletest.Publish(t, c, "user:42", msg)
+		ssetest.Publish(t, c, "user:42", msg)
 		c.Close()
-		if ev := exampletest.Next(t, s); ev.Data != msg {
+		if ev := ssetest.Next(t, s); ev.Data != msg {
 			t.Fatalf("got %+v, want %q", ev, msg)
 		}
 	}
@@ -421,7 +426,7 @@ func TestClusterScript(t *testing.T) {
 		id = fmt.Sprint(v)
 		return err == nil
 	})
-	if ev := exampletest.Next(t, s); ev.Data != `{"text":"hello"}` || ev.ID != id {
+	if ev := ssetest.Next(t, s); ev.Data != `{"text":"hello"}` || ev.ID != id {
 		t.Fatalf("got %+v, want id %s", ev, id)
 	}
 }

@@ -11,8 +11,9 @@ import (
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/examples/internal/exampletest"
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
+	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
 // instanceCaddyfile is the shipped Caddyfile with the test's addresses.
@@ -26,7 +27,7 @@ func instanceCaddyfile(t *testing.T, redisURL, app string) string {
 }
 
 // openStreams asks an instance's admin API how many streams it holds.
-func openStreams(t *testing.T, in *caddytest.Instance) int {
+func openStreams(t *testing.T, in *caddyproc.Instance) int {
 	t.Helper()
 	resp, err := http.Get(in.AdminURL() + "/sse/stats")
 	if err != nil {
@@ -41,6 +42,7 @@ func openStreams(t *testing.T, in *caddytest.Instance) int {
 }
 
 func TestTwoInstancesExample(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	rdb := rs.Client()
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -49,9 +51,9 @@ func TestTwoInstancesExample(t *testing.T) {
 	t.Cleanup(app.Close)
 	appAddr := app.Listener.Addr().String()
 
-	a := caddytest.Start(t, instanceCaddyfile(t, rs.URL(), appAddr), nil)
-	b := caddytest.Start(t, instanceCaddyfile(t, rs.URL(), appAddr), nil)
-	lb := caddytest.Start(t, exampletest.Caddyfile(t, "lb.Caddyfile",
+	a := caddyproc.Start(t, instanceCaddyfile(t, rs.URL(), appAddr), nil)
+	b := caddyproc.Start(t, instanceCaddyfile(t, rs.URL(), appAddr), nil)
+	lb := caddyproc.Start(t, exampletest.Caddyfile(t, "lb.Caddyfile",
 		"localhost:{$ADMIN_PORT:2021}", "127.0.0.1:{ADMIN}",
 		"http://localhost:8000", "http://127.0.0.1:{HTTP}",
 		"127.0.0.1:8001 127.0.0.1:8002", a.Addr()+" "+b.Addr(),
@@ -59,15 +61,15 @@ func TestTwoInstancesExample(t *testing.T) {
 	redistest.WaitLibrary(t, rdb, "caddy_sse")
 
 	// One stream on each instance, directly.
-	onA := exampletest.Open(t, a.URL()+"/events/42")
-	onB := exampletest.Open(t, b.URL()+"/events/42")
-	if n := exampletest.Publish(t, rdb, "user:42", "published once"); n != 2 {
+	onA := ssetest.Open(t, a.URL()+"/events/42")
+	onB := ssetest.Open(t, b.URL()+"/events/42")
+	if n := ssetest.Publish(t, rdb, "user:42", "published once"); n != 2 {
 		t.Fatalf("PUBLISH reached %d subscriptions, want 2 (one per instance)", n)
 	}
-	if ev := exampletest.Next(t, onA); ev.Data != "published once" {
+	if ev := ssetest.Next(t, onA); ev.Data != "published once" {
 		t.Fatalf("instance A got %+v", ev)
 	}
-	if ev := exampletest.Next(t, onB); ev.Data != "published once" {
+	if ev := ssetest.Next(t, onB); ev.Data != "published once" {
 		t.Fatalf("instance B got %+v", ev)
 	}
 	onA.Close()
@@ -75,8 +77,8 @@ func TestTwoInstancesExample(t *testing.T) {
 
 	// Through the balancer: round robin puts one stream on each instance,
 	// and one PUBLISH still reaches both.
-	via1 := exampletest.Open(t, lb.URL()+"/events/7")
-	via2 := exampletest.Open(t, lb.URL()+"/events/7")
+	via1 := ssetest.Open(t, lb.URL()+"/events/7")
+	via2 := ssetest.Open(t, lb.URL()+"/events/7")
 	deadline := time.Now().Add(5 * time.Second)
 	for openStreams(t, a) != 1 || openStreams(t, b) != 1 {
 		if time.Now().After(deadline) {
@@ -84,11 +86,11 @@ func TestTwoInstancesExample(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	id := exampletest.PublishResumable(t, rdb, "user:7", "through the balancer")
-	if ev := exampletest.Next(t, via1); ev.Data != "through the balancer" || ev.ID != id {
+	id := ssetest.PublishResumable(t, rdb, "user:7", "through the balancer")
+	if ev := ssetest.Next(t, via1); ev.Data != "through the balancer" || ev.ID != id {
 		t.Fatalf("first stream through the balancer got %+v", ev)
 	}
-	if ev := exampletest.Next(t, via2); ev.Data != "through the balancer" || ev.ID != id {
+	if ev := ssetest.Next(t, via2); ev.Data != "through the balancer" || ev.ID != id {
 		t.Fatalf("second stream through the balancer got %+v", ev)
 	}
 	// The balancer passes the stream's headers and flushes the opening
@@ -100,17 +102,17 @@ func TestTwoInstancesExample(t *testing.T) {
 	// A browser on A goes away after event 1; two events are published
 	// meanwhile; it comes back on B with Last-Event-ID and gets exactly
 	// those, then the live ones.
-	s := exampletest.Open(t, a.URL()+"/events/9")
-	first := exampletest.PublishResumable(t, rdb, "user:9", "1")
-	if ev := exampletest.Next(t, s); ev.ID != first {
+	s := ssetest.Open(t, a.URL()+"/events/9")
+	first := ssetest.PublishResumable(t, rdb, "user:9", "1")
+	if ev := ssetest.Next(t, s); ev.ID != first {
 		t.Fatalf("got %+v", ev)
 	}
 	s.Close()
 	var missed []string
 	for i := 2; i <= 3; i++ {
-		missed = append(missed, exampletest.PublishResumable(t, rdb, "user:9", fmt.Sprint(i)))
+		missed = append(missed, ssetest.PublishResumable(t, rdb, "user:9", fmt.Sprint(i)))
 	}
-	s = exampletest.Open(t, b.URL()+"/events/9", "Last-Event-ID", first)
+	s = ssetest.Open(t, b.URL()+"/events/9", "Last-Event-ID", first)
 	live := make(chan string, 1)
 	go func() {
 		// Published while the replay is being written, or just after: it
@@ -123,7 +125,7 @@ func TestTwoInstancesExample(t *testing.T) {
 		live <- fmt.Sprint(id)
 	}()
 	for i, want := range []string{"2", "3", "4"} {
-		ev := exampletest.Next(t, s)
+		ev := ssetest.Next(t, s)
 		if ev.Data != want {
 			t.Fatalf("resumed on B: event %d is %+v, want data %s", i, ev, want)
 		}
@@ -136,5 +138,5 @@ func TestTwoInstancesExample(t *testing.T) {
 			}
 		}
 	}
-	exampletest.NoEvent(t, s, 200*time.Millisecond)
+	ssetest.NoEvent(t, s, 200*time.Millisecond)
 }

@@ -27,6 +27,9 @@ type Cluster struct {
 // a second of silence, so a replica takes over a killed master quickly.
 func StartCluster(tb testing.TB, masters, replicas int) *Cluster {
 	tb.Helper()
+	if testing.Short() {
+		tb.Skip("redistest: starts a Redis Cluster; skipped with -short")
+	}
 	if _, err := exec.LookPath("redis-cli"); err != nil {
 		tb.Fatalf("redistest: redis-cli not found on PATH (%v): install redis-tools", err)
 	}

@@ -31,6 +31,9 @@ type Sentinel struct {
 // Sentinels declare a master down after a second of silence.
 func StartSentinel(tb testing.TB, replicas, sentinels int) *Sentinel {
 	tb.Helper()
+	if testing.Short() {
+		tb.Skip("redistest: starts Redis with Sentinels; skipped with -short")
+	}
 	st := &Sentinel{tb: tb}
 	master := Start(tb)
 	st.Servers = append(st.Servers, master)

@@ -15,7 +15,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
@@ -199,8 +199,9 @@ func (d *demo) stop(t *testing.T) {
 // when the server goes away the page shows "reconnecting", and once the
 // demo is back it is "open" again and events flow.
 func TestDemoPageInChromiumHTTP1(t *testing.T) {
+	caddyproc.SkipShort(t)
 	b := startBrowser(t)
-	addr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
+	addr := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
 	d := startDemo(t, addr)
 
 	if m := b.do(t, map[string]any{"cmd": "goto", "url": "http://" + addr + "/"}); m.Protocol != "http/1.1" {
@@ -278,8 +279,9 @@ func demoCaddyfileH2(t *testing.T, redisURL string) string {
 // page shows "reconnecting", and on reconnect it resumes: what was
 // published while it was away arrives, once.
 func TestDemoPageInChromiumHTTP2(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
-	in := caddytest.Start(t, demoCaddyfileH2(t, rs.URL()), nil)
+	in := caddyproc.Start(t, demoCaddyfileH2(t, rs.URL()), nil)
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse")
 	b := startBrowser(t, "--ignore-certificate-errors")
 

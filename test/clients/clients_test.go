@@ -16,7 +16,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
@@ -36,13 +36,7 @@ const (
 //     Last-Event-ID again and again;
 //   - POST /chat: fetch-event-source's case, a backend-driven stream: the
 //     app checks the token and the JSON body, and answers with the channel.
-const clientsCaddyfile = `{
-	admin 127.0.0.1:{ADMIN}
-	default_bind 127.0.0.1
-	auto_https off
-	persist_config off
-}
-
+const clientsCaddyfile = caddyproc.GlobalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /live/* {
 		redis {REDIS}
@@ -128,7 +122,7 @@ func (a *chatApp) requests() []chatRequest {
 type server struct {
 	redis *redistest.Server
 	rdb   *redis.Client
-	caddy *caddytest.Instance
+	caddy *caddyproc.Instance
 	app   *chatApp
 }
 
@@ -138,7 +132,7 @@ func start(t *testing.T) *server {
 	app := &chatApp{}
 	srv := httptest.NewServer(app)
 	t.Cleanup(srv.Close)
-	in := caddytest.Start(t, clientsCaddyfile, caddytest.Options{
+	in := caddyproc.Start(t, clientsCaddyfile, caddyproc.Options{
 		"{REDIS}": rs.URL(),
 		"{APP}":   srv.Listener.Addr().String(),
 		"{RETRY}": strconv.Itoa(retryMS),
@@ -224,6 +218,7 @@ func checkResume(t *testing.T, log []msg, ids []string, ended string) {
 // The npm package eventsource: event types, data, ids, comments never
 // dispatched, close then 204; and gapless resume across server closes.
 func TestEventSourcePackage(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := start(t)
 
 	t.Run("events", func(t *testing.T) {
@@ -320,6 +315,7 @@ func hasTick(log []msg, n int) bool {
 // server closes, no empty messages for comments, close then 204; and a
 // refused stream stays refused.
 func TestFetchEventSourcePackage(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := start(t)
 	body := `{"room":"r1","question":"why is the sky blue?"}`
 

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
 
@@ -15,6 +16,7 @@ import (
 // WHATWG algorithm does), reconnecting as EventSource does: after the
 // server's retry delay, with Last-Event-ID.
 func TestGoClient(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := start(t)
 	ctx := context.Background()
 

@@ -79,7 +79,8 @@ type node struct {
 }
 
 // requireNode fails the test, saying how to get them, when node or the npm
-// packages are missing. These tests never skip.
+// packages are missing. These tests never skip (but under -short: see
+// caddyproc.SkipShort).
 func requireNode(t *testing.T) string {
 	t.Helper()
 	bin, err := exec.LookPath("node")

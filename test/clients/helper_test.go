@@ -13,7 +13,7 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
@@ -28,13 +28,7 @@ const helperSecret = "caddy-sse-browser-helper-test-secret-0123456789"
 //	/short/<name>  the same, closed by the server every 1.5s (max_duration)
 //	/user/<name>   one stream per name: a newer one evicts the older
 //	/jwt/<name>    needs a token granting j:<name>
-const helperCaddyfile = `{
-	admin 127.0.0.1:{ADMIN}
-	default_bind 127.0.0.1
-	auto_https off
-	persist_config off
-}
-
+const helperCaddyfile = caddyproc.GlobalOptions + `
 http://127.0.0.1:{HTTP} {
 	log {
 		output stderr
@@ -130,7 +124,7 @@ func (r pageRecord) data() []string {
 type helperEnv struct {
 	t     *testing.T
 	rs    *redistest.Server
-	caddy *caddytest.Instance
+	caddy *caddyproc.Instance
 	p     *pages
 	mode  string // "eventsource" or "fetch"
 }
@@ -188,10 +182,16 @@ func helperToken(t *testing.T, channel string, exp time.Time) string {
 
 // The browser helper (client/caddy-sse.js) in Chromium, over EventSource and
 // over fetch.
-func TestBrowserHelperChromium(t *testing.T) { testBrowserHelper(t, "chromium") }
+func TestBrowserHelperChromium(t *testing.T) {
+	caddyproc.SkipShort(t)
+	testBrowserHelper(t, "chromium")
+}
 
 // The same in Firefox ESR, driven over WebDriver BiDi.
-func TestBrowserHelperFirefox(t *testing.T) { testBrowserHelper(t, "firefox") }
+func TestBrowserHelperFirefox(t *testing.T) {
+	caddyproc.SkipShort(t)
+	testBrowserHelper(t, "firefox")
+}
 
 func testBrowserHelper(t *testing.T, which string) {
 	rs := redistest.Start(t)
@@ -203,7 +203,7 @@ func testBrowserHelper(t *testing.T, which string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	in := caddytest.Start(t, helperCaddyfile, caddytest.Options{
+	in := caddyproc.Start(t, helperCaddyfile, caddyproc.Options{
 		"{REDIS}": rs.URL(), "{CLIENT}": client, "{PAGE}": page, "{SECRET}": helperSecret,
 	})
 	redistest.WaitLibrary(t, rs.Client(), "caddy_sse")
@@ -455,6 +455,7 @@ func helperGivesUpRefreshing(e *helperEnv) {
 // page's 5 s) with Last-Event-ID 3, and 204 ends it. Then 503s: retried
 // with backoff (Retry-After first) until maxRetries.
 func TestBrowserHelperFraming(t *testing.T) {
+	caddyproc.SkipShort(t)
 	bin := requireNode(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -18,7 +18,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -58,13 +58,7 @@ func liveCaddyfile(t *testing.T) string {
 		t.Fatalf("the README's live view block should proxy to localhost:2019 once:\n%s", block)
 	}
 	block = strings.Replace(block, "localhost:2019", "127.0.0.1:{ADMIN}", 1)
-	return `{
-	admin 127.0.0.1:{ADMIN}
-	default_bind 127.0.0.1
-	auto_https off
-	persist_config off
-}
-
+	return caddyproc.GlobalOptions + `
 http://127.0.0.1:{HTTP} {
 	sse /events/* {
 		redis {REDIS}
@@ -117,6 +111,7 @@ const liveDOMExpr = `(() => {
 // address, without credentials; no Content-Security-Policy violation; the
 // screenshot shows the chart's colours.
 func TestLiveViewInChromium(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	ctx := context.Background()
 	if err := rs.Client().Do(ctx, "ACL", "SETUSER", liveRedisUser, "on", ">"+liveRedisPassword,
@@ -124,7 +119,7 @@ func TestLiveViewInChromium(t *testing.T) {
 		t.Fatal(err)
 	}
 	redisURL := "redis://" + liveRedisUser + ":" + liveRedisPassword + "@" + rs.Addr()
-	in := caddytest.Start(t, liveCaddyfile(t), caddytest.Options{"{REDIS}": redisURL})
+	in := caddyproc.Start(t, liveCaddyfile(t), caddyproc.Options{"{REDIS}": redisURL})
 	pub := redis.NewClient(&redis.Options{Addr: rs.Addr(), Username: liveRedisUser, Password: liveRedisPassword})
 	defer pub.Close()
 

@@ -17,7 +17,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
@@ -61,14 +61,14 @@ func exampleCaddyfile(t *testing.T, extra ...[2]string) string {
 // stack is the example running: redis-server, the app (through run, as
 // `go run` starts it) and Caddy with the example Caddyfile.
 type stack struct {
-	caddy *caddytest.Instance
+	caddy *caddyproc.Instance
 	app   string // the app's own address, bypassing Caddy
 }
 
 func startStack(t *testing.T, minDelay, maxDelay time.Duration, extra ...[2]string) *stack {
 	t.Helper()
 	rs := redistest.Start(t)
-	appAddr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(t))
+	appAddr := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))
 	ctx, cancel := context.WithCancel(context.Background())
 	ran := make(chan error, 1)
 	go func() {
@@ -90,7 +90,7 @@ func startStack(t *testing.T, minDelay, maxDelay time.Duration, extra ...[2]stri
 	})
 	waitListening(t, appAddr, ran)
 
-	in := caddytest.Start(t, exampleCaddyfile(t, extra...), caddytest.Options{"{APP}": appAddr}, "REDIS_URL="+rs.URL())
+	in := caddyproc.Start(t, exampleCaddyfile(t, extra...), caddyproc.Options{"{APP}": appAddr}, "REDIS_URL="+rs.URL())
 	waitFunctions(t, rs.Client())
 	return &stack{caddy: in, app: appAddr}
 }
@@ -191,6 +191,7 @@ func readAnswer(t *testing.T, st *sseclient.Stream, stopAfter int) (text string,
 }
 
 func TestChatStreamsTheAnswer(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := startStack(t, time.Millisecond, 3*time.Millisecond)
 	question := "What happens on the wire? “quotes” & <tags>"
 	st := s.openChat(t, question)
@@ -225,6 +226,7 @@ func TestChatStreamsTheAnswer(t *testing.T) {
 // A client that loses the stream resumes on GET /chat/<id> with its
 // Last-Event-ID, as the page does: no chunk lost, none twice.
 func TestChatResumes(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := startStack(t, 2*time.Millisecond, 5*time.Millisecond)
 	question := "Can I resume?"
 	st := s.openChat(t, question)
@@ -248,6 +250,7 @@ func TestChatResumes(t *testing.T) {
 }
 
 func TestChatNeedsTheSession(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := startStack(t, time.Millisecond, 3*time.Millisecond)
 	for _, auth := range [][]string{nil, {"Authorization", "Bearer wrong"}, {"Cookie", "session=wrong"}} {
 		resp, err := http.DefaultClient.Do(s.chatRequest(t, "hello?", auth...))
@@ -288,6 +291,7 @@ func TestChatNeedsTheSession(t *testing.T) {
 }
 
 func TestChatRefusesBadRequests(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := startStack(t, time.Millisecond, 3*time.Millisecond)
 	auth := []string{"Authorization", "Bearer " + testToken}
 	for _, c := range []struct {
@@ -310,6 +314,7 @@ func TestChatRefusesBadRequests(t *testing.T) {
 
 // Two chats at once are on two channels: each gets its own answer, whole.
 func TestChatsAreIsolated(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := startStack(t, time.Millisecond, 3*time.Millisecond)
 	questions := []string{"first question", "second question", "a third one"}
 	streams := make([]*sseclient.Stream, len(questions))
@@ -377,6 +382,7 @@ func (s *stack) do(t *testing.T, method, path, body string, header ...string) *h
 // shows the app's 401 and stops. The browser is driven by browser.test.mjs
 // (playwright-core); missing tools fail the test, never skip it.
 func TestBrowser(t *testing.T) {
+	caddyproc.SkipShort(t)
 	runBrowserTest(t, "answer", startStack(t, 10*time.Millisecond, 30*time.Millisecond))
 }
 
@@ -385,6 +391,7 @@ func TestBrowser(t *testing.T) {
 // resumes on GET /chat/<id> with Last-Event-ID and still types the whole
 // answer once, in order, then stops.
 func TestBrowserResumes(t *testing.T) {
+	caddyproc.SkipShort(t)
 	s := startStack(t, 30*time.Millisecond, 60*time.Millisecond, [2]string{
 		"last_event_id {rp.header.X-Sse-Last-Event-Id}\n",
 		"last_event_id {rp.header.X-Sse-Last-Event-Id}\n\t\t\t\t\tmax_duration 1500ms\n",

@@ -5,7 +5,6 @@
 package exampletest
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"os"
@@ -15,11 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
-	"github.com/caddy-sse/caddy-sse/internal/caddytest"
+	"github.com/caddy-sse/caddy-sse/internal/caddyproc"
 	"github.com/caddy-sse/caddy-sse/internal/outbuf"
-	"github.com/caddy-sse/caddy-sse/internal/sseclient"
 )
 
 // testGlobals keep a test instance on loopback, on its own admin port, and
@@ -92,57 +88,6 @@ func WithTestGlobals(s string) string {
 	return s[:end] + add.String() + s[end:]
 }
 
-// Next returns the next event of s, failing the test after 5s.
-func Next(tb testing.TB, s *sseclient.Stream) sseclient.Event {
-	tb.Helper()
-	ev, err := s.Next(5 * time.Second)
-	if err != nil {
-		tb.Fatalf("waiting for an event: %v (received so far: %q)", err, s.Raw())
-	}
-	return ev
-}
-
-// NoEvent fails the test if s gets an event within d.
-func NoEvent(tb testing.TB, s *sseclient.Stream, d time.Duration) {
-	tb.Helper()
-	if ev, err := s.Next(d); err == nil {
-		tb.Fatalf("unexpected event %+v", ev)
-	}
-}
-
-// Open opens a GET stream on url, closed at the end of the test. It fails
-// the test if the response headers take more than 5s.
-func Open(tb testing.TB, url string, header ...string) *sseclient.Stream {
-	tb.Helper()
-	s, err := TryOpen(url, 5*time.Second, header...)
-	if err != nil {
-		tb.Fatalf("opening %s: %v", url, err)
-	}
-	tb.Cleanup(s.Close)
-	return s
-}
-
-// TryOpen opens a GET stream on url, giving up when the response headers
-// take more than within. The caller closes the stream.
-func TryOpen(url string, within time.Duration, header ...string) (*sseclient.Stream, error) {
-	ctx, cancel := context.WithCancel(context.Background())
-	timer := time.AfterFunc(within, cancel)
-	s, err := sseclient.Get(ctx, url, header...)
-	if err != nil || !timer.Stop() {
-		cancel()
-		if err == nil {
-			s.Close()
-			err = context.DeadlineExceeded
-		}
-		return nil, err
-	}
-	go func() {
-		<-s.Done()
-		cancel()
-	}()
-	return s, nil
-}
-
 // NeedBinary fails the test, with the command that installs it, when name
 // is not on PATH. These tests never skip.
 func NeedBinary(tb testing.TB, name, install string) string {
@@ -152,28 +97,6 @@ func NeedBinary(tb testing.TB, name, install string) string {
 		tb.Fatalf("%s not found on PATH: install it with `%s`", name, install)
 	}
 	return p
-}
-
-// Publish publishes payload on channel and fails the test on error; it
-// returns how many subscriptions received it.
-func Publish(tb testing.TB, rdb redis.UniversalClient, channel, payload string) int64 {
-	tb.Helper()
-	n, err := rdb.Publish(context.Background(), channel, payload).Result()
-	if err != nil {
-		tb.Fatalf("PUBLISH %s: %v", channel, err)
-	}
-	return n
-}
-
-// PublishResumable publishes payload with the history function and returns
-// the event id.
-func PublishResumable(tb testing.TB, rdb redis.UniversalClient, channel, payload string) string {
-	tb.Helper()
-	v, err := rdb.FCall(context.Background(), "sse_publish", []string{channel}, payload).Result()
-	if err != nil {
-		tb.Fatalf("FCALL sse_publish %s: %v", channel, err)
-	}
-	return fmt.Sprint(v)
 }
 
 var readmeShellBlock = regexp.MustCompile("(?s)```sh\n(.*?)```")
@@ -205,13 +128,13 @@ func ReadmeCommands(tb testing.TB, path string) []string {
 
 // StandIn runs command, a line of a README that starts a stand-in for the
 // user's app on 127.0.0.1:8080 with ./caddy, through sh as a user's shell
-// would, with Caddy built from cmd/caddy (caddytest.Binary) and on a free
+// would, with Caddy built from cmd/caddy (caddyproc.Binary) and on a free
 // loopback port instead. It returns the address once something listens
 // there, and stops the process when the test ends.
 func StandIn(tb testing.TB, command string) string {
 	tb.Helper()
-	caddy := caddytest.Binary(tb)
-	addr := fmt.Sprintf("127.0.0.1:%d", caddytest.FreePort(tb))
+	caddy := caddyproc.Binary(tb)
+	addr := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(tb))
 	if !strings.HasPrefix(command, "./caddy ") || !strings.Contains(command, "127.0.0.1:8080") {
 		tb.Fatalf("%q does not start ./caddy on 127.0.0.1:8080", command)
 	}

@@ -1,5 +1,5 @@
 //go:build race
 
-package caddytest
+package caddyproc
 
 const raceEnabled = true

@@ -1,6 +1,7 @@
-// Package caddytest runs real Caddy processes, built from this repository's
+// Package caddyproc runs real Caddy processes, built from this repository's
 // cmd/caddy, for end-to-end tests: Caddyfiles in, HTTP over loopback out.
-package caddytest
+// Such tests are skipped under `go test -short`.
+package caddyproc
 
 import (
 	"fmt"
@@ -25,10 +26,36 @@ var (
 	buildErr  error
 )
 
+// GlobalOptions is the global options block of a test Caddyfile: it keeps
+// the instance on loopback, on its own admin port, and away from the
+// user's trust store and saved config.
+const GlobalOptions = `{
+	admin 127.0.0.1:{ADMIN}
+	default_bind 127.0.0.1
+	auto_https off
+	skip_install_trust
+	persist_config off
+}
+`
+
+// SkipShort skips, under `go test -short`, a test that runs processes
+// (Caddy, Redis clusters, apps, browsers, scripts). Binary does it for every
+// test that runs Caddy; a test that starts other processes first calls it
+// before them.
+func SkipShort(tb testing.TB) {
+	tb.Helper()
+	if testing.Short() {
+		tb.Skip("runs processes; skipped with -short")
+	}
+}
+
 // Binary builds cmd/caddy once per test process (with the race detector when
-// the tests run with it) and returns its path.
+// the tests run with it) and returns its path. Under `go test -short` it
+// skips the test instead: tests that run Caddy processes are integration
+// tests, left out of the quick inner loop.
 func Binary(tb testing.TB) string {
 	tb.Helper()
+	SkipShort(tb)
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "caddy-sse-bin")
 		if err != nil {
