@@ -178,10 +178,16 @@ func describeHubKey(key any) redisDescription {
 	_ = json.Unmarshal(fields[4], &d.DB)
 	_ = json.Unmarshal(fields[5], &d.TLS)
 	_ = json.Unmarshal(fields[6], &cluster)
+	var sharded bool
+	if len(fields) > 7 {
+		_ = json.Unmarshal(fields[7], &sharded)
+	}
 	if d.Addrs == nil {
 		d.Addrs = []string{}
 	}
 	switch {
+	case sharded:
+		d.Mode = "sharded"
 	case d.MasterName != "":
 		d.Mode = "sentinel"
 	case cluster || len(d.Addrs) > 1:

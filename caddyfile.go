@@ -72,6 +72,7 @@ func parseHealth(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //	        addrs       <host:port>...
 //	        master_name <name>
 //	        cluster
+//	        sharded
 //	        username    <user>
 //	        password    <password>
 //	        db          <n>
@@ -110,7 +111,8 @@ func parseHealth(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //
 // `redis` takes a redis:// or rediss:// URL, or a placeholder such as
 // {env.REDIS_URL}, or a block, not both: `addrs` for one server, the
-// Sentinels (with `master_name`) or the Cluster nodes (with `cluster`); a
+// Sentinels (with `master_name`) or the Cluster nodes (with `cluster`, and
+// `sharded` for sharded pub/sub and per-channel history on each master); a
 // block without `addrs` sets `username`, `password` and `tls` for the
 // default server (`db` then belongs in the URL's path). Without `redis`,
 // {env.REDIS_URL} and then redis://127.0.0.1:6379 are used.
@@ -581,6 +583,11 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 				return nil, err
 			}
 			rc.Cluster = true
+		case "sharded":
+			if _, err := optArgs(d, "redis: sharded", 0, 0); err != nil {
+				return nil, err
+			}
+			rc.Sharded = true
 		case "username":
 			v, err := optArg(d, "redis: username")
 			if err != nil {
@@ -615,6 +622,9 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 	// Conflicts go-redis would otherwise settle silently by picking a mode.
 	if rc.Cluster && rc.MasterName != "" {
 		return nil, d.Err("redis: cluster and master_name exclude each other (Cluster or Sentinel)")
+	}
+	if rc.Sharded && !rc.Cluster {
+		return nil, d.Err(errShardedNeedsCluster.Error())
 	}
 	if rc.Cluster && rc.DB != 0 {
 		return nil, d.Err("redis: db: Redis Cluster has only database 0")

@@ -37,7 +37,7 @@ type detached struct {
 	keepalive atomic.Bool // a keepalive is due
 
 	// Owned by the one writer goroutine running at a time.
-	lastSeq uint64
+	cur     *registry.Cursor // what was written: later duplicates are skipped
 	frames  []*registry.Frame
 	bufs    net.Buffers
 	events  int64 // written, for the record of the stream's end
@@ -87,7 +87,7 @@ func (d *detached) wake() {
 // comment and, when the client resumes, the history it missed, page by
 // page. It returns false, with nothing written, when the connection cannot
 // be hijacked (the caller then streams the standard way).
-func (d *detached) takeOver(w http.ResponseWriter, r *http.Request, head []byte, resume bool, after uint64, end streamDeadline) bool {
+func (d *detached) takeOver(w http.ResponseWriter, r *http.Request, head []byte, cur *registry.Cursor, resume bool, from registry.EventID, end streamDeadline) bool {
 	// net/http writes the head, so that Caddy's access log and metrics
 	// record the 200 like any response's; "identity" makes it a body that
 	// runs until the connection closes, unchunked (net/http's own setup for
@@ -115,25 +115,24 @@ func (d *detached) takeOver(w http.ResponseWriter, r *http.Request, head []byte,
 	_ = conn.SetReadDeadline(time.Time{})
 	d.conn = conn
 	d.started = time.Now()
-	d.lastSeq = after
+	d.cur = cur
 	if err := d.writeBufs(net.Buffers{head}); err != nil {
 		d.sub.AbortReplay()
 		d.finish(reasonClient)
 		return true
 	}
 	if resume {
-		last, err := d.h.replay(r.Context(), d.sub, after, func(frames [][]byte) error {
+		err := d.h.replay(r.Context(), d.sub, cur, from, func(bufs [][]byte, events int) error {
 			n := 0
-			for _, f := range frames {
-				n += len(f)
+			for _, b := range bufs {
+				n += len(b)
 			}
-			if err := d.writeBufs(frames); err != nil {
+			if err := d.writeBufs(bufs); err != nil {
 				return err
 			}
-			d.count(len(frames), n)
+			d.count(events, n)
 			return nil
 		})
-		d.lastSeq = last
 		if err != nil {
 			d.finish(d.failed())
 			return true
@@ -227,22 +226,9 @@ func (d *detached) flush() {
 }
 
 func (d *detached) write(frames []*registry.Frame) error {
-	bufs := d.bufs[:0]
-	for _, f := range frames {
-		if f.Seq != 0 {
-			if f.Seq <= d.lastSeq {
-				continue // already sent by the replay
-			}
-			d.lastSeq = f.Seq
-		}
-		if len(f.Bytes) > 0 {
-			bufs = append(bufs, f.Bytes)
-		}
-	}
-	n, size := len(bufs), 0
-	for _, b := range bufs {
-		size += len(b)
-	}
+	// What the replay sent already is skipped; with ids per channel the
+	// stream's own id line follows each resumable event.
+	bufs, n, size := d.cur.AppendWire(d.bufs[:0], frames)
 	if d.keepalive.Swap(false) && n == 0 {
 		bufs = append(bufs, sse.Comment)
 	}

@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -95,13 +94,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 
 	history := h.History.retention().MaxLen > 0
-	after, resume := uint64(0), false
+	var from registry.EventID
 	if history {
-		after, resume = lastEventID(r)
-		if !resume && h.LastEventID != "" && repl != nil {
-			after, resume = parseEventID(repl.ReplaceAll(h.LastEventID, ""))
+		from = registry.ParseEventID(lastEventID(r))
+		if !from.Valid() && h.LastEventID != "" && repl != nil {
+			from = registry.ParseEventID(repl.ReplaceAll(h.LastEventID, ""))
 		}
 	}
+	resume := h.hub.reg.Resumes(from)
 
 	sub := registry.NewSubscriber(channels, h.format, h.Buffer, history)
 	if resume {
@@ -121,6 +121,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return nil // the client went away, or the config is being unloaded
 	}
 	adm.add(func() { h.hub.reg.Detach(sub) })
+	cur := h.hub.reg.Cursor(sub, from)
 
 	setHeaders(w.Header())
 	metrics.streamsOpen.Inc()
@@ -134,12 +135,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		zap.Bool("takeover", d != nil))
 	if d != nil {
 		d.release, d.life = adm.release, life
-		if d.takeOver(w, r, h.head(), resume, after, end) {
+		if d.takeOver(w, r, h.head(), cur, resume, from, end) {
 			adm.handOver()
 			return nil
 		}
 	}
-	st := &stream{h: h, w: w, rc: http.NewResponseController(w), sub: sub, lastSeq: after, wake: sub.Wake(),
+	st := &stream{h: h, w: w, rc: http.NewResponseController(w), sub: sub, cur: cur, wake: sub.Wake(),
 		channels: channels, adm: adm, life: life}
 	if d != nil {
 		st.wake = d.fallback
@@ -155,9 +156,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return nil
 	}
 	if resume {
-		last, err := h.replay(r.Context(), sub, after, st.writeBatches)
-		st.lastSeq = last
-		if err != nil {
+		if err := h.replay(r.Context(), sub, cur, from, st.writeBatches); err != nil {
 			st.finish(st.failed())
 			return nil
 		}
@@ -286,21 +285,13 @@ func contains(list []string, s string) bool {
 
 // lastEventID reads the resume point: the Last-Event-ID header a browser
 // sends on reconnect, or the lastEventId query parameter for a first page
-// load. An id that is not one of ours is ignored.
-func lastEventID(r *http.Request) (uint64, bool) {
+// load. An id that is not one of ours is ignored (registry.ParseEventID).
+func lastEventID(r *http.Request) string {
 	v := r.Header.Get("Last-Event-ID")
 	if v == "" {
 		v = r.URL.Query().Get("lastEventId")
 	}
-	return parseEventID(v)
-}
-
-func parseEventID(v string) (uint64, bool) {
-	n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
-	if err != nil {
-		return 0, false
-	}
-	return n, true
+	return v
 }
 
 // refuse answers before the stream opens, with a short plain-text reason.
@@ -341,26 +332,28 @@ const (
 	replayMaxPage   = 512
 )
 
-// replay writes the history of sub's channels after id after, one page at
-// a time: a page is written (write blocks on a slow client) before the
-// next is read. It returns the last id written. Live frames queue
-// meanwhile; the resumable ones that find the queue full are read from
-// history instead (see Subscriber.Replaying). A close found in history
-// ends that channel of the stream.
-func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, after uint64, write func([][]byte) error) (uint64, error) {
+// replay writes the history of sub's channels after cur's positions (the
+// client's Last-Event-ID, from), one page at a time: a page is written
+// (write blocks on a slow client) before the next is read, and cur moves
+// on with what is written. Live frames queue meanwhile; the resumable ones
+// that find the queue full are read from history instead (see
+// Subscriber.Replaying). A close found in history ends that channel of the
+// stream.
+func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, cur *registry.Cursor, from registry.EventID, write func(bufs [][]byte, events int) error) error {
 	channels := sub.Channels()
-	last, count := after, int64(replayFirstPage)
+	count := int64(replayFirstPage)
 	missed := false
 	var closed []string
-	var frames [][]byte
+	var frames []*registry.Frame
+	var bufs [][]byte
 	for {
 		pctx, cancel := context.WithTimeout(ctx, replayTimeout)
-		page, err := h.hub.reg.ReplayPage(pctx, channels, last, count)
+		page, err := h.hub.reg.ReplayPage(pctx, cur, count)
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
 				sub.AbortReplay()
-				return last, ctx.Err()
+				return ctx.Err()
 			}
 			// Serve the live stream anyway and tell the client what it
 			// may have missed rather than end it while Redis is out.
@@ -370,19 +363,17 @@ func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, after ui
 		frames = frames[:0]
 		if page.Truncated && !missed {
 			missed = true
-			frames = append(frames, registry.MissedFrame(after).Bytes)
+			frames = append(frames, registry.MissedFrameAfter(from))
 		}
 		size, done := 0, false
 		for _, m := range page.Messages {
 			if contains(closed, m.Channel) {
+				cur.Advance(&registry.Frame{Channel: m.Channel, Seq: m.Seq}) // read past it
 				continue
 			}
 			size += len(m.Payload)
 			f := h.hub.reg.Encode(h.format, true, m)
-			last = max(last, f.Seq)
-			if len(f.Bytes) > 0 {
-				frames = append(frames, f.Bytes)
-			}
+			frames = append(frames, f)
 			if f.Close {
 				closed = append(closed, m.Channel)
 				if done = h.hub.reg.Leave(sub, m.Channel); done {
@@ -390,23 +381,23 @@ func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, after ui
 				}
 			}
 		}
-		if !done {
-			last = max(last, page.Next)
-		}
-		if werr := write(frames); werr != nil {
+		var events int
+		bufs, events, _ = cur.AppendWire(bufs[:0], frames)
+		if werr := write(bufs, events); werr != nil {
 			sub.AbortReplay()
-			return last, werr
+			return werr
 		}
 		clear(frames)
+		clear(bufs)
 		if err != nil || done {
 			sub.AbortReplay()
-			return last, nil
+			return nil
 		}
 		if n := len(page.Messages); n > 0 {
 			count = min(max(int64(replayPageBytes/max(size/n, 1)/len(channels)), replayMinPage), replayMaxPage)
 		}
 		if !page.More && sub.EndReplay() {
-			return last, nil
+			return nil
 		}
 	}
 }
@@ -420,10 +411,11 @@ type stream struct {
 	sub      *registry.Subscriber
 	channels []string
 	adm      *admission
-	life     *streamLife // lifecycle entries; nil without
-	lastSeq  uint64      // highest sequence number written: later duplicates are skipped
+	life     *streamLife      // lifecycle entries; nil without
+	cur      *registry.Cursor // what was written: later duplicates are skipped
 	wake     <-chan struct{}
 	frames   []*registry.Frame
+	bufs     [][]byte
 
 	// conn is the client's connection when Caddy's server lets us see it;
 	// stall closes it when a write stays blocked (see stallGrace).
@@ -518,21 +510,21 @@ func streamEnded(logger *zap.Logger, why string, channels []string, started time
 	}
 }
 
-// writeBatches writes frames, flushing every few dozen.
-func (st *stream) writeBatches(frames [][]byte) error {
+// writeBatches writes bufs (events of them), flushing every few dozen.
+func (st *stream) writeBatches(bufs [][]byte, events int) error {
 	const batch = 64
-	for len(frames) > 0 {
-		n := min(batch, len(frames))
-		if err := st.write(frames[:n]...); err != nil {
+	size := 0
+	for len(bufs) > 0 {
+		n := min(batch, len(bufs))
+		if err := st.write(bufs[:n]...); err != nil {
 			return err
 		}
-		size := 0
-		for _, f := range frames[:n] {
-			size += len(f)
+		for _, b := range bufs[:n] {
+			size += len(b)
 		}
-		st.count(n, size)
-		frames = frames[n:]
+		bufs = bufs[n:]
 	}
+	st.count(events, size)
 	return nil
 }
 
@@ -588,27 +580,21 @@ func (st *stream) drain() (string, error) {
 		clear(frames)
 		return why, nil
 	}
-	n, size := 0, 0
 	st.begin()
 	defer st.done()
-	for _, f := range frames {
-		if f.Seq != 0 {
-			if f.Seq <= st.lastSeq {
-				continue // already sent by the replay
-			}
-			st.lastSeq = f.Seq
-		}
-		if len(f.Bytes) == 0 {
-			continue
-		}
-		if _, err := st.w.Write(f.Bytes); err != nil {
+	// What the replay sent already is skipped; with ids per channel the
+	// stream's own id line follows each resumable event.
+	bufs, n, size := st.cur.AppendWire(st.bufs[:0], frames)
+	st.bufs = bufs
+	for _, b := range bufs {
+		if _, err := st.w.Write(b); err != nil {
 			clear(frames)
+			clear(bufs)
 			return why, err
 		}
-		n++
-		size += len(f.Bytes)
 	}
 	clear(frames) // let the frames go; the slice is reused
+	clear(bufs)
 	err := st.rc.Flush()
 	st.count(n, size)
 	return why, err

@@ -40,14 +40,15 @@ func acquireHub(cfg *RedisConfig) (*hub, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
+	sharded := cfg != nil && cfg.Sharded
 	keyJSON, err := json.Marshal([]any{opts.Addrs, opts.MasterName, opts.Username,
-		opts.Password, opts.DB, opts.TLSConfig != nil, cluster})
+		opts.Password, opts.DB, opts.TLSConfig != nil, cluster, sharded})
 	if err != nil {
 		return nil, "", fmt.Errorf("redis: %w", err)
 	}
 	key := string(keyJSON)
 	v, _, err := hubs.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newHub(opts, cluster, logger)
+		return newHub(opts, cluster, sharded, logger)
 	})
 	if err != nil {
 		return nil, "", err
@@ -60,9 +61,9 @@ func releaseHub(key string) error {
 	return err
 }
 
-func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hub, error) {
+func newHub(opts *redis.UniversalOptions, cluster, sharded bool, logger *zap.Logger) (*hub, error) {
 	redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
-	src := &brokerSource{}
+	src := &brokerSource{sharded: sharded}
 	reg := registry.New(src, logger, registry.Metrics{
 		Dropped: metrics.dropped,
 		Faults:  metrics.faults,
@@ -70,6 +71,7 @@ func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hu
 	brk, err := broker.New(broker.Options{
 		Redis:    opts,
 		Cluster:  cluster,
+		Sharded:  sharded,
 		Logger:   logger,
 		Instance: instanceID(),
 		Metrics: broker.Metrics{
@@ -166,8 +168,42 @@ func (h *hub) Destruct() error {
 	return h.brk.Close()
 }
 
-// brokerSource adapts the broker to the registry's Source.
-type brokerSource struct{ b *broker.Broker }
+// brokerSource adapts the broker to the registry's Source (and, in sharded
+// mode, ChannelSource).
+type brokerSource struct {
+	b       *broker.Broker
+	sharded bool
+}
+
+func (s *brokerSource) PerChannel() bool { return s.sharded }
+
+func (s *brokerSource) Heads(ctx context.Context, channels []string) ([]uint64, error) {
+	return s.b.Heads(ctx, channels)
+}
+
+func (s *brokerSource) ReplayChannels(ctx context.Context, channels []string, after []uint64, count int64) (registry.Page, error) {
+	p, err := s.b.ReplayChannels(ctx, channels, after, count)
+	if err != nil {
+		return registry.Page{}, err
+	}
+	return registry.Page{Messages: toRegistry(p.Messages), Truncated: p.Truncated, More: p.More}, nil
+}
+
+func (s *brokerSource) ReplayChannelsAll(ctx context.Context, channels []string, after []uint64) ([]registry.Message, bool, error) {
+	rep, err := s.b.ReplayChannelsAll(ctx, channels, after)
+	if err != nil {
+		return nil, false, err
+	}
+	return toRegistry(rep.Messages), rep.Truncated, nil
+}
+
+func toRegistry(ms []broker.Message) []registry.Message {
+	out := make([]registry.Message, len(ms))
+	for i, m := range ms {
+		out[i] = registry.Message(m)
+	}
+	return out
+}
 
 func (s *brokerSource) Subscribe(ctx context.Context, channels ...string) error {
 	return s.b.Subscribe(ctx, channels...)
@@ -225,6 +261,9 @@ func (g goRedisLogger) Printf(_ context.Context, format string, v ...any) {
 	}
 }
 
+// errShardedNeedsCluster refuses sharded without cluster.
+var errShardedNeedsCluster = fmt.Errorf("redis: sharded needs cluster (sharded pub/sub exists on a Redis Cluster only: give its nodes in addrs, and cluster)")
+
 // defaultRedisURL is used when neither the config nor REDIS_URL names one.
 const defaultRedisURL = "redis://127.0.0.1:6379"
 
@@ -234,6 +273,9 @@ func (c *RedisConfig) options() (*redis.UniversalOptions, bool, error) {
 	repl := caddy.NewReplacer()
 	if c == nil {
 		c = &RedisConfig{}
+	}
+	if c.Sharded && !c.Cluster {
+		return nil, false, errShardedNeedsCluster
 	}
 	if len(c.Addrs) > 0 {
 		if c.URL != "" {

@@ -134,6 +134,12 @@ type RedisConfig struct {
 	MasterName string `json:"master_name,omitempty"`
 	// Cluster selects Redis Cluster mode.
 	Cluster bool `json:"cluster,omitempty"`
+	// Sharded, with Cluster, uses Redis 7's sharded pub/sub: each channel
+	// is subscribed (SSUBSCRIBE) on the master of its slot and its history
+	// lives there too, so publish load spreads over the masters. Publishers
+	// use SPUBLISH, and FCALL sse_publish with the channel's own history key
+	// (sse:h{<channel>}); resume ids count per channel. See the README.
+	Sharded bool `json:"sharded,omitempty"`
 	// Username for Redis ACL authentication.
 	Username string `json:"username,omitempty"`
 	// Password for Redis authentication. Placeholders are expanded.

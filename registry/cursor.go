@@ -291,3 +291,10 @@ func (c *Cursor) replayFrom() (channels []string, after []uint64) {
 	}
 	return channels, after
 }
+
+// Resumes reports whether a stream whose client sent id replays history
+// before its live events (its Cursor will say the same): a plain number
+// always, a vector only where ids count per channel.
+func (r *Registry) Resumes(id EventID) bool {
+	return id.valid && (!id.vector || r.perChannel != nil)
+}
