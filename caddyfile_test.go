@@ -207,6 +207,19 @@ func TestCaddyfileAdapt(t *testing.T) {
 				"addrs":["n1:7000","n2:7000","[::1]:7002"],"cluster":true,"tls":true}}`,
 		},
 		{
+			name:      "redis block sharded cluster",
+			directive: "sse",
+			input: `sse news {
+				redis {
+					addrs n1:7000 n2:7000
+					cluster
+					sharded
+				}
+			}`,
+			want: `{"handler":"sse","channels":["news"],"redis":{
+				"addrs":["n1:7000","n2:7000"],"cluster":true,"sharded":true}}`,
+		},
+		{
 			name:      "redis block without addrs",
 			directive: "sse",
 			input: `sse news {
@@ -654,6 +667,8 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"redis cluster and sentinel", "sse news {\n redis {\n addrs a:1\n cluster\n master_name m\n }\n}", "master_name"},
 		{"redis sentinel without addrs", "sse news {\n redis {\n master_name m\n }\n}", "master_name"},
 		{"redis cluster with argument", "sse news {\n redis {\n addrs a:1\n cluster yes\n }\n}", "cluster"},
+		{"redis sharded without cluster", "sse news {\n redis {\n addrs a:1 b:2\n sharded\n }\n}", "sharded needs cluster"},
+		{"redis sharded with argument", "sse news {\n redis {\n addrs a:1\n cluster\n sharded on\n }\n}", "sharded"},
 		{"redis tls with argument", "sse news {\n redis {\n tls on\n }\n}", "tls"},
 		{"redis password two arguments", "sse news {\n redis {\n password a b\n }\n}", "password"},
 		{"redis username missing", "sse news {\n redis {\n username\n }\n}", "username"},
@@ -896,6 +911,7 @@ func TestValidateJSONErrors(t *testing.T) {
 		{"lifecycle without stream", `"channels":["news"],"lifecycle":{"max_len":10}`, "lifecycle"},
 		{"lifecycle negative max_len", `"channels":["news"],"lifecycle":{"stream":"events","max_len":-1}`, "lifecycle"},
 		{"lifecycle module key", `"channels":["news"],"lifecycle":{"stream":"{sse}:instance:x"}`, "lifecycle"},
+		{"sharded without cluster", `"redis":{"addrs":["127.0.0.1:1","127.0.0.1:2"],"sharded":true},"channels":["news"]`, "redis: sharded needs cluster"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
