@@ -21,7 +21,7 @@ import (
 //
 // The vector is "v1" followed, for each channel whose position is known (in
 // the order of the stream's channels), by "." + four characters naming the
-// channel (base64url of 24 bits of its FNV-1a hash) + the position in base
+// channel (base64url of 24 bits of a hash of its name) + the position in base
 // 36. Its length is at most 2 + 18*n for n channels (13 base-36 digits hold
 // any 64-bit number); ids are about the publish time in microseconds, ten
 // base-36 digits, so 2 + 15*n in practice: 242 bytes for the default
@@ -110,7 +110,13 @@ func channelKey(channel string) string {
 		h ^= uint32(channel[i])
 		h *= 16777619
 	}
-	h ^= h >> 24 // fold the high byte in
+	// Mix, so that names that differ in their last byte (room1, room2)
+	// differ in every character of the key (murmur3's finalizer).
+	h ^= h >> 16
+	h *= 0x85ebca6b
+	h ^= h >> 13
+	h *= 0xc2b2ae35
+	h ^= h >> 16
 	return string([]byte{
 		keyAlphabet[h>>18&63], keyAlphabet[h>>12&63], keyAlphabet[h>>6&63], keyAlphabet[h&63],
 	})
