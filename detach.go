@@ -37,11 +37,11 @@ type detached struct {
 	keepalive atomic.Bool // a keepalive is due
 
 	// Owned by the one writer goroutine running at a time.
-	cur     *registry.Cursor // what was written: later duplicates are skipped
-	frames  []*registry.Frame
-	bufs    net.Buffers
-	events  int64 // written, for the record of the stream's end
-	bytes   int64
+	cur    *registry.Cursor // what was written: later duplicates are skipped
+	frames []*registry.Frame
+	bufs   net.Buffers
+	events int64 // written, for the record of the stream's end
+	bytes  int64
 }
 
 // count records n events of size bytes written.

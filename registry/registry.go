@@ -337,6 +337,15 @@ func (r *Registry) readHeads(names []string) {
 	r.deliverMu.Unlock()
 }
 
+func (c *channel) isReady() bool {
+	select {
+	case <-c.ready:
+		return true
+	default:
+		return false
+	}
+}
+
 func (c *channel) markReady() {
 	select {
 	case <-c.ready:
@@ -388,10 +397,16 @@ func (r *Registry) deliverLocked(m Message) {
 		if h, ok := r.heads[m.Channel]; ok && m.Seq <= h {
 			return // already delivered by a catch-up
 		}
-		r.mu.RLock()
-		_, subscribed := r.channels[m.Channel]
-		r.mu.RUnlock()
-		if subscribed {
+		// Kept while the channel is subscribed (from its subscription to
+		// its unsubscription, even with no stream for a moment), never
+		// for a late message after it.
+		_, known := r.heads[m.Channel]
+		if !known {
+			r.mu.RLock()
+			_, known = r.channels[m.Channel]
+			r.mu.RUnlock()
+		}
+		if known {
 			r.heads[m.Channel] = m.Seq
 		}
 	default:
@@ -611,10 +626,13 @@ func (r *Registry) Reconnected(ctx context.Context) {
 // was never known (Redis failed as it was subscribed) cannot be caught up:
 // its streams are told they may have missed events, and its head is read.
 func (r *Registry) reconnectedPerChannel(ctx context.Context) {
+	start := time.Now()
 	var names []string
 	r.mu.RLock()
 	for name, c := range r.channels {
-		if c.history {
+		// A channel still being subscribed reads its head once it is:
+		// its streams start there, nothing to catch up.
+		if c.history && c.isReady() {
 			names = append(names, name)
 		}
 	}
@@ -683,8 +701,8 @@ func (r *Registry) reconnectedPerChannel(ctx context.Context) {
 	}
 	r.deliverMu.Unlock()
 	if len(missed) > 0 {
-		r.logger.Info("caught up after reconnect",
-			zap.Int("events", len(missed)), zap.Strings("channels", known))
+		r.logger.Info("caught up after reconnect", zap.Int("events", len(missed)),
+			zap.Int("channels", len(known)), zap.Duration("took", time.Since(start)))
 	}
 }
 
