@@ -271,6 +271,7 @@ func TestShardedBalance(t *testing.T) {
 	path := func(k int) string { return "/m?c=" + strings.Join(chans[k*perStream:(k+1)*perStream], ",") }
 
 	resetStats(t, c)
+	cpu0 := redisCPU(t, c.Masters())
 	streams := make([]*sseclient.Stream, nchan/perStream)
 	for k := range streams {
 		streams[k] = openAt(t, in, path(k))
@@ -282,8 +283,9 @@ func TestShardedBalance(t *testing.T) {
 			subCmds[cmd] += calls[cmd]
 		}
 	}
-	t.Logf("subscribing %d channels: %d SSUBSCRIBE, %d XREVRANGE (%.2f commands per channel)",
-		nchan, subCmds["ssubscribe"], subCmds["xrevrange"], float64(subCmds["ssubscribe"]+subCmds["xrevrange"])/nchan)
+	t.Logf("subscribing %d channels: %d SSUBSCRIBE, %d XREVRANGE (%.2f commands per channel), Redis CPU %.1f us per channel",
+		nchan, subCmds["ssubscribe"], subCmds["xrevrange"], float64(subCmds["ssubscribe"]+subCmds["xrevrange"])/nchan,
+		(redisCPU(t, c.Masters())-cpu0)/nchan)
 	if subCmds["xrevrange"] != nchan || subCmds["ssubscribe"] > nchan || subCmds["ssubscribe"] < nchan*9/10 {
 		t.Fatalf("subscribing %d channels took %v, want one XREVRANGE and at most one SSUBSCRIBE each", nchan, subCmds)
 	}
@@ -301,6 +303,7 @@ func TestShardedBalance(t *testing.T) {
 	}
 
 	resetStats(t, c)
+	cpu0 = redisCPU(t, c.Masters())
 	for round := range rounds {
 		_, err := cc.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, ch := range chans {
@@ -326,12 +329,15 @@ func TestShardedBalance(t *testing.T) {
 			t.Fatalf("stream %d ends with id %q, want %d positions in at most %d bytes", k, final, perStream, 2+15*perStream)
 		}
 	}
+	pubCPU := (redisCPU(t, c.Masters()) - cpu0) / (nchan * rounds)
 	pubLoad := loadOf(t, c)
 	var pubTotal int64
 	for _, l := range pubLoad {
 		pubTotal += l.calls
 	}
-	t.Logf("%.2f commands per resumable publish (FCALL and what it runs)", float64(pubTotal)/float64(nchan*rounds))
+	t.Logf("%.2f commands per resumable publish (FCALL and what it runs), Redis CPU %.1f us per publish (with its delivery to one instance)",
+		float64(pubTotal)/float64(nchan*rounds), pubCPU)
+	cpu0 = redisCPU(t, c.Masters())
 
 	// Every stream resumes from its tenth event: the history of its ten
 	// channels, on three shards, gives back exactly the other twenty.
@@ -355,6 +361,8 @@ func TestShardedBalance(t *testing.T) {
 		r.Close()
 	}
 
+	t.Logf("Redis CPU %.1f us per resumed stream (%d channels, %d events replayed)",
+		(redisCPU(t, c.Masters())-cpu0)/float64(len(streams)), perStream, perStream*(rounds-1))
 	histLoad := loadOf(t, c)
 	var total int64
 	var lines []string
@@ -375,6 +383,27 @@ func TestShardedBalance(t *testing.T) {
 			t.Fatalf("master %d serves %.1f%% of the load, want a third +-20%%: %s", i, 100*share, strings.Join(lines, "; "))
 		}
 	}
+}
+
+// redisCPU is the CPU time the nodes used so far, in microseconds (INFO
+// cpu: used_cpu_user + used_cpu_sys).
+func redisCPU(t testing.TB, nodes []*redistest.Server) float64 {
+	t.Helper()
+	var sum float64
+	for _, n := range nodes {
+		info, err := n.Client().Info(context.Background(), "cpu").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(info, "\n") {
+			k, v, _ := strings.Cut(strings.TrimSpace(line), ":")
+			if k == "used_cpu_user" || k == "used_cpu_sys" {
+				x, _ := strconv.ParseFloat(v, 64)
+				sum += x * 1e6
+			}
+		}
+	}
+	return sum
 }
 
 type masterLoad struct {
