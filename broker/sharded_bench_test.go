@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -44,14 +45,37 @@ func clusterCPU(b *testing.B, nodes []*redistest.Server) []float64 {
 	return out
 }
 
-// reportCPU reports the CPU the nodes used since before, per operation: all
-// of them together, and the busiest one.
-func reportCPU(b *testing.B, nodes []*redistest.Server, before []float64) {
+// cpuMark is the nodes' CPU time at a moment, with what they use while
+// idle (cron, the cluster bus), measured just before.
+type cpuMark struct {
+	at   time.Time
+	used []float64
+	idle []float64 // microseconds per second
+}
+
+// markCPU measures the nodes' idle CPU for half a second, then marks the
+// start of an operation.
+func markCPU(b *testing.B, nodes []*redistest.Server) cpuMark {
+	b.Helper()
+	const idleFor = 500 * time.Millisecond
+	before := clusterCPU(b, nodes)
+	time.Sleep(idleFor)
+	m := cpuMark{at: time.Now(), used: clusterCPU(b, nodes)}
+	for i := range m.used {
+		m.idle = append(m.idle, (m.used[i]-before[i])/idleFor.Seconds())
+	}
+	return m
+}
+
+// reportCPU reports the CPU the nodes used since the mark, less what they
+// use while idle, per operation: all of them together, and the busiest.
+func reportCPU(b *testing.B, nodes []*redistest.Server, m cpuMark) {
 	b.Helper()
 	after := clusterCPU(b, nodes)
+	elapsed := time.Since(m.at).Seconds()
 	var total, busiest float64
 	for i := range after {
-		d := after[i] - before[i]
+		d := max(after[i]-m.used[i]-m.idle[i]*elapsed, 0)
 		total += d
 		busiest = max(busiest, d)
 	}
@@ -125,7 +149,7 @@ func BenchmarkShardedPublish(b *testing.B) {
 		}},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			cpu := clusterCPU(b, c.Nodes)
+			cpu := markCPU(b, c.Nodes)
 			b.ResetTimer()
 			pipelined(b, cc, b.N, tc.op)
 			b.StopTimer()
@@ -140,7 +164,7 @@ func BenchmarkClusterResumablePublish(b *testing.B) {
 	c, _, chans := benchCluster(b, 1000, false)
 	cc := c.Client()
 	payload := strings.Repeat("p", 100)
-	cpu := clusterCPU(b, c.Nodes)
+	cpu := markCPU(b, c.Nodes)
 	b.ResetTimer()
 	pipelined(b, cc, b.N, func(p redis.Pipeliner, i int) {
 		p.FCall(context.Background(), PublishFunction, []string{ClusterKeyPrefix + chans[i%len(chans)]}, payload)
@@ -156,7 +180,7 @@ func BenchmarkClusterBroadcastPublish(b *testing.B) {
 	c := redistest.StartCluster(b, 3, 1)
 	cc := c.Client()
 	payload := strings.Repeat("p", 100)
-	cpu := clusterCPU(b, c.Nodes)
+	cpu := markCPU(b, c.Nodes)
 	b.ResetTimer()
 	pipelined(b, cc, b.N, func(p redis.Pipeliner, i int) {
 		p.Publish(context.Background(), "ch:"+strconv.Itoa(i%1000), payload)
@@ -171,7 +195,7 @@ func BenchmarkClusterBroadcastPublish(b *testing.B) {
 func BenchmarkShardedSubscribe(b *testing.B) {
 	c, br, _ := benchCluster(b, 0, true)
 	ctx := context.Background()
-	cpu := clusterCPU(b, c.Nodes)
+	cpu := markCPU(b, c.Nodes)
 	b.ResetTimer()
 	for i := 0; i < b.N; i += 100 {
 		batch := make([]string, 0, 100)
@@ -183,6 +207,68 @@ func BenchmarkShardedSubscribe(b *testing.B) {
 		}
 		if _, err := br.Heads(ctx, batch); err != nil {
 			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	reportCPU(b, c.Nodes, cpu)
+}
+
+// A plain SPUBLISH on a channel that ten instances subscribe: against
+// BenchmarkShardedPublish/spublish (one instance), what each further
+// subscribed instance costs the channel's master.
+func BenchmarkShardedPublishTenInstances(b *testing.B) {
+	c, _, chans := benchCluster(b, 1000, true)
+	for range 9 {
+		br, err := New(Options{
+			Redis:   &redis.UniversalOptions{Addrs: c.Addrs()[:1]},
+			Cluster: true,
+			Sharded: true,
+		}, newRecorder())
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { _ = br.Close() })
+		if err := br.Subscribe(context.Background(), chans...); err != nil {
+			b.Fatal(err)
+		}
+	}
+	cc := c.Client()
+	payload := strings.Repeat("p", 100)
+	cpu := markCPU(b, c.Nodes)
+	b.ResetTimer()
+	pipelined(b, cc, b.N, func(p redis.Pipeliner, i int) {
+		p.SPublish(context.Background(), chans[i%len(chans)], payload)
+	})
+	b.StopTimer()
+	reportCPU(b, c.Nodes, cpu)
+}
+
+// The history read of a resume: one channel's ten events after a position
+// (one XRANGE of ReplayChannels).
+func BenchmarkShardedReplay(b *testing.B) {
+	c, br, chans := benchCluster(b, 100, true)
+	ctx := context.Background()
+	payload := strings.Repeat("p", 100)
+	var from []uint64
+	for _, ch := range chans {
+		first, err := br.Publish(ctx, ch, []byte(payload), Retention{MaxLen: 100})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for range 10 {
+			if _, err := br.Publish(ctx, ch, []byte(payload), Retention{MaxLen: 100}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		from = append(from, first)
+	}
+	cpu := markCPU(b, c.Nodes)
+	b.ResetTimer()
+	for i := 0; i < b.N; i += len(chans) {
+		n := min(len(chans), b.N-i)
+		pg, err := br.ReplayChannels(ctx, chans[:n], from[:n], 16)
+		if err != nil || len(pg.Messages) != 10*n {
+			b.Fatalf("replayed %d messages (%v), want %d", len(pg.Messages), err, 10*n)
 		}
 	}
 	b.StopTimer()
