@@ -242,6 +242,16 @@ func (s brokerSink) HandleMessage(m broker.Message) { s.reg.Deliver(registry.Mes
 
 func (s brokerSink) HandleDisconnect() { s.reg.Disconnected() }
 
+// HandleChannelsDown and HandleChannelsUp hold and catch up the channels
+// of one shard (sharded mode) while the others go on.
+func (s brokerSink) HandleChannelsDown(channels []string) { s.reg.HoldChannels(channels) }
+
+func (s brokerSink) HandleChannelsUp(channels []string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s.reg.ReleaseChannels(ctx, channels)
+}
+
 func (s brokerSink) HandleReconnect() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

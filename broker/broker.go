@@ -293,6 +293,9 @@ func build(opts Options, h Handler, outer *Broker) (*Broker, error) {
 	b.psCtx = context.WithValue(b.ctx, subConnKey{}, true)
 	setGauge(b.m.Connected, 0)
 	setGauge(b.m.Channels, 0)
+	if sh, ok := h.(shardHandler); ok {
+		sh.c.b = b // before the reader may call it
+	}
 	if b.shards != nil {
 		close(b.readerDone)
 		close(b.writerDone)

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -53,6 +55,38 @@ func shardSubscribers(t *testing.T, c *redistest.Cluster) map[*redistest.Server]
 		}
 	}
 	return out
+}
+
+// channelRecorder is a recorder that is told of the outages of some
+// channels (a ChannelHandler): the channels held, and those released.
+type channelRecorder struct {
+	*recorder
+	mu         sync.Mutex
+	held, back []string
+}
+
+func (r *channelRecorder) HandleChannelsDown(channels []string) {
+	r.mu.Lock()
+	r.held = append(r.held, channels...)
+	r.mu.Unlock()
+	r.poke()
+}
+
+func (r *channelRecorder) HandleChannelsUp(channels []string) {
+	r.mu.Lock()
+	r.back = append(r.back, channels...)
+	r.mu.Unlock()
+	r.poke()
+}
+
+// outages are the channels held and released so far, sorted.
+func (r *channelRecorder) outages() (held, back []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	held, back = slices.Clone(r.held), slices.Clone(r.back)
+	slices.Sort(held)
+	slices.Sort(back)
+	return held, back
 }
 
 func TestShardedNeedsCluster(t *testing.T) {
@@ -265,12 +299,50 @@ func TestShardedSlotMoves(t *testing.T) {
 	}
 }
 
+// With a Handler that can hold channels apart, a move holds the moved
+// channel only, and releases it once it is subscribed on its new master;
+// the other channels are never held.
+func TestShardedSlotMovesHoldTheMovedChannel(t *testing.T) {
+	c := redistest.StartCluster(t, 3, 0)
+	rec := &channelRecorder{recorder: newRecorder()}
+	b := newShardedBroker(t, c, rec, Metrics{})
+	ctx := ctxT(t)
+	if err := b.Subscribe(ctx, "moving", "staying"); err != nil {
+		t.Fatal(err)
+	}
+	from := c.MasterOf("moving")
+	var to *redistest.Server
+	for _, n := range c.Masters() {
+		if n != from {
+			to = n
+		}
+	}
+	if c.MasterOf("staying") == from {
+		t.Log("both channels on one master: the other stays on it")
+	}
+	c.MoveSlot(ShardedHistoryKey("moving"), to)
+	eventually(t, "the move held and released", func() bool {
+		held, back := rec.outages()
+		return len(held) > 0 && slices.Equal(held, back)
+	})
+	held, _ := rec.outages()
+	for _, ch := range held {
+		if ch != "moving" {
+			t.Fatalf("held %q, want only the moved channel", held)
+		}
+	}
+	if rec.disconnects.Load() != 0 || rec.reconnects.Load() != 0 {
+		t.Fatalf("%d disconnects and %d reconnects: every channel held", rec.disconnects.Load(), rec.reconnects.Load())
+	}
+	eventually(t, "the subscription on the new master", func() bool { return shardSubscribers(t, c)[to] >= 1 })
+}
+
 // A master fails and its replica takes over: the broker moves the
 // channels of the dead master to the new one, and events published there
 // arrive.
 func TestShardedFailover(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 1)
-	rec := newRecorder()
+	rec := &channelRecorder{recorder: newRecorder()}
 	m := newMetrics()
 	b := newShardedBroker(t, c, rec, m.Metrics)
 	ctx := ctxT(t)
@@ -316,5 +388,14 @@ func TestShardedFailover(t *testing.T) {
 	}
 	if subs := shardSubscribers(t, c); len(subs) != 3 {
 		t.Fatalf("shard subscription connections on %d nodes after the failover, want 3", len(subs))
+	}
+	// Only the dead master's channel was held, and every hold released.
+	eventually(t, "every hold released", func() bool {
+		held, back := rec.outages()
+		return slices.Equal(held, back)
+	})
+	held, _ := rec.outages()
+	if len(held) == 0 || slices.ContainsFunc(held, func(ch string) bool { return ch != chans[0] }) {
+		t.Fatalf("held %q, want %q (of the dead master) only", held, chans[0])
 	}
 }

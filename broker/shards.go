@@ -32,10 +32,11 @@ import (
 //     served elsewhere: a failover shows there once a replica took over,
 //     while the connection to the dead master only sees errors.
 //
-// A move is an outage of those channels: the Handler is told
-// HandleDisconnect before the channels are subscribed on their new master,
-// and HandleReconnect once they are, so that what was published in between
-// is caught up from history. go-redis's ClusterClient.SSubscribe is not
+// A move is an outage of those channels: the Handler is told (with a
+// ChannelHandler, of those channels only) before they are subscribed on
+// their new master, and again once they are, so that what was published in
+// between is caught up from history; the loss of a connection likewise
+// holds the channels on it until it is back, or they moved. go-redis's ClusterClient.SSubscribe is not
 // used: its PubSub lives on one node, dialled for its first channel, and
 // does not follow slots.
 
@@ -71,6 +72,9 @@ type shardSet struct {
 type shardConn struct {
 	addr string
 	b    *Broker
+	// The channels held (HandleChannelsDown) while it is down, to release
+	// when it is back or retired; guarded by shardSet.mu.
+	down []string
 }
 
 type lostChannel struct {
@@ -177,7 +181,7 @@ func (s *shardSet) connLocked(addr string) (*shardConn, error) {
 	ro := s.ro
 	ro.Addrs = []string{addr}
 	c := &shardConn{addr: addr}
-	ib, err := build(Options{
+	_, err := build(Options{
 		Redis:        &ro,
 		Logger:       s.b.log.With(zap.String("shard", addr)),
 		Metrics:      Metrics{Received: s.b.m.Received, Rejected: s.b.m.Rejected},
@@ -185,11 +189,10 @@ func (s *shardSet) connLocked(addr string) (*shardConn, error) {
 		Probe:        -1,
 		LibraryCheck: -1,
 		Instance:     s.b.instance,
-	}, shardHandler{s: s, c: c}, s.b)
+	}, shardHandler{s: s, c: c}, s.b) // sets c.b before it starts
 	if err != nil {
 		return nil, err
 	}
-	c.b = ib
 	s.conns[addr] = c
 	return c, nil
 }
@@ -389,7 +392,7 @@ func (s *shardSet) move(ctx context.Context, channels []string) {
 	slices.Sort(channels)
 	s.b.log.Info("following moved slots: resubscribing channels on their new masters",
 		zap.Int("channels", len(channels)), zap.Strings("first", channels[:min(len(channels), 5)]))
-	s.b.h.HandleDisconnect()
+	s.channelsDown(channels)
 	groups, err := s.place(channels)
 	if err != nil {
 		s.b.log.Error("cannot place channels on their masters", zap.Error(err))
@@ -409,12 +412,33 @@ func (s *shardSet) move(ctx context.Context, channels []string) {
 		s.poke()
 	}
 	inc(s.b.m.Reconnects)
+	s.channelsUp(channels)
+}
+
+// channelsDown tells the Handler of an outage of channels: of those only, if it
+// can hold them apart.
+func (s *shardSet) channelsDown(channels []string) {
+	if ch, ok := s.b.h.(ChannelHandler); ok {
+		ch.HandleChannelsDown(channels)
+		return
+	}
+	s.b.h.HandleDisconnect()
+}
+
+// channelsUp ends an outage told by channelsDown, from a goroutine of its own (the Handler
+// catches up from history).
+func (s *shardSet) channelsUp(channels []string) {
 	s.bg.Add(1)
 	go func() {
 		defer s.bg.Done()
-		if s.b.ctx.Err() == nil {
-			s.b.h.HandleReconnect()
+		if s.b.ctx.Err() != nil {
+			return
 		}
+		if ch, ok := s.b.h.(ChannelHandler); ok {
+			ch.HandleChannelsUp(channels)
+			return
+		}
+		s.b.h.HandleReconnect()
 	}()
 }
 
@@ -426,15 +450,25 @@ func (s *shardSet) retire() {
 		used[addr] = true
 	}
 	var idle []*shardConn
+	var held [][]string
 	for addr, c := range s.conns {
 		if !used[addr] {
 			idle = append(idle, c)
 			delete(s.conns, addr)
+			if c.down != nil {
+				held = append(held, c.down)
+				c.down = nil
+			}
 		}
 	}
 	s.mu.Unlock()
 	for _, c := range idle {
 		_ = c.b.Close()
+	}
+	// What a dead master's connection held is released: its channels
+	// were moved (and caught up) or dropped.
+	for _, chans := range held {
+		s.channelsUp(chans)
 	}
 }
 
@@ -497,15 +531,51 @@ type shardHandler struct {
 
 func (h shardHandler) HandleMessage(m Message) { h.s.b.h.HandleMessage(m) }
 
+// HandleDisconnect holds the channels of the lost connection.
 func (h shardHandler) HandleDisconnect() {
 	h.s.setUp(false)
-	h.s.b.h.HandleDisconnect()
+	if _, ok := h.s.b.h.(ChannelHandler); !ok {
+		h.s.b.h.HandleDisconnect()
+		return
+	}
+	chans := h.c.b.channelList()
+	h.s.mu.Lock()
+	h.c.down = append(h.c.down, chans...)
+	h.s.mu.Unlock()
+	h.s.channelsDown(chans)
 }
 
+// HandleReconnect releases them once it is back with every channel
+// subscribed again; a late call, the connection down again meanwhile,
+// leaves them to the next.
 func (h shardHandler) HandleReconnect() {
 	inc(h.s.b.m.Reconnects)
-	h.s.b.h.HandleReconnect()
+	if _, ok := h.s.b.h.(ChannelHandler); !ok {
+		h.s.b.h.HandleReconnect()
+		h.s.refreshState(true)
+		return
+	}
+	h.s.mu.Lock()
+	var chans []string
+	if h.c.b.Connected() {
+		chans, h.c.down = h.c.down, nil
+	}
+	h.s.mu.Unlock()
+	if chans != nil {
+		h.s.channelsUp(chans)
+	}
 	h.s.refreshState(true)
+}
+
+// channelList is the channels the connection keeps subscribed.
+func (b *Broker) channelList() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := make([]string, 0, len(b.channels))
+	for c := range b.channels {
+		out = append(out, c)
+	}
+	return out
 }
 
 // isMoved reports a MOVED or ASK redirection.

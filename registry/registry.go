@@ -130,6 +130,12 @@ type Registry struct {
 	// when it was subscribed) per subscribed channel; a channel missing
 	// has none known.
 	heads map[string]uint64
+	// Channels held by HoldChannels (an outage of their shard, or a move
+	// to another one): how many holds each, and what arrived meanwhile
+	// (live) or was read back by catch-ups that could not end the hold.
+	held       map[string]int
+	heldLive   map[string][]Message
+	heldMissed map[string][]Message
 }
 
 type channel struct {
@@ -154,6 +160,9 @@ func New(src Source, logger *zap.Logger, m Metrics) *Registry {
 		kick:     make(chan struct{}, 1),
 		done:     make(chan struct{}),
 		heads:    make(map[string]uint64),
+		held:       make(map[string]int),
+		heldLive:   make(map[string][]Message),
+		heldMissed: make(map[string][]Message),
 	}
 	if cs, ok := src.(ChannelSource); ok && cs.PerChannel() {
 		r.perChannel = cs
@@ -382,12 +391,158 @@ func (c *channel) remove(s *Subscriber) bool {
 // blocks on a subscriber.
 func (r *Registry) Deliver(m Message) {
 	r.deliverMu.Lock()
-	if r.holding {
+	switch {
+	case r.held[m.Channel] > 0:
+		r.heldLive[m.Channel] = append(r.heldLive[m.Channel], m)
+	case r.holding:
 		r.pending = append(r.pending, m)
-	} else {
+	default:
 		r.deliverLocked(m)
 	}
 	r.deliverMu.Unlock()
+}
+
+// routeLocked delivers m unless its channel is held, in which case it
+// waits, with what the channel's catch-up reads back, for the hold to end.
+func (r *Registry) routeLocked(m Message, missed bool) {
+	if r.held[m.Channel] == 0 {
+		r.deliverLocked(m)
+		return
+	}
+	if missed {
+		r.heldMissed[m.Channel] = append(r.heldMissed[m.Channel], m)
+	} else {
+		r.heldLive[m.Channel] = append(r.heldLive[m.Channel], m)
+	}
+}
+
+// HoldChannels is Disconnected for some channels only, with ids per
+// channel (a shard's connection was lost, or their slot moved to another
+// shard): their live messages are held until ReleaseChannels catches them
+// up, while the other channels go on. Holds add up: each needs its
+// release. Without ids per channel it is Disconnected.
+func (r *Registry) HoldChannels(channels []string) {
+	r.deliverMu.Lock()
+	defer r.deliverMu.Unlock()
+	if r.perChannel == nil {
+		r.disconnects++
+		r.holdLocked()
+		return
+	}
+	for _, c := range channels {
+		r.held[c]++
+	}
+}
+
+// ReleaseChannels ends one hold of channels (HoldChannels): once a channel
+// is held no more, what its history holds after its head is delivered,
+// then what arrived live meanwhile, without duplicates. A channel whose
+// head is unknown is told it may have missed events. Without ids per
+// channel it is Reconnected.
+func (r *Registry) ReleaseChannels(ctx context.Context, channels []string) {
+	if r.perChannel == nil {
+		r.Reconnected(ctx)
+		return
+	}
+	start := time.Now()
+	r.deliverMu.Lock()
+	var known, unknown []string
+	var after []uint64
+	for _, c := range channels {
+		if h, ok := r.heads[c]; ok {
+			known = append(known, c)
+			after = append(after, h)
+		} else {
+			unknown = append(unknown, c)
+		}
+	}
+	r.deliverMu.Unlock()
+
+	var missed []Message
+	var truncated bool
+	var err error
+	if len(known) > 0 {
+		missed, truncated, err = r.perChannel.ReplayChannelsAll(ctx, known, after)
+		if err != nil {
+			r.logger.Error("catch-up of channels failed: events may be lost",
+				zap.Strings("channels", known), zap.Error(err))
+		}
+	}
+	// Unknown heads: channels still being subscribed (they read their
+	// head once subscribed, nothing to catch up), or whose head could not
+	// be read.
+	var lost []string
+	r.mu.RLock()
+	for _, c := range unknown {
+		if ch := r.channels[c]; ch != nil && ch.history && ch.isReady() {
+			lost = append(lost, c)
+		}
+	}
+	r.mu.RUnlock()
+	var heads []uint64
+	var herr error
+	if len(lost) > 0 {
+		heads, herr = r.perChannel.Heads(ctx, lost)
+		r.logger.Warn("channels subscribed while Redis failed cannot be caught up: their streams are told they may have missed events",
+			zap.Strings("channels", lost), zap.NamedError("read_error", herr))
+	}
+
+	r.deliverMu.Lock()
+	if truncated || err != nil {
+		for i, c := range known {
+			f := missedChannelFrame(c, after[i])
+			r.fanOut(c, false, func(sse.Format, bool) *Frame { return f })
+		}
+	}
+	for i, c := range lost {
+		f := missedChannelFrame(c, 0)
+		r.fanOut(c, false, func(sse.Format, bool) *Frame { return f })
+		if herr == nil {
+			if h, ok := r.heads[c]; !ok || heads[i] > h {
+				r.heads[c] = heads[i]
+			}
+		}
+	}
+	byChannel := make(map[string][]Message)
+	for _, m := range missed {
+		byChannel[m.Channel] = append(byChannel[m.Channel], m)
+	}
+	for _, c := range channels {
+		r.heldMissed[c] = append(r.heldMissed[c], byChannel[c]...)
+		if r.held[c] > 1 {
+			r.held[c]--
+			continue // still held: a later release delivers
+		}
+		delete(r.held, c)
+		back, live := r.heldMissed[c], r.heldLive[c]
+		delete(r.heldMissed, c)
+		delete(r.heldLive, c)
+		slices.SortStableFunc(back, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
+		for _, m := range back {
+			r.releaseLocked(m, true)
+		}
+		for _, m := range live {
+			r.releaseLocked(m, false)
+		}
+	}
+	r.deliverMu.Unlock()
+	if len(missed) > 0 {
+		r.logger.Info("caught up channels", zap.Int("events", len(missed)),
+			zap.Int("channels", len(known)), zap.Duration("took", time.Since(start)))
+	}
+}
+
+// releaseLocked delivers what a channel's hold kept, unless everything is
+// held (Disconnected): then it waits for that catch-up, in order.
+func (r *Registry) releaseLocked(m Message, missed bool) {
+	switch {
+	case !r.holding:
+		r.deliverLocked(m)
+	case missed:
+		r.missed = append(r.missed, m)
+	default:
+		r.pending = append(r.pending, m)
+	}
 }
 
 func (r *Registry) deliverLocked(m Message) {
@@ -691,10 +846,10 @@ func (r *Registry) reconnectedPerChannel(ctx context.Context) {
 		// live meanwhile; deliverLocked skips what both hold.
 		slices.SortStableFunc(r.missed, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
 		for _, m := range r.missed {
-			r.deliverLocked(m)
+			r.routeLocked(m, true)
 		}
 		for _, m := range r.pending {
-			r.deliverLocked(m)
+			r.routeLocked(m, false)
 		}
 		r.missed, r.pending = nil, nil
 		r.holding = false
