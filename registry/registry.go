@@ -152,14 +152,14 @@ func New(src Source, logger *zap.Logger, m Metrics) *Registry {
 		logger = zap.NewNop()
 	}
 	r := &Registry{
-		src:      src,
-		logger:   logger,
-		metrics:  m,
-		channels: make(map[string]*channel),
-		dirty:    make(map[string]struct{}),
-		kick:     make(chan struct{}, 1),
-		done:     make(chan struct{}),
-		heads:    make(map[string]uint64),
+		src:        src,
+		logger:     logger,
+		metrics:    m,
+		channels:   make(map[string]*channel),
+		dirty:      make(map[string]struct{}),
+		kick:       make(chan struct{}, 1),
+		done:       make(chan struct{}),
+		heads:      make(map[string]uint64),
 		held:       make(map[string]int),
 		heldLive:   make(map[string][]Message),
 		heldMissed: make(map[string][]Message),
