@@ -550,6 +550,10 @@ func (h shardHandler) HandleDisconnect() {
 // leaves them to the next.
 func (h shardHandler) HandleReconnect() {
 	inc(h.s.b.m.Reconnects)
+	// The master may have restarted without its data: presence is
+	// written again at once (the libraries come back by the library
+	// check).
+	h.s.b.presenceResync()
 	if _, ok := h.s.b.h.(ChannelHandler); !ok {
 		h.s.b.h.HandleReconnect()
 		h.s.refreshState(true)
