@@ -103,6 +103,7 @@ func waitShardNumsub(t *testing.T, c *redistest.Cluster, n int64, chans ...strin
 // each shard, in publish order, then live events. A stream on one channel
 // keeps plain ids, those the publisher got back.
 func TestShardedResumeAcrossShards(t *testing.T) {
+	skipShort(t)
 	c := redistest.StartCluster(t, 3, 1)
 	a := startSharded(t, c)
 	b := startSharded(t, c)
@@ -259,6 +260,7 @@ var loadCommands = []string{"fcall", "time", "xrevrange", "xadd", "expire", "spu
 // commands per channel per instance (SSUBSCRIBE with the twin, and the
 // read of where its history stands), whatever the number of streams.
 func TestShardedBalance(t *testing.T) {
+	skipShort(t)
 	c := redistest.StartCluster(t, 3, 1)
 	in := startSharded(t, c)
 	cc := c.Client()
@@ -524,9 +526,7 @@ func lowestSlot(t *testing.T, cc *redis.ClusterClient, master *redistest.Server)
 // takes over. Every stream gets every event its channels' history holds,
 // once, in order, and no sse-missed.
 func TestShardedReshardAndFailoverUnderLoad(t *testing.T) {
-	if testing.Short() {
-		t.Skip("a minute of load on a cluster")
-	}
+	skipShort(t)
 	c := redistest.StartCluster(t, 3, 1)
 	insts := []*caddytest.Instance{startSharded(t, c), startSharded(t, c)}
 	t.Cleanup(func() {
@@ -792,4 +792,12 @@ func nodeID(t *testing.T, n *redistest.Server) string {
 		t.Fatal(err)
 	}
 	return id
+}
+
+// skipShort skips a test that runs a Redis Cluster under go test -short.
+func skipShort(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("runs a Redis Cluster and Caddy processes")
+	}
 }

@@ -101,6 +101,7 @@ func TestShardedNeedsCluster(t *testing.T) {
 // events, published by the broker or with the documented FCALL, arrive
 // with ids that count per channel and are kept in the channel's slot.
 func TestShardedPublishAndHistory(t *testing.T) {
+	skipShort(t)
 	c := redistest.StartCluster(t, 3, 0)
 	rec := newRecorder()
 	b := newShardedBroker(t, c, rec, Metrics{})
@@ -217,6 +218,7 @@ func TestShardedPublishAndHistory(t *testing.T) {
 // an outage (disconnect, then reconnect) so that the registry catches up,
 // and ids keep increasing.
 func TestShardedSlotMoves(t *testing.T) {
+	skipShort(t)
 	c := redistest.StartCluster(t, 3, 0)
 	rec := newRecorder()
 	m := newMetrics()
@@ -303,6 +305,7 @@ func TestShardedSlotMoves(t *testing.T) {
 // channel only, and releases it once it is subscribed on its new master;
 // the other channels are never held.
 func TestShardedSlotMovesHoldTheMovedChannel(t *testing.T) {
+	skipShort(t)
 	c := redistest.StartCluster(t, 3, 0)
 	rec := &channelRecorder{recorder: newRecorder()}
 	b := newShardedBroker(t, c, rec, Metrics{})
@@ -341,6 +344,7 @@ func TestShardedSlotMovesHoldTheMovedChannel(t *testing.T) {
 // channels of the dead master to the new one, and events published there
 // arrive.
 func TestShardedFailover(t *testing.T) {
+	skipShort(t)
 	c := redistest.StartCluster(t, 3, 1)
 	rec := &channelRecorder{recorder: newRecorder()}
 	m := newMetrics()
@@ -397,5 +401,13 @@ func TestShardedFailover(t *testing.T) {
 	held, _ := rec.outages()
 	if len(held) == 0 || slices.ContainsFunc(held, func(ch string) bool { return ch != chans[0] }) {
 		t.Fatalf("held %q, want %q (of the dead master) only", held, chans[0])
+	}
+}
+
+// skipShort skips a test that runs a Redis Cluster under go test -short.
+func skipShort(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("runs a Redis Cluster")
 	}
 }
