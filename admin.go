@@ -72,7 +72,7 @@ type adminHub struct {
 
 // redisDescription tells which Redis a hub uses, without credentials.
 type redisDescription struct {
-	Mode       string   `json:"mode"` // single, sentinel, cluster
+	Mode       string   `json:"mode"` // single, sentinel, cluster, sharded
 	Addrs      []string `json:"addrs"`
 	MasterName string   `json:"master_name,omitempty"`
 	DB         int      `json:"db"`

@@ -71,6 +71,7 @@ func parseHealth(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //	        addrs       <host:port>...
 //	        master_name <name>
 //	        cluster
+//	        sharded
 //	        username    <user>
 //	        password    <password>
 //	        db          <n>
@@ -109,7 +110,8 @@ func parseHealth(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //
 // `redis` takes a redis:// or rediss:// URL, or a placeholder such as
 // {env.REDIS_URL}, or a block, not both: `addrs` for one server, the
-// Sentinels (with `master_name`) or the Cluster nodes (with `cluster`); a
+// Sentinels (with `master_name`) or the Cluster nodes (with `cluster`, and
+// `sharded` for sharded pub/sub and per-channel history on each master); a
 // block without `addrs` sets `username`, `password` and `tls` for the
 // default server (`db` then belongs in the URL's path). Without `redis`,
 // {env.REDIS_URL} and then redis://127.0.0.1:6379 are used.

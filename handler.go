@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -75,13 +74,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 
 	history := h.History.retention().MaxLen > 0
-	after, resume := uint64(0), false
+	var from registry.EventID
 	if history {
-		after, resume = lastEventID(r)
-		if !resume && h.LastEventID != "" && repl != nil {
-			after, resume = parseEventID(repl.ReplaceAll(h.LastEventID, ""))
+		from = registry.ParseEventID(lastEventID(r))
+		if !from.Valid() && h.LastEventID != "" && repl != nil {
+			from = registry.ParseEventID(repl.ReplaceAll(h.LastEventID, ""))
 		}
 	}
+	resume := h.hub.reg.Resumes(from)
 
 	sub := registry.NewSubscriber(channels, h.format, h.Buffer, history)
 	if resume {
@@ -94,7 +94,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 	adm.add(releasePer)
 	var life *streamLife
-	st := stream.New(sub, h.streams, h.streamEnd(g), after, func(res stream.Result) {
+	st := stream.New(sub, h.streams, h.streamEnd(g), func(res stream.Result) {
 		adm.release()
 		life.closed(res.Reason)
 	})
@@ -102,6 +102,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return nil // the client went away, or the config is being unloaded
 	}
 	adm.add(func() { h.hub.reg.Detach(sub) })
+	cur := h.hub.reg.Cursor(sub, from)
+	st.SetCursor(cur)
 
 	setHeaders(w.Header())
 	proc().metrics.streamsOpen.Inc()
@@ -136,11 +138,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return nil
 	}
 	if resume {
-		last, err := h.replay(r.Context(), sub, after, func(frames [][]byte) error {
-			return st.Write(frames, len(frames))
-		})
-		st.SetLastSeq(last)
-		if err != nil {
+		if err := h.replay(r.Context(), sub, cur, from, st.Write); err != nil {
 			st.Abort()
 			return nil
 		}
@@ -261,21 +259,13 @@ func contains(list []string, s string) bool {
 
 // lastEventID reads the resume point: the Last-Event-ID header a browser
 // sends on reconnect, or the lastEventId query parameter for a first page
-// load. An id that is not one of ours is ignored.
-func lastEventID(r *http.Request) (uint64, bool) {
+// load. An id that is not one of ours is ignored (registry.ParseEventID).
+func lastEventID(r *http.Request) string {
 	v := r.Header.Get("Last-Event-ID")
 	if v == "" {
 		v = r.URL.Query().Get("lastEventId")
 	}
-	return parseEventID(v)
-}
-
-func parseEventID(v string) (uint64, bool) {
-	n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
-	if err != nil {
-		return 0, false
-	}
-	return n, true
+	return v
 }
 
 // setHeaders sets the stream's response headers.
@@ -306,26 +296,28 @@ const (
 	replayMaxPage   = 512
 )
 
-// replay writes the history of sub's channels after id after, one page at
-// a time: a page is written (write blocks on a slow client) before the
-// next is read. It returns the last id written. Live frames queue
-// meanwhile; the resumable ones that find the queue full are read from
-// history instead (see Subscriber.Replaying). A close found in history
-// ends that channel of the stream.
-func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, after uint64, write func([][]byte) error) (uint64, error) {
+// replay writes the history of sub's channels after cur's positions (the
+// client's Last-Event-ID, from), one page at a time: a page is written
+// (write blocks on a slow client) before the next is read, and cur moves
+// on with what is written. Live frames queue meanwhile; the resumable ones
+// that find the queue full are read from history instead (see
+// Subscriber.Replaying). A close found in history ends that channel of the
+// stream.
+func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, cur *registry.Cursor, from registry.EventID, write func(bufs [][]byte, events int) error) error {
 	channels := sub.Channels()
-	last, count := after, int64(replayFirstPage)
+	count := int64(replayFirstPage)
 	missed := false
 	var closed []string
-	var frames [][]byte
+	var frames []*registry.Frame
+	var bufs [][]byte
 	for {
 		pctx, cancel := context.WithTimeout(ctx, replayTimeout)
-		page, err := h.hub.reg.ReplayPage(pctx, channels, last, count)
+		page, err := h.hub.reg.ReplayPage(pctx, cur, count)
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
 				sub.AbortReplay()
-				return last, ctx.Err()
+				return ctx.Err()
 			}
 			// Serve the live stream anyway and tell the client what it
 			// may have missed rather than end it while Redis is out.
@@ -335,19 +327,17 @@ func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, after ui
 		frames = frames[:0]
 		if page.Truncated && !missed {
 			missed = true
-			frames = append(frames, registry.MissedFrame(after).Bytes)
+			frames = append(frames, registry.MissedFrameAfter(from))
 		}
 		size, done := 0, false
 		for _, m := range page.Messages {
 			if contains(closed, m.Channel) {
+				cur.Advance(&registry.Frame{Channel: m.Channel, Seq: m.Seq}) // read past it
 				continue
 			}
 			size += len(m.Payload)
 			f := h.hub.reg.Encode(h.format, true, m)
-			last = max(last, f.Seq)
-			if len(f.Bytes) > 0 {
-				frames = append(frames, f.Bytes)
-			}
+			frames = append(frames, f)
 			if f.Close {
 				closed = append(closed, m.Channel)
 				if done = h.hub.reg.Leave(sub, m.Channel); done {
@@ -355,23 +345,23 @@ func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, after ui
 				}
 			}
 		}
-		if !done {
-			last = max(last, page.Next)
-		}
-		if werr := write(frames); werr != nil {
+		var events int
+		bufs, events, _ = cur.AppendWire(bufs[:0], frames)
+		if werr := write(bufs, events); werr != nil {
 			sub.AbortReplay()
-			return last, werr
+			return werr
 		}
 		clear(frames)
+		clear(bufs)
 		if err != nil || done {
 			sub.AbortReplay()
-			return last, nil
+			return nil
 		}
 		if n := len(page.Messages); n > 0 {
 			count = min(max(int64(replayPageBytes/max(size/n, 1)/len(channels)), replayMinPage), replayMaxPage)
 		}
 		if !page.More && sub.EndReplay() {
-			return last, nil
+			return nil
 		}
 	}
 }

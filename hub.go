@@ -33,12 +33,13 @@ func acquireHub(cfg *RedisConfig) (*hub, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	key, err := hubKey(opts, cluster)
+	sharded := cfg != nil && cfg.Sharded
+	key, err := hubKey(opts, cluster, sharded)
 	if err != nil {
 		return nil, "", err
 	}
 	v, _, err := proc().hubs.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newHub(opts, cluster, logger)
+		return newHub(opts, cluster, sharded, logger)
 	})
 	if err != nil {
 		return nil, "", err
@@ -51,9 +52,9 @@ func releaseHub(key string) error {
 	return err
 }
 
-func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hub, error) {
+func newHub(opts *redis.UniversalOptions, cluster, sharded bool, logger *zap.Logger) (*hub, error) {
 	proc().redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
-	src := &brokerSource{}
+	src := &brokerSource{sharded: sharded}
 	reg := registry.New(src, logger, registry.Metrics{
 		Dropped: proc().metrics.dropped,
 		Faults:  proc().metrics.faults,
@@ -61,6 +62,7 @@ func newHub(opts *redis.UniversalOptions, cluster bool, logger *zap.Logger) (*hu
 	brk, err := broker.New(broker.Options{
 		Redis:    opts,
 		Cluster:  cluster,
+		Sharded:  sharded,
 		Logger:   logger,
 		Instance: proc().instance,
 		Metrics: broker.Metrics{
@@ -158,8 +160,42 @@ func (h *hub) Destruct() error {
 	return h.brk.Close()
 }
 
-// brokerSource adapts the broker to the registry's Source.
-type brokerSource struct{ b *broker.Broker }
+// brokerSource adapts the broker to the registry's Source (and, in sharded
+// mode, ChannelSource).
+type brokerSource struct {
+	b       *broker.Broker
+	sharded bool
+}
+
+func (s *brokerSource) PerChannel() bool { return s.sharded }
+
+func (s *brokerSource) Heads(ctx context.Context, channels []string) ([]uint64, error) {
+	return s.b.Heads(ctx, channels)
+}
+
+func (s *brokerSource) ReplayChannels(ctx context.Context, channels []string, after []uint64, count int64) (registry.Page, error) {
+	p, err := s.b.ReplayChannels(ctx, channels, after, count)
+	if err != nil {
+		return registry.Page{}, err
+	}
+	return registry.Page{Messages: toRegistry(p.Messages), Truncated: p.Truncated, More: p.More}, nil
+}
+
+func (s *brokerSource) ReplayChannelsAll(ctx context.Context, channels []string, after []uint64) ([]registry.Message, bool, error) {
+	rep, err := s.b.ReplayChannelsAll(ctx, channels, after)
+	if err != nil {
+		return nil, false, err
+	}
+	return toRegistry(rep.Messages), rep.Truncated, nil
+}
+
+func toRegistry(ms []broker.Message) []registry.Message {
+	out := make([]registry.Message, len(ms))
+	for i, m := range ms {
+		out[i] = registry.Message(m)
+	}
+	return out
+}
 
 func (s *brokerSource) Subscribe(ctx context.Context, channels ...string) error {
 	return s.b.Subscribe(ctx, channels...)
@@ -197,6 +233,16 @@ type brokerSink struct{ reg *registry.Registry }
 func (s brokerSink) HandleMessage(m broker.Message) { s.reg.Deliver(registry.Message(m)) }
 
 func (s brokerSink) HandleDisconnect() { s.reg.Disconnected() }
+
+// HandleChannelsDown and HandleChannelsUp hold and catch up the channels
+// of one shard (sharded mode) while the others go on.
+func (s brokerSink) HandleChannelsDown(channels []string) { s.reg.HoldChannels(channels) }
+
+func (s brokerSink) HandleChannelsUp(channels []string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s.reg.ReleaseChannels(ctx, channels)
+}
 
 func (s brokerSink) HandleReconnect() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -39,6 +39,12 @@ type RedisConfig struct {
 	MasterName string `json:"master_name,omitempty"`
 	// Cluster selects Redis Cluster mode.
 	Cluster bool `json:"cluster,omitempty"`
+	// Sharded, with Cluster, uses Redis 7's sharded pub/sub: each channel
+	// is subscribed (SSUBSCRIBE) on the master of its slot and its history
+	// lives there too, so publish load spreads over the masters. Publishers
+	// use SPUBLISH, and FCALL sse_publish with the channel's own history key
+	// (sse:h{<channel>}); resume ids count per channel. See the README.
+	Sharded bool `json:"sharded,omitempty"`
 	// Username for Redis ACL authentication. Placeholders are expanded.
 	Username string `json:"username,omitempty"`
 	// Password for Redis authentication. Placeholders are expanded.
@@ -74,6 +80,8 @@ func (c *RedisConfig) validate() error {
 		}
 	}
 	switch {
+	case c.Sharded && !c.Cluster:
+		return errors.New("redis: sharded needs cluster (sharded pub/sub exists on a Redis Cluster only: give its nodes in addrs, and cluster)")
 	case c.Cluster && c.MasterName != "":
 		return errors.New("redis: cluster and master_name exclude each other (Cluster or Sentinel)")
 	case c.MasterName != "" && len(c.Addrs) == 0:
@@ -191,9 +199,9 @@ func (c *RedisConfig) options() (*redis.UniversalOptions, bool, error) {
 // key share one hub. It holds the password (two configs with other
 // credentials must not share a connection), so it is never shown: see
 // describeHubKey.
-func hubKey(opts *redis.UniversalOptions, cluster bool) (string, error) {
+func hubKey(opts *redis.UniversalOptions, cluster, sharded bool) (string, error) {
 	b, err := json.Marshal([]any{opts.Addrs, opts.MasterName, opts.Username,
-		opts.Password, opts.DB, opts.TLSConfig != nil, cluster})
+		opts.Password, opts.DB, opts.TLSConfig != nil, cluster, sharded})
 	if err != nil {
 		return "", fmt.Errorf("redis: %w", err)
 	}
@@ -217,10 +225,16 @@ func describeHubKey(key any) redisDescription {
 	_ = json.Unmarshal(fields[4], &d.DB)
 	_ = json.Unmarshal(fields[5], &d.TLS)
 	_ = json.Unmarshal(fields[6], &cluster)
+	var sharded bool
+	if len(fields) > 7 {
+		_ = json.Unmarshal(fields[7], &sharded)
+	}
 	if d.Addrs == nil {
 		d.Addrs = []string{}
 	}
 	switch {
+	case sharded:
+		d.Mode = "sharded"
 	case d.MasterName != "":
 		d.Mode = "sentinel"
 	case cluster || len(d.Addrs) > 1:
@@ -301,6 +315,9 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 		case "cluster":
 			_, err = optArgs(d, "redis: cluster", 0, 0)
 			rc.Cluster = true
+		case "sharded":
+			_, err = optArgs(d, "redis: sharded", 0, 0)
+			rc.Sharded = true
 		case "username":
 			rc.Username, err = optArg(d, "redis: username")
 		case "password":

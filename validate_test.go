@@ -126,6 +126,7 @@ func TestValidateJSONErrors(t *testing.T) {
 		// checked in JSON too, cluster with master_name built a Cluster
 		// client on the Sentinels' addresses.
 		{"redis cluster and sentinel", `{"handler":"sse","channels":["news"],"redis":{"addrs":["127.0.0.1:1"],"cluster":true,"master_name":"m"}}`, "master_name"},
+		{"redis sharded without cluster", `{"handler":"sse","channels":["news"],"redis":{"addrs":["127.0.0.1:1","127.0.0.1:2"],"sharded":true}}`, "redis: sharded needs cluster"},
 		{"redis sentinel with a url", `{"handler":"sse","channels":["news"],"redis":{"url":"redis://127.0.0.1:1","master_name":"m"}}`, "master_name"},
 		{"redis url and addrs", `{"handler":"sse","channels":["news"],"redis":{"url":"redis://127.0.0.1:1","addrs":["127.0.0.1:1"]}}`, "addrs"},
 		{"redis url scheme", `{"handler":"sse","channels":["news"],"redis":{"url":"http://127.0.0.1:1"}}`, "redis"},

@@ -40,6 +40,20 @@ type Handler interface {
 	HandleDisconnect()
 }
 
+// ChannelHandler is a Handler that can be told of an outage of some
+// channels only. In sharded mode, when the connection to a master is lost
+// or a slot moves to another master, the broker tells it
+// HandleChannelsDown with the channels concerned (instead of
+// HandleDisconnect, which would hold every channel), then, once they are
+// subscribed again, HandleChannelsUp with the same channels, from its own
+// goroutine. Every call of HandleChannelsDown is followed by one of
+// HandleChannelsUp with the same channels.
+type ChannelHandler interface {
+	Handler
+	HandleChannelsDown(channels []string)
+	HandleChannelsUp(channels []string)
+}
+
 // Retention is the history kept per channel for resume.
 type Retention struct {
 	// MaxLen keeps about this many events per channel (0: no history).

@@ -54,6 +54,13 @@ type Options struct {
 	Redis *redis.UniversalOptions
 	// Cluster forces a cluster client even with one address.
 	Cluster bool
+	// Sharded selects sharded mode on a Redis Cluster (it needs one): each
+	// channel is subscribed with SSUBSCRIBE on a connection to the master
+	// of its slot (one connection per master), its history and resumable
+	// twin live in its slot (see ShardedHistoryKey), and resumable ids
+	// count per channel. Without it a cluster is used with SUBSCRIBE, and
+	// resumable events all go through the {sse} slot.
+	Sharded bool
 	// Logger receives faults and state changes, never one line per message.
 	// Nil: no logging.
 	Logger *zap.Logger
@@ -65,7 +72,8 @@ type Options struct {
 	// DefaultHealthCheck.
 	HealthCheck time.Duration
 	// Probe is how often the broker publishes a message on a channel of its
-	// own and checks that the subscription connection receives it; one not
+	// own (in sharded mode: reads the cluster's slots, to follow moves)
+	// and checks that the subscription connection receives it; one not
 	// received within two periods marks the connection dead. It catches
 	// what a PING cannot: after a Sentinel failover, the old master keeps
 	// the connection open and answers PINGs, but what is published now
@@ -117,6 +125,10 @@ const (
 // Broker owns one Redis client and the one pub/sub connection that every
 // stream of the instance shares. Its methods are safe for concurrent use.
 type Broker struct {
+	sharded bool      // sharded mode: see Options.Sharded
+	shards  *shardSet // in sharded mode, the per-master connections
+	outer   *Broker   // for a per-master connection, the broker it serves
+
 	client   redis.UniversalClient
 	cluster  *redis.ClusterClient // client, when it is a cluster client
 	sub      *redis.Client        // in a cluster, the subscription connection's client
@@ -170,6 +182,8 @@ type Broker struct {
 
 	upAt time.Time // when up last became true; guarded by mu
 
+	lostPending []string // a per-master connection's channels its node dropped; guarded by mu
+
 	// Presence and lifecycle writers, started on demand and waited for by
 	// Close (see presence.go, lifecycle.go).
 	bg       sync.WaitGroup
@@ -186,6 +200,12 @@ type Broker struct {
 // fails only on invalid options: an unreachable Redis is an outage like any
 // other, reported by Connected, the metrics and the log, and retried.
 func New(opts Options, h Handler) (*Broker, error) {
+	return build(opts, h, nil)
+}
+
+// build is New; outer is set for a per-master connection of a sharded
+// broker, which subscribes with SSUBSCRIBE and serves outer's Handler.
+func build(opts Options, h Handler, outer *Broker) (*Broker, error) {
 	if h == nil {
 		return nil, errors.New("broker: nil Handler")
 	}
@@ -211,6 +231,7 @@ func New(opts Options, h Handler) (*Broker, error) {
 	if opts.Cluster {
 		ro.IsClusterMode = true
 	}
+	plain := ro // without the counting dialer, for the per-master connections
 	if strings.Contains(opts.Instance, "|") {
 		return nil, fmt.Errorf("broker: instance name %q holds a |", opts.Instance)
 	}
@@ -230,11 +251,17 @@ func New(opts Options, h Handler) (*Broker, error) {
 		libDone:    make(chan struct{}),
 		channels:   make(map[string]struct{}),
 		libEvery:   cmp.Or(opts.LibraryCheck, DefaultLibraryCheck),
+		outer:      outer,
+		sharded:    opts.Sharded || outer != nil,
 	}
 	ro.Dialer = b.countingDialer(ro)
 	b.client = redis.NewUniversalClient(&ro)
 	b.cluster, _ = b.client.(*redis.ClusterClient)
-	if b.cluster != nil {
+	if opts.Sharded && b.cluster == nil {
+		_ = b.client.Close()
+		return nil, errors.New("broker: sharded mode needs a Redis Cluster")
+	}
+	if b.cluster != nil && !b.sharded {
 		b.sub = b.clusterSubClient(ro)
 	}
 	if b.log == nil {
@@ -251,6 +278,12 @@ func New(opts Options, h Handler) (*Broker, error) {
 	if b.probeEvery == 0 && (ro.MasterName != "" || b.cluster != nil) {
 		b.probeEvery = DefaultProbe
 	}
+	if b.sharded && b.outer == nil {
+		// No subscription connection of its own: the per-master ones
+		// follow the slots, which are read every probe period.
+		b.shards = newShardSet(b, plain, b.probeEvery)
+		b.probeEvery = 0
+	}
 	if b.probeEvery > 0 {
 		// Each instance probes on a channel of its own, so that one never
 		// takes another's probe for its own.
@@ -260,6 +293,16 @@ func New(opts Options, h Handler) (*Broker, error) {
 	b.psCtx = context.WithValue(b.ctx, subConnKey{}, true)
 	setGauge(b.m.Connected, 0)
 	setGauge(b.m.Channels, 0)
+	if sh, ok := h.(shardHandler); ok {
+		sh.c.b = b // before the reader may call it
+	}
+	if b.shards != nil {
+		close(b.readerDone)
+		close(b.writerDone)
+		b.shards.start()
+		go b.checkLibrary()
+		return b, nil
+	}
 	// The first PubSub is installed before New returns (it does no I/O), so
 	// that a Subscribe right after New waits for the first connection
 	// instead of finding the broker down.
@@ -291,9 +334,12 @@ func (b *Broker) Subscribe(ctx context.Context, channels ...string) error {
 		return nil
 	}
 	for _, c := range channels {
-		if reserved(c) {
-			return fmt.Errorf("subscribe %q: %w", c, ErrReservedChannel)
+		if b.reserved(c) {
+			return fmt.Errorf("subscribe %q: %w", c, b.reservedErr())
 		}
+	}
+	if b.shards != nil {
+		return b.shards.subscribe(ctx, channels)
 	}
 	b.mu.Lock()
 	if b.closed {
@@ -338,8 +384,12 @@ func (b *Broker) Subscribe(ctx context.Context, channels ...string) error {
 func (b *Broker) Unsubscribe(channels ...string) {
 	// A reserved name was never subscribed; as is, it would name the twin
 	// of a channel that still has listeners.
-	channels = slices.DeleteFunc(slices.Clone(dedupe(channels)), reserved)
+	channels = slices.DeleteFunc(slices.Clone(dedupe(channels)), b.reserved)
 	if len(channels) == 0 {
+		return
+	}
+	if b.shards != nil {
+		b.shards.unsubscribe(channels)
 		return
 	}
 	b.mu.Lock()
@@ -363,6 +413,10 @@ func (b *Broker) Unsubscribe(channels ...string) {
 // Connected reports whether the subscription connection is up, with every
 // channel confirmed.
 func (b *Broker) Connected() bool {
+	if b.shards != nil {
+		up, _ := b.shards.state()
+		return up
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.up
@@ -372,6 +426,9 @@ func (b *Broker) Connected() bool {
 // channel confirmed, and since when it has been up, or down (or, before the
 // first connection, since the broker was created).
 func (b *Broker) State() (up bool, since time.Time) {
+	if b.shards != nil {
+		return b.shards.state()
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	switch {
@@ -403,6 +460,9 @@ func (b *Broker) Close() error {
 	b.cancel()
 	for _, w := range failed {
 		w.finish(ErrClosed)
+	}
+	if b.shards != nil {
+		b.shards.close()
 	}
 	if ps != nil {
 		// Closing the PubSub closes its connection, which ends the reader's

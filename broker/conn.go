@@ -87,15 +87,39 @@ type op struct {
 
 // names are the Redis channels o covers: each channel and its twin, side
 // by side, so that one command subscribes (or drops) both.
-func (o op) names() []string {
+func (b *Broker) names(o op) []string {
 	if o.bare {
 		return o.channels
 	}
 	out := make([]string, 0, 2*len(o.channels))
 	for _, c := range o.channels {
-		out = append(out, c, twinOf(c))
+		out = append(out, c, b.twinOf(c))
 	}
 	return out
+}
+
+// slotGroups splits names into the commands that subscribe (or drop) them:
+// one in all, except on a per-master connection of sharded mode, where
+// SSUBSCRIBE takes channels of one slot only (a channel and its twin share
+// one). The order is kept within each group, and groups come in the order
+// of their first name.
+func (b *Broker) slotGroups(names []string) [][]string {
+	if b.outer == nil {
+		return [][]string{names}
+	}
+	var groups [][]string
+	at := make(map[int]int)
+	for _, n := range names {
+		slot := Slot(n)
+		i, ok := at[slot]
+		if !ok {
+			i = len(groups)
+			at[slot] = i
+			groups = append(groups, nil)
+		}
+		groups[i] = append(groups[i], n)
+	}
+	return groups
 }
 
 // waiter is one Subscribe call waiting for its confirmations.
@@ -285,14 +309,17 @@ func (b *Broker) writeOne() bool {
 	if len(b.pending) == 0 {
 		b.pending = nil
 	}
-	b.nextCmd++
-	var names []string
+	var groups [][]string
 	if o.kind == kindPing {
+		b.nextCmd++
 		b.inflight.push(reply{kind: kindPing, cmd: b.nextCmd, barrier: o.barrier})
 	} else {
-		names = o.names()
-		for _, c := range names {
-			b.inflight.push(reply{kind: o.kind, channel: c, cmd: b.nextCmd, w: o.w})
+		groups = b.slotGroups(b.names(o))
+		for _, g := range groups {
+			b.nextCmd++
+			for _, c := range g {
+				b.inflight.push(reply{kind: o.kind, channel: c, cmd: b.nextCmd, w: o.w})
+			}
 		}
 	}
 	b.mu.Unlock()
@@ -300,9 +327,27 @@ func (b *Broker) writeOne() bool {
 	var err error
 	switch o.kind {
 	case kindSubscribe:
-		err = ps.Subscribe(b.psCtx, names...)
+		for _, g := range groups {
+			if b.outer != nil {
+				err = ps.SSubscribe(b.psCtx, g...)
+			} else {
+				err = ps.Subscribe(b.psCtx, g...)
+			}
+			if err != nil {
+				break
+			}
+		}
 	case kindUnsubscribe:
-		err = ps.Unsubscribe(b.psCtx, names...)
+		for _, g := range groups {
+			if b.outer != nil {
+				err = ps.SUnsubscribe(b.psCtx, g...)
+			} else {
+				err = ps.Unsubscribe(b.psCtx, g...)
+			}
+			if err != nil {
+				break
+			}
+		}
 	case kindPing:
 		err = ps.Ping(b.psCtx, pingPayload)
 	}
@@ -440,6 +485,13 @@ func (b *Broker) receive(ps *redis.PubSub) error {
 			if err := b.confirmed(v); err != nil {
 				return err
 			}
+			if b.outer != nil {
+				b.mu.Lock()
+				lost := b.lostPending
+				b.lostPending = nil
+				b.mu.Unlock()
+				b.handLost(lost)
+			}
 		case *redis.Pong:
 			if err := b.ponged(v); err != nil {
 				return err
@@ -453,7 +505,7 @@ func (b *Broker) receive(ps *redis.PubSub) error {
 // message hands over what arrived on a Redis channel. Only a twin's
 // message carries an id; a plain one never does, whatever its bytes.
 func (b *Broker) message(channel, payload string) {
-	if c, ok := strings.CutPrefix(channel, ResumableChannelPrefix); ok {
+	if c, ok := b.channelOfTwin(channel); ok {
 		seq, body, ok := unframe(payload)
 		if !ok {
 			b.reject(b.rejBad, rejectBad, "dropped a message on a resumable channel that is not an sse_publish frame", c, payload)
@@ -618,15 +670,22 @@ func (b *Broker) kill(ps *redis.PubSub, reason error) {
 func (b *Broker) confirmed(s *redis.Subscription) error {
 	var k kind
 	switch s.Kind {
-	case "subscribe":
+	case "subscribe", "ssubscribe":
 		k = kindSubscribe
-	case "unsubscribe":
+	case "unsubscribe", "sunsubscribe":
 		k = kindUnsubscribe
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	r, ok := b.inflight.peek()
 	if !ok || k == 0 || r.kind != k || r.channel != s.Channel {
+		if b.outer != nil && s.Kind == "sunsubscribe" {
+			// Not an answer: the node gave the channel's slot away
+			// (resharding, or it became a replica) and dropped its
+			// subscribers.
+			b.slotLostLocked(s.Channel)
+			return nil
+		}
 		return fmt.Errorf("unexpected %s confirmation for channel %q: replies out of step", s.Kind, s.Channel)
 	}
 	b.inflight.pop()
@@ -679,6 +738,10 @@ func (b *Broker) ponged(p *redis.Pong) error {
 func (b *Broker) refused(rerr redis.Error) error {
 	b.mu.Lock()
 	r, ok := b.inflight.peek()
+	if ok && b.outer != nil && r.kind != kindPing && isMoved(rerr) {
+		b.movedUnlock(r.cmd, rerr)
+		return nil
+	}
 	if !ok || r.kind != kindSubscribe {
 		b.mu.Unlock()
 		return fmt.Errorf("redis refused a command on the subscription connection: %w", rerr)
@@ -687,8 +750,11 @@ func (b *Broker) refused(rerr redis.Error) error {
 	var chans []string // the callers' names
 	for ok && r.cmd == cmd {
 		// A twin and its channel come side by side; callers never name a
-		// twin (reserved), so stripping the prefix is exact.
-		c := strings.TrimPrefix(r.channel, ResumableChannelPrefix)
+		// twin (reserved), so taking the channel back is exact.
+		c := r.channel
+		if ch, twin := b.channelOfTwin(c); twin {
+			c = ch
+		}
 		if len(chans) == 0 || chans[len(chans)-1] != c {
 			chans = append(chans, c)
 		}
@@ -717,7 +783,11 @@ func (b *Broker) refused(rerr redis.Error) error {
 	setGauge(b.m.Channels, float64(len(b.channels)))
 	b.mu.Unlock()
 
-	b.log.Warn("redis refused a subscription (an ACL must allow each channel and "+ResumableChannelPrefix+"<channel>)",
+	why := "redis refused a subscription (an ACL must allow each channel and " + ResumableChannelPrefix + "<channel>)"
+	if b.sharded {
+		why = "redis refused a subscription (an ACL must allow each channel and its twin, such as sse:r{<channel>})"
+	}
+	b.log.Warn(why,
 		zap.Strings("channels", chans), zap.Error(rerr))
 	if w != nil {
 		w.finish(fmt.Errorf("subscribe %q: %w", chans, rerr))

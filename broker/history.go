@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -105,17 +106,122 @@ const library = `#!lua name=caddy_sse
 -- FCALL sse_publish 1 <channel> <payload> [<maxlen> [<ttl_seconds>]]
 -- FCALL sse_publish 1 {sse}:h:<channel> <payload> [<maxlen> [<ttl_seconds>]]
 -- (the second form everywhere, and the only one in a Redis Cluster)
+-- FCALL sse_publish 1 sse:h{<channel>} <payload> [<maxlen> [<ttl_seconds>]]
+-- (sharded mode only: the channel's own history key, see sharded_names)
 -- returns the event id. Defaults: maxlen {{MAXLEN}}, ttl_seconds {{TTL}}
 -- (0: the history never expires).
 
 local default_maxlen = {{MAXLEN}}
 local default_ttl = {{TTL}}
 local cluster = {{CLUSTER}}
+local sharded = {{SHARDED}}
 local seq_key = '{{SEQ}}'
 local epoch_key = '{{EPOCH}}'
 local history_prefix = '{{HISTORY}}'
 local twin_prefix = '{{TWIN}}'
 local tagged = '{sse}:h:'
+
+-- Sharded mode (Redis Cluster with sharded pub/sub): ids count per
+-- channel, and the history key and the twin channel live in the channel's
+-- slot (see shardkeys.go for the names).
+local function has_tag(s)
+  local i = string.find(s, '{', 1, true)
+  if not i then return false end
+  local j = string.find(s, '}', i + 1, true)
+  return j ~= nil and j > i + 1
+end
+
+local function crc16(s)
+  local crc = 0
+  for i = 1, #s do
+    crc = bit.bxor(crc, bit.lshift(string.byte(s, i), 8))
+    for _ = 1, 8 do
+      if bit.band(crc, 0x8000) ~= 0 then
+        crc = bit.band(bit.bxor(bit.lshift(crc, 1), 0x1021), 0xFFFF)
+      else
+        crc = bit.band(bit.lshift(crc, 1), 0xFFFF)
+      end
+    end
+  end
+  return crc
+end
+
+local function unstep16(r)
+  for _ = 1, 16 do
+    if bit.band(r, 1) ~= 0 then
+      r = bit.bor(bit.rshift(bit.bxor(r, 0x1021), 1), 0x8000)
+    else
+      r = bit.rshift(r, 1)
+    end
+  end
+  return r
+end
+
+local function tag_byte(b) return b >= 33 and b <= 126 and b ~= 125 end
+
+-- A three-character hash tag for the slot of a channel that holds '}' but
+-- no hash tag of its own.
+local function slot_tag(slot)
+  for p = 33, 126 do
+    if p ~= 125 then
+      local s = crc16(string.char(p))
+      for hi = 0, 3 do
+        local b = bit.bxor(s, unstep16(slot + hi * 16384))
+        local b1, b2 = bit.rshift(b, 8), bit.band(b, 255)
+        if tag_byte(b1) and tag_byte(b2) then return string.char(p, b1, b2) end
+      end
+    end
+  end
+end
+
+-- The history key and the twin of a channel.
+local function sharded_names(c)
+  if has_tag(c) then return 'sse:h:' .. c, 'sse:r:' .. c end
+  if not string.find(c, '}', 1, true) then return 'sse:h{' .. c .. '}', 'sse:r{' .. c .. '}' end
+  local t = slot_tag(crc16(c) % 16384)
+  return 'sse:h~{' .. t .. '}' .. c, 'sse:r~{' .. t .. '}' .. c
+end
+
+-- The channel a history key belongs to, or nil.
+local function channel_of(key)
+  local c
+  if string.sub(key, 1, 6) == 'sse:h:' then
+    c = string.sub(key, 7)
+  elseif string.sub(key, 1, 6) == 'sse:h{' and string.sub(key, -1) == '}' then
+    c = string.sub(key, 7, -2)
+  elseif string.sub(key, 1, 7) == 'sse:h~{' then
+    local j = string.find(key, '}', 8, true)
+    if j then c = string.sub(key, j + 1) end
+  end
+  if c and c ~= '' and sharded_names(c) == key then return c end
+  return nil
+end
+
+local function publish_sharded(key, payload, maxlen, ttl)
+  local channel = channel_of(key)
+  if not channel then
+    if string.sub(key, 1, 4) == 'sse:' or string.sub(key, 1, 6) == '{sse}:' then
+      return redis.error_reply('ERR sse_publish: ' .. key .. ' is not the history key of a channel (sharded mode: FCALL sse_publish 1 <history key> <payload>)')
+    end
+    return redis.error_reply('ERR sse_publish: sharded mode: name the channel\'s history key, which routes the call to its shard: FCALL sse_publish 1 ' .. sharded_names(key) .. ' <payload>')
+  end
+  local _, twin = sharded_names(channel)
+  -- The id counts per channel: the last id of the channel's stream plus one,
+  -- but never below the clock in microseconds, so that ids issued after a
+  -- failover lost the last writes still pass every id a client has seen.
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local prev = 0
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if last[1] then prev = tonumber(string.match(last[1][1], '^%d+')) or 0 end
+  local seq = prev + 1
+  if seq < now then seq = now end
+  local id = string.format('%.0f', seq)
+  redis.call('XADD', key, 'MAXLEN', string.format('%.0f', maxlen), id .. '-0', 'd', payload, 'p', string.format('%.0f', prev))
+  if ttl > 0 then redis.call('EXPIRE', key, string.format('%.0f', ttl)) end
+  redis.call('SPUBLISH', twin, '\30sse:' .. id .. '\30' .. payload)
+  return seq
+end
 
 local function sse_publish(keys, args)
   if #keys ~= 1 or #args < 1 or #args > 3 then
@@ -130,6 +236,7 @@ local function sse_publish(keys, args)
   if ttl == nil or ttl < 0 or ttl ~= math.floor(ttl) then
     return redis.error_reply('ERR sse_publish: ttl_seconds must be a non-negative integer')
   end
+  if sharded then return publish_sharded(keys[1], args[1], maxlen, ttl) end
   local channel, payload = keys[1], args[1]
   if string.sub(channel, 1, #tagged) == tagged then
     channel = string.sub(channel, #tagged + 1)
@@ -175,7 +282,7 @@ end
 redis.register_function('sse_publish', sse_publish)
 `
 
-func libraryCode(r Retention, cluster bool) string {
+func libraryCode(r Retention, cluster, sharded bool) string {
 	seq, hist, epoch := SeqKey, HistoryKeyPrefix, EpochKey
 	if cluster {
 		seq, hist, epoch = ClusterSeqKey, ClusterKeyPrefix, ClusterEpochKey
@@ -184,6 +291,7 @@ func libraryCode(r Retention, cluster bool) string {
 		"{{MAXLEN}}", strconv.FormatInt(r.MaxLen, 10),
 		"{{TTL}}", strconv.FormatInt(ttlSeconds(r.TTL), 10),
 		"{{CLUSTER}}", strconv.FormatBool(cluster),
+		"{{SHARDED}}", strconv.FormatBool(sharded),
 		"{{SEQ}}", seq,
 		"{{EPOCH}}", epoch,
 		"{{HISTORY}}", hist,
@@ -193,6 +301,9 @@ func libraryCode(r Retention, cluster bool) string {
 
 // historyKey is the key holding channel's history.
 func (b *Broker) historyKey(channel string) string {
+	if b.sharded {
+		return ShardedHistoryKey(channel)
+	}
 	if b.cluster != nil {
 		return ClusterKeyPrefix + channel
 	}
@@ -287,6 +398,9 @@ func (b *Broker) restoreLibrary(ctx context.Context) error {
 	if !history && !presence {
 		return nil
 	}
+	if b.sharded {
+		return b.restoreSharded(ctx, history, presence)
+	}
 	var c redis.Cmdable = b.client
 	if b.cluster != nil {
 		m, err := b.cluster.MasterForKey(ctx, ClusterSeqKey)
@@ -321,8 +435,49 @@ func (b *Broker) restoreLibrary(ctx context.Context) error {
 	return nil
 }
 
+// restoreSharded is restoreLibrary in sharded mode, where every master
+// needs the history library: a master that lacks it (a node added to the
+// cluster, a FUNCTION FLUSH) gets it. The presence library lives on the
+// {sse} slot's master, as in cluster mode.
+func (b *Broker) restoreSharded(ctx context.Context, history, presence bool) error {
+	var missing atomic.Bool
+	if history {
+		_ = b.cluster.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
+			libs, err := c.FunctionList(ctx, redis.FunctionListQuery{LibraryNamePattern: LibraryName}).Result()
+			if err == nil && len(libs) == 0 {
+				missing.Store(true)
+			}
+			return nil
+		})
+	}
+	if missing.Load() {
+		if err := b.loadLibrary(ctx, b.hist.ret, false); err != nil {
+			return err
+		}
+		b.log.Warn("the history function library was missing from a Redis master (FUNCTION FLUSH, a new node); loaded it again",
+			zap.String("library", LibraryName))
+	}
+	if !presence {
+		return nil
+	}
+	m, err := b.cluster.MasterForKey(ctx, ClusterSeqKey)
+	if err != nil {
+		return nil
+	}
+	libs, err := m.FunctionList(ctx, redis.FunctionListQuery{LibraryNamePattern: PresenceLibraryName}).Result()
+	if err != nil || len(libs) > 0 {
+		return nil
+	}
+	if err := b.loadCode(ctx, PresenceLibraryName, presenceLibraryCode(), false); err != nil {
+		return err
+	}
+	b.log.Warn("the presence function library was missing from Redis; loaded it again",
+		zap.String("library", PresenceLibraryName))
+	return nil
+}
+
 func (b *Broker) loadLibrary(ctx context.Context, r Retention, replace bool) error {
-	if err := b.loadCode(ctx, LibraryName, libraryCode(r, b.cluster != nil), replace); err != nil {
+	if err := b.loadCode(ctx, LibraryName, libraryCode(r, b.cluster != nil, b.sharded), replace); err != nil {
 		return fmt.Errorf("%w (history %d, ttl %s)", err, r.MaxLen, r.TTL)
 	}
 	return nil
@@ -342,7 +497,16 @@ func (b *Broker) loadCode(ctx context.Context, name, code string, replace bool) 
 		return err
 	}
 	var err error
-	if b.cluster != nil {
+	switch {
+	case b.sharded:
+		// Every master publishes resumable events of its channels: each
+		// must have the library (its replicas get it from it).
+		err = b.topology(ctx, func() error {
+			return b.cluster.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
+				return load(ctx, c)
+			})
+		})
+	case b.cluster != nil:
 		// Functions live per node. The master of the {sse} slot must have
 		// the library (its replicas get it from it); the other masters get
 		// it too, best effort, so that it is there if resharding moves the
@@ -359,7 +523,7 @@ func (b *Broker) loadCode(ctx context.Context, name, code string, replace bool) 
 				return load(ctx, c)
 			})
 		}
-	} else {
+	default:
 		err = load(ctx, b.client)
 	}
 	if err != nil {
@@ -375,11 +539,15 @@ func (b *Broker) Publish(ctx context.Context, channel string, payload []byte, r 
 	if err := r.validate(); err != nil {
 		return 0, fmt.Errorf("publish on %q: %w", channel, err)
 	}
-	if reserved(channel) {
-		return 0, fmt.Errorf("publish on %q: %w", channel, ErrReservedChannel)
+	if b.reserved(channel) {
+		return 0, fmt.Errorf("publish on %q: %w", channel, b.reservedErr())
 	}
 	if r.MaxLen == 0 {
-		if err := b.topology(ctx, func() error { return b.client.Publish(ctx, channel, payload).Err() }); err != nil {
+		publish := b.client.Publish
+		if b.sharded {
+			publish = b.client.SPublish
+		}
+		if err := b.topology(ctx, func() error { return publish(ctx, channel, payload).Err() }); err != nil {
 			return 0, fmt.Errorf("publish on %q: %w", channel, err)
 		}
 		return 0, nil
@@ -399,7 +567,10 @@ func (b *Broker) Publish(ctx context.Context, channel string, payload []byte, r 
 
 func (b *Broker) publishHistory(ctx context.Context, channel string, payload []byte, r Retention) (uint64, error) {
 	key := channel
-	if b.cluster != nil {
+	switch {
+	case b.sharded:
+		key = ShardedHistoryKey(channel)
+	case b.cluster != nil:
 		key = ClusterKeyPrefix + channel
 	}
 	var n int64
@@ -430,6 +601,13 @@ const replayPageSize = 1024
 // page before it reads the next. A channel without history contributes
 // nothing and is not truncated.
 func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (Replay, error) {
+	if b.sharded {
+		from := make([]uint64, len(channels))
+		for i := range from {
+			from[i] = after
+		}
+		return b.ReplayChannelsAll(ctx, dedupe(channels), from)
+	}
 	var rp Replay
 	for {
 		pg, err := b.ReplayPage(ctx, channels, after, replayPageSize)
@@ -459,6 +637,18 @@ func (b *Broker) ReplayPage(ctx context.Context, channels []string, after uint64
 	channels = dedupe(channels)
 	if len(channels) == 0 || after == math.MaxUint64 {
 		return pg, nil
+	}
+	if b.sharded {
+		// Ids count per channel: the same position on each.
+		from := make([]uint64, len(channels))
+		for i := range from {
+			from[i] = after
+		}
+		cp, err := b.ReplayChannels(ctx, channels, from, count)
+		if err != nil {
+			return Page{}, err
+		}
+		return Page{Messages: cp.Messages, Truncated: cp.Truncated, More: cp.More, Next: after}, nil
 	}
 	start := strconv.FormatUint(after+1, 10) // XRANGE takes "n" as "n-0"
 	cmds := make([]*redis.XMessageSliceCmd, len(channels))
@@ -512,6 +702,135 @@ func (b *Broker) ReplayPage(ctx context.Context, channels []string, after uint64
 	return pg, nil
 }
 
+// ChannelsPage is one page of history read by ReplayChannels.
+type ChannelsPage struct {
+	// Messages are, for each channel, its retained messages after its
+	// position, in id order; channels are interleaved by id (which, ids
+	// being at least the publish time in microseconds, is about the order
+	// of publishing).
+	Messages []Message
+	// Truncated is true when some history of a channel between its
+	// position and its first message is gone (trimmed): the client may
+	// have missed some.
+	Truncated bool
+	// More is true when some channel filled the page: read again from the
+	// positions of the last messages.
+	More bool
+}
+
+// ReplayChannels reads one page of the history of channels whose ids count
+// per channel (sharded mode), after[i] being the position of channels[i]:
+// at most count entries per channel (count <= 0: DefaultPageSize), in one
+// round trip per shard. A position of 0 asks for everything retained, and
+// is never truncated; nor is a channel without history (its key expired
+// after its TTL without a publish, so nothing was missed).
+func (b *Broker) ReplayChannels(ctx context.Context, channels []string, after []uint64, count int64) (ChannelsPage, error) {
+	var pg ChannelsPage
+	if len(after) != len(channels) {
+		return pg, fmt.Errorf("replay: %d positions for %d channels", len(after), len(channels))
+	}
+	if count <= 0 {
+		count = DefaultPageSize
+	}
+	cmds := make([]*redis.XMessageSliceCmd, len(channels))
+	err := b.topology(ctx, func() error {
+		pipe := b.client.Pipeline()
+		for i, c := range channels {
+			if after[i] == math.MaxUint64 {
+				continue
+			}
+			cmds[i] = pipe.XRangeN(ctx, b.historyKey(c), strconv.FormatUint(after[i]+1, 10), "+", count)
+		}
+		_, err := pipe.Exec(ctx)
+		return err
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return ChannelsPage{}, fmt.Errorf("replay %q: %w", channels, err)
+	}
+	for i, cmd := range cmds {
+		if cmd == nil {
+			continue
+		}
+		entries := cmd.Val()
+		if int64(len(entries)) == count {
+			pg.More = true
+		}
+		for j, e := range entries {
+			seq, err := parseID(e.ID)
+			if err != nil {
+				return ChannelsPage{}, fmt.Errorf("replay %q: history entry %s: %w", channels[i], e.ID, err)
+			}
+			if j == 0 && after[i] > 0 && entryPrev(e) > after[i] {
+				pg.Truncated = true
+			}
+			d, _ := e.Values["d"].(string)
+			pg.Messages = append(pg.Messages, Message{Channel: channels[i], Payload: []byte(d), Seq: seq})
+		}
+	}
+	if len(channels) > 1 {
+		slices.SortStableFunc(pg.Messages, func(x, y Message) int { return cmp.Compare(x.Seq, y.Seq) })
+	}
+	return pg, nil
+}
+
+// ReplayChannelsAll is ReplayChannels read to the end, page by page. Its
+// memory grows with the history: it serves the catch-up after a
+// reconnect, which delivers what it reads to every stream at once.
+func (b *Broker) ReplayChannelsAll(ctx context.Context, channels []string, after []uint64) (Replay, error) {
+	var rp Replay
+	from := slices.Clone(after)
+	index := make(map[string]int, len(channels))
+	for i, c := range channels {
+		index[c] = i
+	}
+	for {
+		pg, err := b.ReplayChannels(ctx, channels, from, replayPageSize)
+		if err != nil {
+			return Replay{}, err
+		}
+		rp.Messages = append(rp.Messages, pg.Messages...)
+		rp.Truncated = rp.Truncated || pg.Truncated
+		if !pg.More {
+			slices.SortStableFunc(rp.Messages, func(x, y Message) int { return cmp.Compare(x.Seq, y.Seq) })
+			return rp, nil
+		}
+		for _, m := range pg.Messages {
+			if i := index[m.Channel]; m.Seq > from[i] {
+				from[i] = m.Seq
+			}
+		}
+	}
+}
+
+// Heads returns the id of the newest event in the history of each channel
+// (0 for none), in sharded mode where ids count per channel: a stream that
+// starts now has seen everything up to it. One round trip per shard.
+func (b *Broker) Heads(ctx context.Context, channels []string) ([]uint64, error) {
+	cmds := make([]*redis.XMessageSliceCmd, len(channels))
+	err := b.topology(ctx, func() error {
+		pipe := b.client.Pipeline()
+		for i, c := range channels {
+			cmds[i] = pipe.XRevRangeN(ctx, b.historyKey(c), "+", "-", 1)
+		}
+		_, err := pipe.Exec(ctx)
+		return err
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return nil, fmt.Errorf("read the history heads of %q: %w", channels, err)
+	}
+	heads := make([]uint64, len(channels))
+	for i, cmd := range cmds {
+		if e := cmd.Val(); len(e) > 0 {
+			h, err := parseID(e[0].ID)
+			if err != nil {
+				return nil, fmt.Errorf("history entry %s of %q: %w", e[0].ID, channels[i], err)
+			}
+			heads[i] = h
+		}
+	}
+	return heads, nil
+}
+
 // epochKeys are the epoch and the counter, in the order lost reads them.
 // They share the {sse} slot in a cluster, so one MGET reads both.
 func (b *Broker) epochKeys() []string {
@@ -552,11 +871,38 @@ func parseID(id string) (uint64, error) {
 }
 
 // twinOf is the twin of a caller's channel.
-func twinOf(channel string) string { return ResumableChannelPrefix + channel }
+func (b *Broker) twinOf(channel string) string {
+	if b.sharded {
+		return shardedTwin(channel)
+	}
+	return ResumableChannelPrefix + channel
+}
+
+// channelOfTwin is the channel whose twin name is, if it is one.
+func (b *Broker) channelOfTwin(name string) (string, bool) {
+	if b.sharded {
+		return channelOfTwin(name)
+	}
+	return strings.CutPrefix(name, ResumableChannelPrefix)
+}
 
 // reserved reports whether a caller may not name channel: it would be
-// taken for another channel's twin.
-func reserved(channel string) bool { return strings.HasPrefix(channel, ResumableChannelPrefix) }
+// taken for another channel's twin (in sharded mode, every sse: name is
+// the module's).
+func (b *Broker) reserved(channel string) bool {
+	if b.sharded {
+		return strings.HasPrefix(channel, ShardedReservedPrefix)
+	}
+	return strings.HasPrefix(channel, ResumableChannelPrefix)
+}
+
+// reservedErr is ErrReservedChannel, saying which names are reserved.
+func (b *Broker) reservedErr() error {
+	if b.sharded {
+		return fmt.Errorf("%w (in sharded mode, every name starting with %s)", ErrReservedChannel, ShardedReservedPrefix)
+	}
+	return ErrReservedChannel
+}
 
 // unframe splits "\x1esse:<seq>\x1e<body>". Anything else, including a
 // payload that only starts like a frame, is not a frame.

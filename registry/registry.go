@@ -7,6 +7,7 @@ package registry
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"math"
 	"slices"
@@ -43,6 +44,27 @@ type Source interface {
 	// ReplayPage returns one page of that history: about count messages
 	// per channel, so that a resuming stream holds a bounded amount.
 	ReplayPage(ctx context.Context, channels []string, after uint64, count int64) (Page, error)
+}
+
+// ChannelSource is a Source whose resumable ids count per channel (Redis
+// Cluster in sharded mode, where each channel's counter lives on its own
+// shard): ids of two channels do not compare, so the registry keeps a
+// position per channel, and streams resume from a vector of them (see
+// Cursor).
+type ChannelSource interface {
+	Source
+	// PerChannel reports whether ids count per channel.
+	PerChannel() bool
+	// Heads returns the id of the newest event in each channel's history
+	// (0 for none).
+	Heads(ctx context.Context, channels []string) ([]uint64, error)
+	// ReplayChannels returns one page of the history of channels, each
+	// after its own position (after[i]): about count messages per channel.
+	// Page.Next is not used.
+	ReplayChannels(ctx context.Context, channels []string, after []uint64, count int64) (Page, error)
+	// ReplayChannelsAll returns all of that history, and whether some of
+	// it was trimmed.
+	ReplayChannelsAll(ctx context.Context, channels []string, after []uint64) ([]Message, bool, error)
 }
 
 // Page is one page of history.
@@ -82,9 +104,10 @@ type Registry struct {
 	// channel that had streams.
 	OnClose func(channel string)
 
-	src     Source
-	logger  *zap.Logger
-	metrics Metrics
+	src        Source
+	perChannel ChannelSource // src, when its ids count per channel
+	logger     *zap.Logger
+	metrics    Metrics
 
 	mu       sync.RWMutex
 	channels map[string]*channel
@@ -103,6 +126,16 @@ type Registry struct {
 	pending     []Message     // live messages held back while catching up
 	missed      []Message     // read back by the catch-ups under way
 	lastSeq     atomic.Uint64 // highest sequence number delivered
+	// With ids per channel: the highest id delivered (or found in history
+	// when it was subscribed) per subscribed channel; a channel missing
+	// has none known.
+	heads map[string]uint64
+	// Channels held by HoldChannels (an outage of their shard, or a move
+	// to another one): how many holds each, and what arrived meanwhile
+	// (live) or was read back by catch-ups that could not end the hold.
+	held       map[string]int
+	heldLive   map[string][]Message
+	heldMissed map[string][]Message
 }
 
 type channel struct {
@@ -119,13 +152,20 @@ func New(src Source, logger *zap.Logger, m Metrics) *Registry {
 		logger = zap.NewNop()
 	}
 	r := &Registry{
-		src:      src,
-		logger:   logger,
-		metrics:  m,
-		channels: make(map[string]*channel),
-		dirty:    make(map[string]struct{}),
-		kick:     make(chan struct{}, 1),
-		done:     make(chan struct{}),
+		src:        src,
+		logger:     logger,
+		metrics:    m,
+		channels:   make(map[string]*channel),
+		dirty:      make(map[string]struct{}),
+		kick:       make(chan struct{}, 1),
+		done:       make(chan struct{}),
+		heads:      make(map[string]uint64),
+		held:       make(map[string]int),
+		heldLive:   make(map[string][]Message),
+		heldMissed: make(map[string][]Message),
+	}
+	if cs, ok := src.(ChannelSource); ok && cs.PerChannel() {
+		r.perChannel = cs
 	}
 	r.wg.Add(1)
 	go r.reconcile()
@@ -175,6 +215,18 @@ func (r *Registry) Attach(ctx context.Context, s *Subscriber) error {
 			r.Detach(s)
 			return ErrClosed
 		}
+	}
+	if r.perChannel != nil && s.history {
+		// Where each channel stands as the stream starts: whatever is
+		// delivered from now on is newer (delivery holds deliverMu), and
+		// what was queued before is not the stream's.
+		r.deliverMu.Lock()
+		s.start = make([]uint64, len(s.channels))
+		s.startKnown = make([]bool, len(s.channels))
+		for i, name := range s.channels {
+			s.start[i], s.startKnown[i] = r.heads[name]
+		}
+		r.deliverMu.Unlock()
 	}
 	return nil
 }
@@ -239,6 +291,13 @@ func (r *Registry) reconcile() {
 
 		if len(remove) > 0 {
 			r.src.Unsubscribe(remove...)
+			if r.perChannel != nil {
+				r.deliverMu.Lock()
+				for _, name := range remove {
+					delete(r.heads, name)
+				}
+				r.deliverMu.Unlock()
+			}
 		}
 		if len(add) == 0 {
 			continue
@@ -256,9 +315,43 @@ func (r *Registry) reconcile() {
 			r.logger.Warn("subscribe not confirmed",
 				zap.Strings("channels", names), zap.Error(err))
 		}
+		if r.perChannel != nil {
+			r.readHeads(names)
+		}
 		for _, c := range add {
 			c.markReady()
 		}
+	}
+}
+
+// readHeads learns, once channels are subscribed, the newest id in their
+// history: a stream that starts now has seen everything up to it. A channel
+// whose head cannot be read stays unknown until an event or a catch-up
+// tells it.
+func (r *Registry) readHeads(names []string) {
+	ctx, cancel := context.WithTimeout(context.Background(), subscribeTimeout)
+	heads, err := r.perChannel.Heads(ctx, names)
+	cancel()
+	if err != nil {
+		r.logger.Warn("cannot read where the history of new channels stands: streams opened now may miss events if Redis fails before their first event",
+			zap.Strings("channels", names), zap.Error(err))
+		return
+	}
+	r.deliverMu.Lock()
+	for i, name := range names {
+		if h, ok := r.heads[name]; !ok || heads[i] > h {
+			r.heads[name] = heads[i]
+		}
+	}
+	r.deliverMu.Unlock()
+}
+
+func (c *channel) isReady() bool {
+	select {
+	case <-c.ready:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -298,24 +391,189 @@ func (c *channel) remove(s *Subscriber) bool {
 // blocks on a subscriber.
 func (r *Registry) Deliver(m Message) {
 	r.deliverMu.Lock()
-	if r.holding {
+	switch {
+	case r.held[m.Channel] > 0:
+		r.heldLive[m.Channel] = append(r.heldLive[m.Channel], m)
+	case r.holding:
 		r.pending = append(r.pending, m)
-	} else {
+	default:
 		r.deliverLocked(m)
 	}
 	r.deliverMu.Unlock()
 }
 
+// routeLocked delivers m unless its channel is held, in which case it
+// waits, with what the channel's catch-up reads back, for the hold to end.
+func (r *Registry) routeLocked(m Message, missed bool) {
+	if r.held[m.Channel] == 0 {
+		r.deliverLocked(m)
+		return
+	}
+	if missed {
+		r.heldMissed[m.Channel] = append(r.heldMissed[m.Channel], m)
+	} else {
+		r.heldLive[m.Channel] = append(r.heldLive[m.Channel], m)
+	}
+}
+
+// HoldChannels is Disconnected for some channels only, with ids per
+// channel (a shard's connection was lost, or their slot moved to another
+// shard): their live messages are held until ReleaseChannels catches them
+// up, while the other channels go on. Holds add up: each needs its
+// release. Without ids per channel it is Disconnected.
+func (r *Registry) HoldChannels(channels []string) {
+	r.deliverMu.Lock()
+	defer r.deliverMu.Unlock()
+	if r.perChannel == nil {
+		r.disconnects++
+		r.holdLocked()
+		return
+	}
+	for _, c := range channels {
+		r.held[c]++
+	}
+}
+
+// ReleaseChannels ends one hold of channels (HoldChannels): once a channel
+// is held no more, what its history holds after its head is delivered,
+// then what arrived live meanwhile, without duplicates. A channel whose
+// head is unknown is told it may have missed events. Without ids per
+// channel it is Reconnected.
+func (r *Registry) ReleaseChannels(ctx context.Context, channels []string) {
+	if r.perChannel == nil {
+		r.Reconnected(ctx)
+		return
+	}
+	start := time.Now()
+	r.deliverMu.Lock()
+	var known, unknown []string
+	var after []uint64
+	for _, c := range channels {
+		if h, ok := r.heads[c]; ok {
+			known = append(known, c)
+			after = append(after, h)
+		} else {
+			unknown = append(unknown, c)
+		}
+	}
+	r.deliverMu.Unlock()
+
+	var missed []Message
+	var truncated bool
+	var err error
+	if len(known) > 0 {
+		missed, truncated, err = r.perChannel.ReplayChannelsAll(ctx, known, after)
+		if err != nil {
+			r.logger.Error("catch-up of channels failed: events may be lost",
+				zap.Strings("channels", known), zap.Error(err))
+		}
+	}
+	// Unknown heads: channels still being subscribed (they read their
+	// head once subscribed, nothing to catch up), or whose head could not
+	// be read.
+	var lost []string
+	r.mu.RLock()
+	for _, c := range unknown {
+		if ch := r.channels[c]; ch != nil && ch.history && ch.isReady() {
+			lost = append(lost, c)
+		}
+	}
+	r.mu.RUnlock()
+	var heads []uint64
+	var herr error
+	if len(lost) > 0 {
+		heads, herr = r.perChannel.Heads(ctx, lost)
+		r.logger.Warn("channels subscribed while Redis failed cannot be caught up: their streams are told they may have missed events",
+			zap.Strings("channels", lost), zap.NamedError("read_error", herr))
+	}
+
+	r.deliverMu.Lock()
+	if truncated || err != nil {
+		for i, c := range known {
+			f := missedChannelFrame(c, after[i])
+			r.fanOut(c, false, func(sse.Format, bool) *Frame { return f })
+		}
+	}
+	for i, c := range lost {
+		f := missedChannelFrame(c, 0)
+		r.fanOut(c, false, func(sse.Format, bool) *Frame { return f })
+		if herr == nil {
+			if h, ok := r.heads[c]; !ok || heads[i] > h {
+				r.heads[c] = heads[i]
+			}
+		}
+	}
+	byChannel := make(map[string][]Message)
+	for _, m := range missed {
+		byChannel[m.Channel] = append(byChannel[m.Channel], m)
+	}
+	for _, c := range channels {
+		r.heldMissed[c] = append(r.heldMissed[c], byChannel[c]...)
+		if r.held[c] > 1 {
+			r.held[c]--
+			continue // still held: a later release delivers
+		}
+		delete(r.held, c)
+		back, live := r.heldMissed[c], r.heldLive[c]
+		delete(r.heldMissed, c)
+		delete(r.heldLive, c)
+		slices.SortStableFunc(back, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
+		for _, m := range back {
+			r.releaseLocked(m, true)
+		}
+		for _, m := range live {
+			r.releaseLocked(m, false)
+		}
+	}
+	r.deliverMu.Unlock()
+	if len(missed) > 0 {
+		r.logger.Info("caught up channels", zap.Int("events", len(missed)),
+			zap.Int("channels", len(known)), zap.Duration("took", time.Since(start)))
+	}
+}
+
+// releaseLocked delivers what a channel's hold kept, unless everything is
+// held (Disconnected): then it waits for that catch-up, in order.
+func (r *Registry) releaseLocked(m Message, missed bool) {
+	switch {
+	case !r.holding:
+		r.deliverLocked(m)
+	case missed:
+		r.missed = append(r.missed, m)
+	default:
+		r.pending = append(r.pending, m)
+	}
+}
+
 func (r *Registry) deliverLocked(m Message) {
-	if m.Seq != 0 {
+	switch {
+	case m.Seq == 0:
+	case r.perChannel != nil:
+		if h, ok := r.heads[m.Channel]; ok && m.Seq <= h {
+			return // already delivered by a catch-up
+		}
+		// Kept while the channel is subscribed (from its subscription to
+		// its unsubscription, even with no stream for a moment), never
+		// for a late message after it.
+		_, known := r.heads[m.Channel]
+		if !known {
+			r.mu.RLock()
+			_, known = r.channels[m.Channel]
+			r.mu.RUnlock()
+		}
+		if known {
+			r.heads[m.Channel] = m.Seq
+		}
+	default:
 		if m.Seq <= r.lastSeq.Load() {
 			return // already delivered by a catch-up
 		}
 		r.lastSeq.Store(m.Seq)
 	}
 	// A resumable message has the same id on every stream: only a plain
-	// one is encoded apart for streams with history.
-	closed := r.fanOut(m.Channel, m.Seq == 0, func(format sse.Format, history bool) *Frame {
+	// one is encoded apart for streams with history. With ids per channel
+	// a stream with history writes its own id, so every message is.
+	closed := r.fanOut(m.Channel, m.Seq == 0 || r.perChannel != nil, func(format sse.Format, history bool) *Frame {
 		return r.Encode(format, history, m)
 	})
 	if closed != (closedFormats{}) {
@@ -406,7 +664,10 @@ func (r *Registry) Leave(s *Subscriber, channel string) (all bool) {
 // all, so that the client's Last-Event-ID is always a resume point.
 func (r *Registry) Encode(format sse.Format, history bool, m Message) *Frame {
 	ev, fault := sse.Decode(format, m.Payload)
+	open := false // the stream writes the id line and the end of the event
 	switch {
+	case m.Seq != 0 && history && r.perChannel != nil:
+		ev.ID, open = "", true
 	case m.Seq != 0:
 		ev.ID = strconv.FormatUint(m.Seq, 10)
 	case history:
@@ -417,6 +678,9 @@ func (r *Registry) Encode(format sse.Format, history bool, m Message) *Frame {
 		var more sse.Fault
 		f.Bytes, more = sse.AppendEvent(make([]byte, 0, len(ev.Data)+len(ev.ID)+len(ev.Event)+32), &ev)
 		fault |= more
+		if open {
+			f.Bytes, f.NeedsID = f.Bytes[:len(f.Bytes)-1], true
+		}
 	}
 	if fault != 0 && r.metrics.Faults != nil {
 		for _, reason := range fault.Reasons() {
@@ -426,10 +690,19 @@ func (r *Registry) Encode(format sse.Format, history bool, m Message) *Frame {
 	return f
 }
 
-// ReplayPage reads one page of the history of channels after the given
-// sequence number.
-func (r *Registry) ReplayPage(ctx context.Context, channels []string, after uint64, count int64) (Page, error) {
-	return r.src.ReplayPage(ctx, channels, after, count)
+// ReplayPage reads one page of the history of cur's channels after cur's
+// positions: about count messages per channel. The stream writes each
+// message (Encode) through cur (Advance, or AppendWire), which moves cur
+// on, and reads again while Page.More. Page.Next is not for the stream.
+func (r *Registry) ReplayPage(ctx context.Context, cur *Cursor, count int64) (Page, error) {
+	if r.perChannel == nil {
+		return r.src.ReplayPage(ctx, cur.channels, cur.last, count)
+	}
+	channels, after := cur.replayFrom()
+	if len(channels) == 0 {
+		return Page{}, nil
+	}
+	return r.perChannel.ReplayChannels(ctx, channels, after, count)
 }
 
 // Disconnected is called as soon as the Redis subscription is lost, before
@@ -456,6 +729,10 @@ func (r *Registry) holdLocked() {
 // Calls may overlap (the connection can drop again during a catch-up): live
 // messages are held back until a catch-up ends with no newer disconnect.
 func (r *Registry) Reconnected(ctx context.Context) {
+	if r.perChannel != nil {
+		r.reconnectedPerChannel(ctx)
+		return
+	}
 	r.deliverMu.Lock()
 	r.holdLocked()
 	after, gen := r.holdAfter, r.disconnects
@@ -497,6 +774,115 @@ func (r *Registry) Reconnected(ctx context.Context) {
 		r.logger.Info("caught up after reconnect",
 			zap.Int("events", len(missed)), zap.Strings("channels", names))
 	}
+}
+
+// reconnectedPerChannel is Reconnected with ids per channel: each
+// resumable channel is caught up from its own head. A channel whose head
+// was never known (Redis failed as it was subscribed) cannot be caught up:
+// its streams are told they may have missed events, and its head is read.
+func (r *Registry) reconnectedPerChannel(ctx context.Context) {
+	start := time.Now()
+	var names []string
+	r.mu.RLock()
+	for name, c := range r.channels {
+		// A channel still being subscribed reads its head once it is:
+		// its streams start there, nothing to catch up.
+		if c.history && c.isReady() {
+			names = append(names, name)
+		}
+	}
+	r.mu.RUnlock()
+
+	r.deliverMu.Lock()
+	r.holdLocked()
+	gen := r.disconnects
+	var known, unknown []string
+	var after []uint64
+	for _, name := range names {
+		if h, ok := r.heads[name]; ok {
+			known = append(known, name)
+			after = append(after, h)
+		} else {
+			unknown = append(unknown, name)
+		}
+	}
+	r.deliverMu.Unlock()
+
+	var missed []Message
+	var truncated bool
+	var err, herr error
+	if len(known) > 0 {
+		missed, truncated, err = r.perChannel.ReplayChannelsAll(ctx, known, after)
+		if err != nil {
+			r.logger.Error("catch-up after reconnect failed: events may be lost",
+				zap.Strings("channels", known), zap.Error(err))
+		}
+	}
+	var heads []uint64
+	if len(unknown) > 0 {
+		heads, herr = r.perChannel.Heads(ctx, unknown)
+		r.logger.Warn("channels subscribed while Redis failed cannot be caught up: their streams are told they may have missed events",
+			zap.Strings("channels", unknown), zap.NamedError("read_error", herr))
+	}
+	r.deliverMu.Lock()
+	if truncated || err != nil {
+		for i, name := range known {
+			f := missedChannelFrame(name, after[i])
+			r.fanOut(name, false, func(sse.Format, bool) *Frame { return f })
+		}
+	}
+	for i, name := range unknown {
+		f := missedChannelFrame(name, 0)
+		r.fanOut(name, false, func(sse.Format, bool) *Frame { return f })
+		if herr == nil {
+			if h, ok := r.heads[name]; !ok || heads[i] > h {
+				r.heads[name] = heads[i]
+			}
+		}
+	}
+	r.missed = append(r.missed, missed...)
+	if r.disconnects == gen {
+		// Per channel, what was read back goes out before what arrived
+		// live meanwhile; deliverLocked skips what both hold.
+		slices.SortStableFunc(r.missed, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
+		for _, m := range r.missed {
+			r.routeLocked(m, true)
+		}
+		for _, m := range r.pending {
+			r.routeLocked(m, false)
+		}
+		r.missed, r.pending = nil, nil
+		r.holding = false
+	}
+	r.deliverMu.Unlock()
+	if len(missed) > 0 {
+		r.logger.Info("caught up after reconnect", zap.Int("events", len(missed)),
+			zap.Int("channels", len(known)), zap.Duration("took", time.Since(start)))
+	}
+}
+
+// missedChannelFrame tells the streams of channel that events after the
+// given position on it may be lost (0: unknown). It carries no id.
+func missedChannelFrame(channel string, after uint64) *Frame {
+	data, _ := json.Marshal(struct {
+		After   string `json:"after"`
+		Channel string `json:"channel"`
+	}{strconv.FormatUint(after, 10), channel})
+	ev := sse.Event{Event: MissedEvent, Data: data}
+	b, _ := sse.AppendEvent(nil, &ev)
+	return &Frame{Bytes: b}
+}
+
+// MissedFrameAfter is the event telling a client that resumed from id that
+// it may have missed events. It carries no id, so the client's
+// Last-Event-ID stays put.
+func MissedFrameAfter(id EventID) *Frame {
+	data, _ := json.Marshal(struct {
+		After string `json:"after"`
+	}{id.String()})
+	ev := sse.Event{Event: MissedEvent, Data: data}
+	b, _ := sse.AppendEvent(nil, &ev)
+	return &Frame{Bytes: b}
 }
 
 // flushLocked ends the catch-ups: it merges what they read back with the

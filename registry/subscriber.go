@@ -19,6 +19,11 @@ type Frame struct {
 	// Close ends the stream's subscription to Channel once this frame is
 	// written, and the stream when it was its last open channel.
 	Close bool
+	// NeedsID is set when ids count per channel and the frame is a
+	// resumable event for streams with history: Bytes lack the id line and
+	// the blank line that ends the event, which each stream writes after
+	// them, with its own id (Cursor.AppendID, or Cursor.AppendWire).
+	NeedsID bool
 }
 
 // Reasons a subscriber is closed, also used as metric labels.
@@ -47,6 +52,11 @@ type Subscriber struct {
 	open      int    // channels not closed
 	replaying bool   // history is being replayed: see Replaying
 	skipped   bool   // a resumable frame was left to the replay
+
+	// With ids per channel: where each channel's history stood when the
+	// stream was attached (set by Attach), and whether that was known.
+	start      []uint64
+	startKnown []bool
 }
 
 // NewSubscriber returns a subscriber to channels whose queue holds at most

@@ -97,7 +97,7 @@ type Stream struct {
 	unwatch    atomic.Pointer[func()] // leaves the poller
 
 	// Owned by whoever holds the writer token.
-	lastSeq    uint64
+	cur        *registry.Cursor // what was written: later duplicates are skipped
 	frames     []*registry.Frame
 	bufs       net.Buffers
 	pending    net.Buffers // what a non-blocking write left unwritten
@@ -119,10 +119,9 @@ const (
 // New prepares a stream for sub. It must be called before the subscriber is
 // attached to the registry, so that no wake is missed; nothing is written
 // until Serve or Detach, but what Write sends (the opening, a replay).
-// lastSeq is the resume point: frames up to it are skipped. onEnd runs
-// once, when the stream ends.
-func New(sub *registry.Subscriber, opts *Options, end Deadline, lastSeq uint64, onEnd func(Result)) *Stream {
-	s := &Stream{sub: sub, opts: opts, channels: sub.Channels(), end: end, lastSeq: lastSeq, onEnd: onEnd,
+// onEnd runs once, when the stream ends.
+func New(sub *registry.Subscriber, opts *Options, end Deadline, onEnd func(Result)) *Stream {
+	s := &Stream{sub: sub, opts: opts, channels: sub.Channels(), end: end, onEnd: onEnd,
 		started: time.Now()}
 	s.lastWrite.Store(s.started.UnixNano())
 	sub.SetWaker(s)
@@ -139,8 +138,10 @@ func (s *Stream) SetSink(sink Sink) {
 	s.opts.Clock.add(s)
 }
 
-// SetLastSeq moves the resume point, after a replay wrote up to seq.
-func (s *Stream) SetLastSeq(seq uint64) { s.lastSeq = max(s.lastSeq, seq) }
+// SetCursor sets the stream's cursor (made once it is attached): it skips
+// what a replay wrote already and, with ids per channel, writes the
+// stream's own id line after each resumable event. Before Serve or Detach.
+func (s *Stream) SetCursor(cur *registry.Cursor) { s.cur = cur }
 
 // Write writes chunks at once, blocking (the opening, a page of history),
 // before the stream is served or detached.
@@ -371,22 +372,12 @@ func (s *Stream) ending(why string) {
 }
 
 // collect puts the frames still to send into s.bufs (a keepalive comment
-// when none is and one is due) and returns how many events and bytes.
+// when none is and one is due) and returns how many events and bytes. The
+// cursor's id lines in s.bufs are valid until the next collect: whatever
+// is kept unwritten (s.pending) is written before it runs again.
 func (s *Stream) collect(frames []*registry.Frame) (n, size int) {
-	bufs := s.bufs[:0]
-	for _, f := range frames {
-		if f.Seq != 0 {
-			if f.Seq <= s.lastSeq {
-				continue // already sent by the replay
-			}
-			s.lastSeq = f.Seq
-		}
-		if len(f.Bytes) > 0 {
-			bufs = append(bufs, f.Bytes)
-			size += len(f.Bytes)
-		}
-	}
-	n = len(bufs)
+	var bufs [][]byte
+	bufs, n, size = s.cur.AppendWire(s.bufs[:0], frames)
 	if s.keepalive.Swap(false) && n == 0 {
 		bufs = append(bufs, sse.Comment)
 	}
@@ -442,7 +433,6 @@ func (s *Stream) finish(why string) {
 	if !s.ended.CompareAndSwap(false, true) {
 		return
 	}
-	s.opts.Clock.remove(s)
 	s.stopWatching()
 	takeover := false
 	if c, ok := s.sink.(*ConnSink); ok {
@@ -460,6 +450,9 @@ func (s *Stream) finish(why string) {
 	if s.onEnd != nil {
 		s.onEnd(res)
 	}
+	// Last: Clock.Wait returns once every stream's end is reported (a
+	// lifecycle entry, say, is queued before Redis is let go).
+	s.opts.Clock.remove(s)
 }
 
 // clientGone runs on the poller when the client closed its connection, or

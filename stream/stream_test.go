@@ -72,13 +72,14 @@ func (f *fixture) open(ch string, buffer int, end Deadline) (*Stream, *registry.
 	f.t.Helper()
 	sub := registry.NewSubscriber([]string{ch}, sse.FormatRaw, buffer, false)
 	ended := make(chan Result, 1)
-	st := New(sub, f.opts, end, 0, func(r Result) {
+	st := New(sub, f.opts, end, func(r Result) {
 		f.reg.Detach(sub)
 		ended <- r
 	})
 	if err := f.reg.Attach(context.Background(), sub); err != nil {
 		f.t.Fatal(err)
 	}
+	st.SetCursor(f.reg.Cursor(sub, registry.EventID{}))
 	return st, sub, ended
 }
 

@@ -251,3 +251,7 @@ func WaitLibrary(tb testing.TB, rdb *redis.Client, name string) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// IsRunning reports whether the server's process runs (it was not
+// stopped, or was restarted since).
+func (s *Server) IsRunning() bool { return s.running() }
