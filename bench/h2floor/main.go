@@ -9,6 +9,7 @@
 // handed. TLS with a self-signed ECDSA P-256 certificate made at start (or
 // -cert and -key); net/http negotiates HTTP/2. No logging, no metrics, no
 // keepalives, no history: anything a real server does costs more.
+// -pprof serves the profiles on a listener of their own.
 //
 //	h2floor -listen 127.0.0.1:8443 -redis 127.0.0.1:6379
 package main
@@ -26,6 +27,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"strings"
 	"sync"
 	"time"
@@ -187,7 +189,15 @@ func main() {
 	redisAddr := flag.String("redis", "127.0.0.1:6379", "Redis address")
 	certFile := flag.String("cert", "", "PEM certificate (default: a self-signed one made at start)")
 	keyFile := flag.String("key", "", "PEM key of -cert")
+	pprofAddr := flag.String("pprof", "", "serve /debug/pprof/ over plain HTTP at this address (default: off)")
 	flag.Parse()
+
+	if *pprofAddr != "" {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		go func() { log.Print(http.ListenAndServe(*pprofAddr, mux)) }()
+	}
 
 	var cert tls.Certificate
 	var err error
