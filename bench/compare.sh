@@ -377,9 +377,9 @@ if [ "$PROFILE" = 1 ]; then
 	} >"$OUT/pprof-heap.txt"
 fi
 
-# Profiles over HTTPS + HTTP/2, of caddy-sse and of Go's floor: heap and
-# goroutines with the streams open and idle, then CPU during 10 s of
-# fan-out.
+# Profiles over HTTPS + HTTP/2, of caddy-sse and of Go's floor: heap,
+# memory statistics and goroutines with the streams open and idle, then CPU
+# during 10 s of fan-out.
 H2_PROFILE_EVENTS=100
 [ "$QUICK" = 1 ] && H2_PROFILE_EVENTS=60
 profile_h2() {
@@ -399,13 +399,19 @@ profile_h2() {
 	rm -f "$WORK/ready"
 	"$WORK/sse-load" -name profile-h2 -label "$server" -mode fanout -sub "$SUB" -insecure \
 		-pub "redis://127.0.0.1:$REDIS_PORT" -streams "$H2_STREAMS" -events "$H2_PROFILE_EVENTS" -rate "$H2_RATE" \
-		-ready-file "$WORK/ready" -timeout 2m >"$WORK/profile-h2-$tag.txt" 2>&1 &
+		-ready-file "$WORK/ready" -ready-pause 5s -timeout 2m >"$WORK/profile-h2-$tag.txt" 2>&1 &
 	LOAD_PID=$!
 	PIDS+=("$LOAD_PID")
 	for _ in $(seq 600); do [ -e "$WORK/ready" ] && break; sleep 0.1; done
-	curl -sf -o "$WORK/h2-heap-$tag.pprof" "$url/heap" || log "no heap profile of $server"
+	# The streams are open and idle for 5 s: the heap (after a GC), the
+	# memory statistics and the goroutines; then the fan-out starts.
+	curl -sf -o "$WORK/h2-heap-$tag.pprof" "$url/heap?gc=1" || log "no heap profile of $server"
 	curl -sf -o "$WORK/h2-memstats-$tag.txt" "$url/heap?debug=1" || true
 	curl -sf -o "$WORK/h2-goroutines-$tag.txt" "$url/goroutine?debug=1" || log "no goroutines of $server"
+	for _ in $(seq 50); do
+		[ -e "$WORK/ready" ] && [ $(($(date +%s) - $(stat -c %Y "$WORK/ready"))) -ge 4 ] && break
+		sleep 0.2
+	done
 	curl -sf -o "$WORK/h2-cpu-$tag.pprof" "$url/profile?seconds=10" || log "no CPU profile of $server"
 	wait "$LOAD_PID" || true
 	stop_pid "$LOAD_PID"
@@ -438,7 +444,7 @@ if [ "$PROFILE" = 1 ] && [ "$H2" = 1 ]; then
 			echo "# the same, cumulative"
 			go tool pprof -top -cum -nodecount=45 "$bin" "$WORK/h2-cpu-$tag.pprof" 2>/dev/null | sed '1,/flat%/d'
 			echo
-			echo "# $name: heap in use with the $H2_STREAMS streams open and idle"
+			echo "# $name: heap in use with the $H2_STREAMS streams open and idle (after a GC)"
 			go tool pprof -top -sample_index=inuse_space -nodecount=25 "$bin" "$WORK/h2-heap-$tag.pprof" 2>/dev/null |
 				sed '/^File:/d;/^Build ID:/d'
 			echo

@@ -74,6 +74,7 @@ type config struct {
 	serverPids  []int
 	redisPids   []int
 	readyFile   string
+	readyPause  time.Duration
 	hold        time.Duration
 	json        bool
 }
@@ -111,6 +112,7 @@ func main() {
 	flag.StringVar(&serverPids, "server-pids", "", "pids of the server's processes, comma-separated (CPU and RSS)")
 	flag.StringVar(&redisPids, "redis-pids", "", "pids of redis-server, comma-separated (CPU and RSS)")
 	flag.StringVar(&cfg.readyFile, "ready-file", "", "create this file when the measured phase starts (for profilers)")
+	flag.DurationVar(&cfg.readyPause, "ready-pause", 0, "wait this long after creating -ready-file before publishing (profilers see the streams idle)")
 	flag.DurationVar(&cfg.hold, "hold", 0, "keep the streams open this long after measuring (for profilers)")
 	flag.BoolVar(&cfg.json, "json", false, "print one JSON line on stdout (the table goes to stderr)")
 	flag.StringVar(&summarize, "summarize", "", "summarize the JSON lines of this file instead of running")
@@ -365,6 +367,9 @@ func run(cfg config) (*report, error) {
 		rep.RSSRedisPer = float64(rep.RSSRedisAfter-rep.RSSRedisBefore) / n
 	}
 	cfg.ready()
+	if cfg.readyFile != "" {
+		time.Sleep(cfg.readyPause)
+	}
 
 	start, end := opens, after // idle: CPU of the settle time
 	if pub != nil {

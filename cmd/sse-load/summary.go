@@ -354,6 +354,7 @@ var targets = []struct {
 	text                        string
 }{
 	{"fanout", "cpu", "floor", []string{"caddy-sse", "caddy-sse/http"}, 1.10, "fan-out CPU per delivered event (server + Redis) <= 1.10x floor"},
+	{"fanout-light", "cpu", "floor", []string{"caddy-sse"}, 1.10, "light fan-out (below saturation) CPU per delivered event (server + Redis) <= 1.10x floor"},
 	{"fanout", "p99", "nchan", []string{"caddy-sse", "caddy-sse/http"}, 0.7, "fan-out p99 latency <= 0.7x Nchan"},
 	{"idle", "rss", "floor", []string{"caddy-sse/log", "caddy-sse"}, 2.0, "idle RSS per open stream <= 2.0x floor"},
 	{"h2-idle", "rss", "go-floor", []string{"caddy-sse"}, 1.15, "HTTPS + HTTP/2: idle RSS per stream <= 1.15x Go's floor"},
