@@ -12,6 +12,13 @@
 //	connect  open a stream, read its head, close it, as fast as -workers
 //	         goroutines can for -duration; connects per second
 //
+// Streams are opened on http:// URLs with the tool's own HTTP/1.1 client
+// (a raw connection per stream). On https:// URLs, -proto h2 (the default
+// there) opens each stream on a TLS connection of its own that negotiates
+// HTTP/2 (net/http's Transport.NewClientConn: one stream per connection,
+// never pooled), and -proto h1 runs the tool's HTTP/1.1 client inside TLS;
+// -insecure or -cacert say how the server's certificate is checked.
+//
 // Every phase is bounded in time, and -timeout bounds the whole run. The
 // tool raises its RLIMIT_NOFILE soft limit to the hard limit at start and
 // reports both. Connections are spread over the source addresses of -src
