@@ -3,22 +3,28 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// target is where streams are opened: an http:// URL template whose {ch}
-// is replaced by the channel.
+// target is where streams are opened: an http:// or https:// URL template
+// whose {ch} is replaced by the channel.
 type target struct {
-	addr string // host:port to dial
-	host string // Host header
-	path string // path template with {ch}
+	scheme string // http or https
+	addr   string // host:port to dial
+	host   string // Host header
+	path   string // path template with {ch}
 }
 
 func parseTarget(tmpl string) (target, error) {
@@ -26,17 +32,87 @@ func parseTarget(tmpl string) (target, error) {
 	if err != nil {
 		return target{}, err
 	}
-	if u.Scheme != "http" {
-		return target{}, fmt.Errorf("only http:// is supported, got %q", u.Scheme)
+	port := "80"
+	switch u.Scheme {
+	case "http":
+	case "https":
+		port = "443"
+	default:
+		return target{}, fmt.Errorf("only http:// and https:// are supported, got %q", u.Scheme)
 	}
 	if !strings.Contains(tmpl, "{ch}") {
 		return target{}, fmt.Errorf("the URL has no {ch} for the channel")
 	}
 	addr := u.Host
 	if u.Port() == "" {
-		addr = net.JoinHostPort(u.Hostname(), "80")
+		addr = net.JoinHostPort(u.Hostname(), port)
 	}
-	return target{addr: addr, host: u.Host, path: strings.ReplaceAll(u.RequestURI(), "CHANNEL", "{ch}")}, nil
+	return target{scheme: u.Scheme, addr: addr, host: u.Host, path: strings.ReplaceAll(u.RequestURI(), "CHANNEL", "{ch}")}, nil
+}
+
+func (t target) url(channel string) string {
+	return t.scheme + "://" + t.host + strings.ReplaceAll(t.path, "{ch}", url.PathEscape(channel))
+}
+
+// Protocols of the streams (-proto).
+const (
+	protoH1 = "h1" // HTTP/1.1 written and parsed by the tool, over TCP or TLS
+	protoH2 = "h2" // HTTP/2 over TLS through net/http, one connection per stream
+)
+
+// checkProto returns the protocol for a target: proto, or when it is empty
+// h1 for http:// and h2 for https://. HTTP/2 needs https:// (no h2c).
+func checkProto(proto string, t target) (string, error) {
+	switch proto {
+	case "":
+		if t.scheme == "https" {
+			return protoH2, nil
+		}
+		return protoH1, nil
+	case protoH1:
+		return proto, nil
+	case protoH2:
+		if t.scheme != "https" {
+			return "", fmt.Errorf("-proto h2 needs an https:// URL")
+		}
+		return proto, nil
+	}
+	return "", fmt.Errorf("-proto %q: want h1 or h2", proto)
+}
+
+// tlsConfig is the client's TLS configuration: the server's certificate is
+// checked against the PEM roots of cafile, or not at all when insecure (the
+// servers of a benchmark have self-signed or internal certificates).
+func tlsConfig(cafile string, insecure bool) (*tls.Config, error) {
+	cfg := &tls.Config{InsecureSkipVerify: insecure}
+	if cafile != "" {
+		pem, err := os.ReadFile(cafile)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s: no PEM certificate", cafile)
+		}
+		cfg.RootCAs = pool
+	}
+	return cfg, nil
+}
+
+// h2Transport returns the transport whose NewClientConn opens one HTTP/2
+// connection per stream (never pooled, never shared), dialed through d.
+func h2Transport(d *dialers, tlsConf *tls.Config, timeout time.Duration) *http.Transport {
+	var p http.Protocols
+	p.SetHTTP2(true)
+	return &http.Transport{
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			return d.dial(ctx, addr)
+		},
+		TLSClientConfig:     tlsConf.Clone(),
+		TLSHandshakeTimeout: timeout,
+		Protocols:           &p,
+		DisableCompression:  true,
+	}
 }
 
 func (t target) request(channel string) []byte {
@@ -107,6 +183,9 @@ type client struct {
 	dialers *dialers
 	base    time.Time // the clock of the send times in payloads
 	bufSize int
+	proto   string          // protoH1 or protoH2
+	tlsConf *tls.Config     // https:// over h1
+	h2      *http.Transport // h2: opens one connection per stream
 
 	latency   histogram // publish to receipt, microseconds
 	delivered atomic.Int64
@@ -117,7 +196,7 @@ type client struct {
 	closing   atomic.Bool
 
 	mu       sync.Mutex
-	conns    []net.Conn
+	conns    []io.Closer
 	firstErr error
 	readers  sync.WaitGroup
 }
@@ -126,13 +205,27 @@ type client struct {
 func (c *client) now() int64 { return int64(time.Since(c.base)) }
 
 // open connects one stream to channel and reads its response head. The
-// returned reader holds whatever body bytes came with the head.
-func (c *client) open(ctx context.Context, channel string, timeout time.Duration) (net.Conn, *bufio.Reader, head, error) {
+// returned reader holds whatever body bytes came with the head; closing the
+// returned closer ends the stream and its connection.
+func (c *client) open(ctx context.Context, channel string, timeout time.Duration) (io.Closer, *bufio.Reader, head, error) {
+	if c.proto == protoH2 {
+		return c.openH2(ctx, channel, timeout)
+	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	conn, err := c.dialers.dial(ctx, c.tgt.addr)
 	if err != nil {
 		return nil, nil, head{}, err
+	}
+	if c.tgt.scheme == "https" {
+		cfg := c.tlsConf.Clone()
+		cfg.NextProtos = []string{"http/1.1"}
+		tc := tls.Client(conn, cfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			conn.Close()
+			return nil, nil, head{}, err
+		}
+		conn = tc
 	}
 	_ = conn.SetDeadline(time.Now().Add(timeout))
 	if _, err := conn.Write(c.tgt.request(channel)); err != nil {
@@ -147,6 +240,66 @@ func (c *client) open(ctx context.Context, channel string, timeout time.Duration
 	}
 	_ = conn.SetDeadline(time.Time{})
 	return conn, br, h, nil
+}
+
+// h2Stream is one HTTP/2 stream on a connection of its own.
+type h2Stream struct {
+	cc     *http.ClientConn
+	body   io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (s *h2Stream) Close() error {
+	s.cancel()
+	if s.body != nil {
+		s.body.Close()
+	}
+	return s.cc.Close()
+}
+
+// openH2 opens a TLS connection, negotiates HTTP/2 and sends the stream's
+// GET on it. The request's context lives as long as the stream (a response
+// body ends with its request's context), so the head's timeout is a timer.
+func (c *client) openH2(ctx context.Context, channel string, timeout time.Duration) (io.Closer, *bufio.Reader, head, error) {
+	dctx, dcancel := context.WithTimeout(ctx, timeout)
+	defer dcancel()
+	cc, err := c.h2.NewClientConn(dctx, "https", c.tgt.addr)
+	if err != nil {
+		return nil, nil, head{}, err
+	}
+	sctx, cancel := context.WithCancel(context.Background())
+	s := &h2Stream{cc: cc, cancel: cancel}
+	req, err := http.NewRequestWithContext(sctx, http.MethodGet, c.tgt.url(channel), nil)
+	if err != nil {
+		s.Close()
+		return nil, nil, head{}, err
+	}
+	req.Header.Set("Accept", "text/event-stream")
+	req.Header.Set("Cache-Control", "no-cache")
+	timer := time.AfterFunc(timeout, cancel)
+	resp, err := cc.RoundTrip(req)
+	if !timer.Stop() && err == nil {
+		err = fmt.Errorf("no response head within %s", timeout)
+	}
+	if err != nil {
+		if resp != nil {
+			resp.Body.Close()
+		}
+		s.Close()
+		return nil, nil, head{}, err
+	}
+	s.body = resp.Body
+	switch {
+	case resp.StatusCode != http.StatusOK:
+		err = errStatus{resp.StatusCode}
+	case resp.ProtoMajor != 2:
+		err = fmt.Errorf("the server answered with %s, not HTTP/2", resp.Proto)
+	}
+	if err != nil {
+		s.Close()
+		return nil, nil, head{}, err
+	}
+	return s, bufio.NewReaderSize(resp.Body, c.bufSize), head{status: resp.StatusCode}, nil
 }
 
 // readHead reads the status line and headers.

@@ -12,6 +12,13 @@
 //	connect  open a stream, read its head, close it, as fast as -workers
 //	         goroutines can for -duration; connects per second
 //
+// Streams are opened on http:// URLs with the tool's own HTTP/1.1 client
+// (a raw connection per stream). On https:// URLs, -proto h2 (the default
+// there) opens each stream on a TLS connection of its own that negotiates
+// HTTP/2 (net/http's Transport.NewClientConn: one stream per connection,
+// never pooled), and -proto h1 runs the tool's HTTP/1.1 client inside TLS;
+// -insecure or -cacert say how the server's certificate is checked.
+//
 // Every phase is bounded in time, and -timeout bounds the whole run. The
 // tool raises its RLIMIT_NOFILE soft limit to the hard limit at start and
 // reports both. Connections are spread over the source addresses of -src
@@ -29,6 +36,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -67,9 +75,13 @@ type config struct {
 	prefix      string
 	src         string
 	bufSize     int
+	proto       string
+	cafile      string
+	insecure    bool
 	serverPids  []int
 	redisPids   []int
 	readyFile   string
+	readyPause  time.Duration
 	hold        time.Duration
 	json        bool
 }
@@ -81,7 +93,10 @@ func main() {
 	flag.StringVar(&cfg.name, "name", "", "name of the scenario in the report (default: the mode)")
 	flag.StringVar(&cfg.label, "label", "", "name of the server in the report")
 	flag.IntVar(&cfg.run, "run", 0, "number of the run (alternation) in the report")
-	flag.StringVar(&cfg.sub, "sub", "http://127.0.0.1:8080/sub/{ch}", "stream URL template; {ch} is the channel")
+	flag.StringVar(&cfg.sub, "sub", "http://127.0.0.1:8080/sub/{ch}", "stream URL template (http:// or https://); {ch} is the channel")
+	flag.StringVar(&cfg.proto, "proto", "", "h1 (HTTP/1.1, the tool's own client, over TCP or TLS) or h2 (HTTP/2 over TLS, one connection per stream); default h1 for http://, h2 for https://")
+	flag.StringVar(&cfg.cafile, "cacert", "", "https://: PEM file of the CA the server's certificate is checked against (default: the system's)")
+	flag.BoolVar(&cfg.insecure, "insecure", false, "https://: do not check the server's certificate")
 	flag.StringVar(&cfg.pub, "pub", "redis://127.0.0.1:6379", "publish with PUBLISH to this redis:// URL, or POST to this http:// URL template with {ch}")
 	flag.IntVar(&cfg.streams, "streams", 1000, "streams to open")
 	flag.IntVar(&cfg.channels, "channels", 0, "idle: channels the streams are spread over (0: one per stream)")
@@ -104,12 +119,13 @@ func main() {
 	flag.StringVar(&serverPids, "server-pids", "", "pids of the server's processes, comma-separated (CPU and RSS)")
 	flag.StringVar(&redisPids, "redis-pids", "", "pids of redis-server, comma-separated (CPU and RSS)")
 	flag.StringVar(&cfg.readyFile, "ready-file", "", "create this file when the measured phase starts (for profilers)")
+	flag.DurationVar(&cfg.readyPause, "ready-pause", 0, "wait this long after creating -ready-file before publishing (profilers see the streams idle)")
 	flag.DurationVar(&cfg.hold, "hold", 0, "keep the streams open this long after measuring (for profilers)")
 	flag.BoolVar(&cfg.json, "json", false, "print one JSON line on stdout (the table goes to stderr)")
 	flag.StringVar(&summarize, "summarize", "", "summarize the JSON lines of this file instead of running")
 	flag.StringVar(&mdOut, "md", "", "summarize: write the Markdown table here (default: stdout)")
 	flag.StringVar(&datOut, "dat", "", "summarize: write the chart data here")
-	flag.StringVar(&baseline, "baseline", "nchan", "summarize: the label ratios are taken against")
+	flag.StringVar(&baseline, "baseline", "nchan", "summarize: the labels ratios are taken against, comma-separated (e.g. nchan,floor,go-floor)")
 	flag.Parse()
 
 	if summarize != "" {
@@ -168,6 +184,9 @@ type report struct {
 	Time  string `json:"time"`
 
 	Nofile uint64 `json:"nofile"`
+	// Proto is how the streams were opened: h1 (plain HTTP/1.1), h1+tls
+	// or h2 (HTTP/2 over TLS, one connection per stream).
+	Proto string `json:"proto,omitempty"`
 
 	Streams     int     `json:"streams"`
 	Channels    int     `json:"channels"`
@@ -252,7 +271,22 @@ func run(cfg config) (*report, error) {
 		return nil, fmt.Errorf("-src: %w", err)
 	}
 	bufSize := max(cfg.bufSize, 64)
-	c := &client{tgt: tgt, dialers: newDialers(ips, cfg.headTimeout), base: time.Now(), bufSize: bufSize}
+	proto, err := checkProto(cfg.proto, tgt)
+	if err != nil {
+		return nil, err
+	}
+	c := &client{tgt: tgt, dialers: newDialers(ips, cfg.headTimeout), base: time.Now(), bufSize: bufSize, proto: proto}
+	rep.Proto = proto
+	if tgt.scheme == "https" {
+		if c.tlsConf, err = tlsConfig(cfg.cafile, cfg.insecure); err != nil {
+			return nil, fmt.Errorf("-cacert: %w", err)
+		}
+		if proto == protoH1 {
+			rep.Proto = "h1+tls"
+		} else {
+			c.h2 = h2Transport(c.dialers, c.tlsConf, cfg.headTimeout)
+		}
+	}
 	ctx := context.Background()
 	selfCPU0, _ := procCPU(os.Getpid())
 	defer func() {
@@ -340,6 +374,9 @@ func run(cfg config) (*report, error) {
 		rep.RSSRedisPer = float64(rep.RSSRedisAfter-rep.RSSRedisBefore) / n
 	}
 	cfg.ready()
+	if cfg.readyFile != "" {
+		time.Sleep(cfg.readyPause)
+	}
 
 	start, end := opens, after // idle: CPU of the settle time
 	if pub != nil {
@@ -486,7 +523,7 @@ func (r *report) print(w io.Writer) {
 	if r.Run > 0 {
 		fmt.Fprintf(w, "  run %d", r.Run)
 	}
-	fmt.Fprintf(w, "  (%s, RLIMIT_NOFILE %d)\n", r.Mode, r.Nofile)
+	fmt.Fprintf(w, "  (%s, %s, RLIMIT_NOFILE %d)\n", r.Mode, cmp.Or(r.Proto, protoH1), r.Nofile)
 	lat := fmt.Sprintf("p50 %.2f  p90 %.2f  p99 %.2f  max %.2f  mean %.2f ms", r.LatP50, r.LatP90, r.LatP99, r.LatMax, r.LatMean)
 	cpu := fmt.Sprintf("%.2f s (server %.2f + redis %.2f)", r.CPUTotal, r.CPUServer, r.CPURedis)
 	if r.Mode == "connect" {

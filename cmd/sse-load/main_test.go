@@ -219,3 +219,85 @@ func TestParseSourcesAndTarget(t *testing.T) {
 		t.Error("template without {ch} accepted")
 	}
 }
+
+func TestTargetHTTPSAndProto(t *testing.T) {
+	tg, err := parseTarget("https://127.0.0.1/sub/{ch}")
+	if err != nil || tg.addr != "127.0.0.1:443" || tg.scheme != "https" || tg.url("a b") != "https://127.0.0.1/sub/a%20b" {
+		t.Fatalf("target %+v err %v", tg, err)
+	}
+	for _, c := range []struct {
+		url, proto, want string
+	}{
+		{"http://127.0.0.1:1/{ch}", "", protoH1},
+		{"https://127.0.0.1:1/{ch}", "", protoH2},
+		{"https://127.0.0.1:1/{ch}", "h1", protoH1},
+		{"https://127.0.0.1:1/{ch}", "h2", protoH2},
+		{"http://127.0.0.1:1/{ch}", "h2", ""},
+		{"https://127.0.0.1:1/{ch}", "h3", ""},
+	} {
+		tg, err := parseTarget(c.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := checkProto(c.proto, tg)
+		if got != c.want || (err == nil) != (c.want != "") {
+			t.Errorf("%s -proto %q: %q, %v; want %q", c.url, c.proto, got, err, c.want)
+		}
+	}
+	if _, err := parseTarget("ftp://127.0.0.1/{ch}"); err == nil {
+		t.Error("ftp:// accepted")
+	}
+}
+
+// The summary: ratio tables per baseline, the HTTPS + HTTP/2 table with
+// ratios to Go's floor and to Nchan, and the targets.
+func TestSummaryBaselines(t *testing.T) {
+	var reps []*report
+	add := func(name, label, mode, proto string, cpu, scpu, p99, rss float64) {
+		for run := 1; run <= 3; run++ {
+			// The medians are the values of run 2.
+			k := 1 + 0.1*float64(run-2)
+			reps = append(reps, &report{Name: name, Label: label, Mode: mode, Proto: proto, Run: run,
+				Streams: 10, Connected: 10, Expected: 100, Delivered: 100,
+				CPUTotalUs: cpu * k, CPUServerUs: scpu * k, LatP99: p99 * k, RSSPerStream: rss * k})
+		}
+	}
+	add("fanout", "caddy-sse", "fanout", "h1", 10, 10, 100, 9)
+	add("fanout", "nchan", "fanout", "h1", 12, 12, 1000, 10)
+	add("fanout", "floor", "fanout", "h1", 8, 8, 50, 3)
+	add("idle", "caddy-sse", "idle", "h1", 0, 0, 0, 6)
+	add("idle", "caddy-sse/log", "idle", "h1", 0, 0, 0, 16)
+	add("idle", "floor", "idle", "h1", 0, 0, 0, 4)
+	add("h2-fanout", "caddy-sse", "fanout", "h2", 40, 36, 20, 80)
+	add("h2-fanout", "go-floor", "fanout", "h2", 24, 24, 20, 60)
+	add("h2-fanout", "nchan", "fanout", "h2", 20, 18, 20, 50)
+	add("h2-idle", "caddy-sse", "idle", "h2", 0, 0, 0, 69)
+	add("h2-idle", "go-floor", "idle", "h2", 0, 0, 0, 60)
+	var b strings.Builder
+	writeMarkdown(&b, groupReports(reps), []string{"nchan", "floor", "go-floor"})
+	md := b.String()
+	for _, want := range []string{
+		"Ratios of medians to nchan",
+		"Ratios of medians to floor",
+		"| fanout | caddy-sse | 1.25x | 1.25x | 2.00x | 3.00x |  |",
+		"| idle | caddy-sse/log |  |  |  | 4.00x |  |",
+		"| scenario | server | runs | streams | delivered / expected | p99 ms | server CPU us / event | vs go-floor | vs nchan | RSS KiB / stream | vs go-floor | vs nchan |",
+		"| h2-fanout | caddy-sse | 3 | 10 / 10 | 100 / 100 | 20.00 | 36.0 | 1.50x | 2.00x | 80.0 | 1.33x | 1.60x |",
+		"| h2-idle | caddy-sse | 3 | 10 / 10 |  |  |  |  |  | 69.0 | 1.15x |  |",
+		"| caddy-sse | fan-out CPU per delivered event (server + Redis) <= 1.10x floor | 1.25x | **no** |",
+		"| caddy-sse | fan-out p99 latency <= 0.7x Nchan | 0.10x | yes |",
+		"| caddy-sse/log | idle RSS per open stream <= 2.0x floor | 4.00x | **no** |",
+		"| caddy-sse | HTTPS + HTTP/2: idle RSS per stream <= 1.15x Go's floor | 1.15x | yes |",
+		"| caddy-sse | HTTPS + HTTP/2: fan-out server CPU per delivered event <= 1.15x Go's floor | 1.50x | **no** |",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("summary lacks %q", want)
+		}
+	}
+	if !strings.Contains(md, "Ratios of medians to go-floor") {
+		t.Error("no ratios to go-floor")
+	}
+	if t.Failed() {
+		t.Log(md)
+	}
+}
