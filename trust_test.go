@@ -255,7 +255,7 @@ func (e *trustEnv) waitStatus(t *testing.T, path string, status int) {
 	t.Helper()
 	var got int
 	ssetest.Wait(t, 5*time.Second, fmt.Sprintf("GET %s to answer %d", path, status), func() bool {
-		got, _ = ssetest.Get(t, e.caddy.URL()+path)
+		got = ssetest.Status(t, e.caddy.URL()+path)
 		return got == status
 	}, func() string { return fmt.Sprint("it answers ", got) })
 }

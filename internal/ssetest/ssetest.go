@@ -24,6 +24,10 @@ import (
 // Timeout bounds opening a stream and waiting for one event.
 const Timeout = 5 * time.Second
 
+// client makes the plain requests: one that does not end within a generous
+// bound fails the test rather than hang it.
+var client = &http.Client{Timeout: 30 * time.Second}
+
 // Open opens a GET stream on url, closed at the end of the test. It fails
 // the test if the stream does not open (a refusal included) within Timeout.
 func Open(tb testing.TB, url string, header ...string) *sseclient.Stream {
@@ -169,7 +173,8 @@ func Wait(tb testing.TB, within time.Duration, what string, cond func() bool, de
 }
 
 // Do makes a request with body (none if empty) and header (name, value
-// pairs), and returns the status, headers and body of the answer.
+// pairs), and returns the status, headers and body of the answer, read to
+// its end (so not a stream's: see Status).
 func Do(tb testing.TB, method, url, body string, header ...string) (int, http.Header, string) {
 	tb.Helper()
 	var rd io.Reader
@@ -183,7 +188,7 @@ func Do(tb testing.TB, method, url, body string, header ...string) (int, http.He
 	for i := 0; i+1 < len(header); i += 2 {
 		req.Header.Add(header[i], header[i+1])
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		tb.Fatalf("%s %s: %v", method, url, err)
 	}
@@ -200,6 +205,25 @@ func Get(tb testing.TB, url string, header ...string) (int, string) {
 	tb.Helper()
 	code, _, body := Do(tb, http.MethodGet, url, "", header...)
 	return code, body
+}
+
+// Status is the status of a GET of url; the body is not read, so url may
+// be a stream.
+func Status(tb testing.TB, url string, header ...string) int {
+	tb.Helper()
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Add(header[i], header[i+1])
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		tb.Fatalf("GET %s: %v", url, err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }
 
 // Metrics returns the Prometheus text at url (an admin endpoint's /metrics).
