@@ -129,7 +129,7 @@ func TestReadmeSetupIsTwoCommands(t *testing.T) {
 	if len(blocks) < 2 || strings.Join(blocks[0], "\n") != strings.Join(want, "\n") {
 		t.Fatalf("the Development section's first commands are %q, want %q", blocks, want)
 	}
-	const testCmd = "go test -race -count=1 ./..."
+	const testCmd = "go test -race -count=1 -timeout 18m ./..."
 	if len(blocks[1]) != 1 || blocks[1][0] != testCmd {
 		t.Errorf("the Development section's test command is %q, want %q", blocks[1], testCmd)
 	}
