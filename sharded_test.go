@@ -103,11 +103,18 @@ func waitShardNumsub(t *testing.T, c *redistest.Cluster, n int64, chans ...strin
 // id, and resumes from it on another instance: exactly what it missed on
 // each shard, in publish order, then live events. A stream on one channel
 // keeps plain ids, those the publisher got back.
-func TestShardedResumeAcrossShards(t *testing.T) {
+// TestShardedCluster runs, on one cluster of three masters with a replica
+// each and two Caddy instances in sharded mode, the tests that leave them
+// as they found them.
+func TestShardedCluster(t *testing.T) {
 	skipShort(t)
 	c := redistest.StartCluster(t, 3, 1)
-	a := startSharded(t, c)
-	b := startSharded(t, c)
+	a, b := startSharded(t, c), startSharded(t, c)
+	t.Run("ResumeAcrossShards", func(t *testing.T) { testShardedResumeAcrossShards(t, c, a, b) })
+	t.Run("Balance", func(t *testing.T) { testShardedBalance(t, c, a) })
+}
+
+func testShardedResumeAcrossShards(t *testing.T, c *redistest.Cluster, a, b *caddyproc.Instance) {
 	cc := c.Client()
 	ctx := context.Background()
 	chans := channelsOnShards(t, c)
@@ -179,6 +186,21 @@ func TestShardedResumeAcrossShards(t *testing.T) {
 	all := ssetest.Open(t, b.URL()+multiPath+"&lastEventId=0")
 	ssetest.Expect(t, all, "a1", "b1", "c1", "a2", "http", "c2", "a3", "b2", "b3")
 	ssetest.NoEvent(t, all, 300*time.Millisecond)
+}
+
+// parallel runs f(0) to f(n-1) at once and fails the test with the first
+// error.
+func parallel(t *testing.T, n int, f func(i int) error) {
+	t.Helper()
+	errs := make(chan error, n)
+	for i := range n {
+		go func() { errs <- f(i) }()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // expectAll reads len(want) events and checks that they are want, each
@@ -260,10 +282,7 @@ var loadCommands = []string{"fcall", "time", "xrevrange", "xadd", "expire", "spu
 // one master takes all of it without sharding. Subscribing costs two
 // commands per channel per instance (SSUBSCRIBE with the twin, and the
 // read of where its history stands), whatever the number of streams.
-func TestShardedBalance(t *testing.T) {
-	skipShort(t)
-	c := redistest.StartCluster(t, 3, 1)
-	in := startSharded(t, c)
+func testShardedBalance(t *testing.T, c *redistest.Cluster, in *caddyproc.Instance) {
 	cc := c.Client()
 	ctx := context.Background()
 	const nchan, perStream, rounds = 1000, 10, 3
@@ -274,10 +293,14 @@ func TestShardedBalance(t *testing.T) {
 	path := func(k int) string { return "/m?c=" + strings.Join(chans[k*perStream:(k+1)*perStream], ",") }
 
 	resetStats(t, c)
-	cpu0 := redisCPU(t, c.Masters())
 	streams := make([]*sseclient.Stream, nchan/perStream)
-	for k := range streams {
-		streams[k] = ssetest.Open(t, in.URL()+path(k))
+	parallel(t, len(streams), func(k int) error {
+		s, err := sseclient.Get(context.Background(), in.URL()+path(k))
+		streams[k] = s
+		return err
+	})
+	for _, s := range streams {
+		t.Cleanup(s.Close)
 	}
 	subCmds := map[string]int64{}
 	for _, m := range c.Masters() {
@@ -286,9 +309,8 @@ func TestShardedBalance(t *testing.T) {
 			subCmds[cmd] += calls[cmd]
 		}
 	}
-	t.Logf("subscribing %d channels: %d SSUBSCRIBE, %d XREVRANGE (%.2f commands per channel), Redis CPU %.1f us per channel",
-		nchan, subCmds["ssubscribe"], subCmds["xrevrange"], float64(subCmds["ssubscribe"]+subCmds["xrevrange"])/nchan,
-		(redisCPU(t, c.Masters())-cpu0)/nchan)
+	t.Logf("subscribing %d channels: %d SSUBSCRIBE, %d XREVRANGE (%.2f commands per channel)",
+		nchan, subCmds["ssubscribe"], subCmds["xrevrange"], float64(subCmds["ssubscribe"]+subCmds["xrevrange"])/nchan)
 	if subCmds["xrevrange"] != nchan || subCmds["ssubscribe"] > nchan || subCmds["ssubscribe"] < nchan*9/10 {
 		t.Fatalf("subscribing %d channels took %v, want one XREVRANGE and at most one SSUBSCRIBE each", nchan, subCmds)
 	}
@@ -306,7 +328,6 @@ func TestShardedBalance(t *testing.T) {
 	}
 
 	resetStats(t, c)
-	cpu0 = redisCPU(t, c.Masters())
 	for round := range rounds {
 		_, err := cc.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, ch := range chans {
@@ -332,21 +353,22 @@ func TestShardedBalance(t *testing.T) {
 			t.Fatalf("stream %d ends with id %q, want %d positions in at most %d bytes", k, final, perStream, 2+15*perStream)
 		}
 	}
-	pubCPU := (redisCPU(t, c.Masters()) - cpu0) / (nchan * rounds)
 	pubLoad := loadOf(t, c)
 	var pubTotal int64
 	for _, l := range pubLoad {
 		pubTotal += l.calls
 	}
-	t.Logf("%.2f commands per resumable publish (FCALL and what it runs), Redis CPU %.1f us per publish (with its delivery to one instance)",
-		float64(pubTotal)/float64(nchan*rounds), pubCPU)
-	cpu0 = redisCPU(t, c.Masters())
+	t.Logf("%.2f commands per resumable publish (FCALL and what it runs)", float64(pubTotal)/float64(nchan*rounds))
 
 	// Every stream resumes from its tenth event: the history of its ten
 	// channels, on three shards, gives back exactly the other twenty.
-	for k, s := range streams {
-		s.Close()
-		r := ssetest.Open(t, in.URL()+path(k), "Last-Event-ID", received[k][9].ID)
+	parallel(t, len(streams), func(k int) error {
+		streams[k].Close()
+		r, err := sseclient.Get(context.Background(), in.URL()+path(k), "Last-Event-ID", received[k][9].ID)
+		if err != nil {
+			return err
+		}
+		defer r.Close()
 		want := map[string]bool{}
 		for _, ev := range received[k][10:] {
 			want[ev.Data] = true
@@ -354,18 +376,15 @@ func TestShardedBalance(t *testing.T) {
 		for range len(received[k]) - 10 {
 			ev, err := r.Next(10 * time.Second)
 			if err != nil {
-				t.Fatalf("stream %d resumed: %v", k, err)
+				return fmt.Errorf("stream %d resumed: %w", k, err)
 			}
 			if !want[ev.Data] {
-				t.Fatalf("stream %d resumed from its tenth event replays %q, not one of the twenty after it", k, ev.Data)
+				return fmt.Errorf("stream %d resumed from its tenth event replays %q, not one of the twenty after it", k, ev.Data)
 			}
 			delete(want, ev.Data)
 		}
-		r.Close()
-	}
-
-	t.Logf("Redis CPU %.1f us per resumed stream (%d channels, %d events replayed)",
-		(redisCPU(t, c.Masters())-cpu0)/float64(len(streams)), perStream, perStream*(rounds-1))
+		return nil
+	})
 	histLoad := loadOf(t, c)
 	var total int64
 	var lines []string
@@ -386,27 +405,6 @@ func TestShardedBalance(t *testing.T) {
 			t.Fatalf("master %d serves %.1f%% of the load, want a third +-20%%: %s", i, 100*share, strings.Join(lines, "; "))
 		}
 	}
-}
-
-// redisCPU is the CPU time the nodes used so far, in microseconds (INFO
-// cpu: used_cpu_user + used_cpu_sys).
-func redisCPU(t testing.TB, nodes []*redistest.Server) float64 {
-	t.Helper()
-	var sum float64
-	for _, n := range nodes {
-		info, err := n.Client().Info(context.Background(), "cpu").Result()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, line := range strings.Split(info, "\n") {
-			k, v, _ := strings.Cut(strings.TrimSpace(line), ":")
-			if k == "used_cpu_user" || k == "used_cpu_sys" {
-				x, _ := strconv.ParseFloat(v, 64)
-				sum += x * 1e6
-			}
-		}
-	}
-	return sum
 }
 
 type masterLoad struct {
