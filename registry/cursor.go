@@ -44,7 +44,8 @@ type idEntry struct {
 }
 
 // maxIDLen bounds the Last-Event-ID read: longer is ignored (no resume).
-const maxIDLen = 4096
+// It holds the vector of 1,800 channels.
+const maxIDLen = 32 << 10
 
 // vectorPrefix starts a vector id.
 const vectorPrefix = "v1"

@@ -92,6 +92,7 @@ func TestParseEventID(t *testing.T) {
 		{"", false}, {"-1", false}, {"abc", false}, {"v1.", false}, {"v1.AAA", false},
 		{"v1.AAAA", false}, {"v1.A*AA1", false}, {"v1.AAAA1.", false}, {"v2.AAAA1", false},
 		{"v1.AAAA+1", false}, {"v1.AAAA1\n", true}, {strings.Repeat("1", 5000), false},
+		{"v1" + strings.Repeat(".AAAA1", 5000), true}, {"v1" + strings.Repeat(".AAAA1", 6000), false},
 	} {
 		if got := ParseEventID(tc.in).Valid(); got != tc.valid {
 			t.Errorf("ParseEventID(%q).Valid() = %v, want %v", tc.in, got, tc.valid)

@@ -446,16 +446,21 @@ func (r *Registry) ReleaseChannels(ctx context.Context, channels []string) {
 	}
 	start := time.Now()
 	r.deliverMu.Lock()
-	var known, unknown []string
+	var known, lost []string
 	var after []uint64
+	r.mu.RLock()
 	for _, c := range channels {
 		if h, ok := r.heads[c]; ok {
 			known = append(known, c)
 			after = append(after, h)
-		} else {
-			unknown = append(unknown, c)
+		} else if ch := r.channels[c]; ch != nil && ch.history && ch.isReady() {
+			// Its head could not be read: its streams cannot be caught
+			// up. (A channel still being subscribed reads its head once
+			// it is, and no stream of it started before.)
+			lost = append(lost, c)
 		}
 	}
+	r.mu.RUnlock()
 	r.deliverMu.Unlock()
 
 	var missed []Message
@@ -468,17 +473,6 @@ func (r *Registry) ReleaseChannels(ctx context.Context, channels []string) {
 				zap.Strings("channels", known), zap.Error(err))
 		}
 	}
-	// Unknown heads: channels still being subscribed (they read their
-	// head once subscribed, nothing to catch up), or whose head could not
-	// be read.
-	var lost []string
-	r.mu.RLock()
-	for _, c := range unknown {
-		if ch := r.channels[c]; ch != nil && ch.history && ch.isReady() {
-			lost = append(lost, c)
-		}
-	}
-	r.mu.RUnlock()
 	var heads []uint64
 	var herr error
 	if len(lost) > 0 {
