@@ -47,9 +47,6 @@ func NewConnSink(conn net.Conn) *ConnSink {
 	return s
 }
 
-// Conn returns the connection the sink writes to.
-func (s *ConnSink) Conn() net.Conn { return s.conn }
-
 func (s *ConnSink) Write(bufs *net.Buffers) (int64, error) { return bufs.WriteTo(s.conn) }
 
 // Interrupt sets a deadline in the past: a net.Conn's deadlines are safe to
