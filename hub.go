@@ -82,7 +82,6 @@ func newHub(opts *redis.UniversalOptions, cluster, sharded bool, logger *zap.Log
 	src.b = brk
 	h := &hub{reg: reg, brk: brk, logger: logger}
 	reg.OnClose = h.markClosed
-	proc().watchExit()
 	return h, nil
 }
 

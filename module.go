@@ -142,6 +142,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.compile(); err != nil {
 		return err
 	}
+	if err := watchStopping(ctx); err != nil {
+		return err
+	}
 	h.streams = &stream.Options{
 		Keepalive: time.Duration(h.Keepalive),
 		Evicted:   evictedFrame,

@@ -1,8 +1,10 @@
 package caddysse
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"os"
 	"strings"
 	"sync"
@@ -10,6 +12,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/caddy-sse/caddy-sse/registry"
@@ -43,13 +46,6 @@ type process struct {
 	// max_connections.
 	streams atomic.Int64
 
-	// The exit watcher ends the streams promptly once Caddy is exiting,
-	// instead of holding up the server's graceful shutdown forever. Caddy
-	// runs its exit callbacks only after the servers stopped, too late for
-	// that, so the flag is polled, from the first hub on.
-	exitWatcher sync.Once
-	done        chan struct{} // stops the exit watcher
-
 	// clock drives the keepalives and deadlines of every stream; poller
 	// notices taken-over clients closing (see package stream).
 	clock  *stream.Clock
@@ -71,7 +67,6 @@ func newProcess() *process {
 		instance: newInstanceID(),
 		metrics:  newCollectors(),
 		live:     new(liveRecorder),
-		done:     make(chan struct{}),
 		clock:    stream.NewClock(250 * time.Millisecond),
 	}
 	p.poller = sync.OnceValue(func() *stream.Poller {
@@ -85,29 +80,36 @@ func newProcess() *process {
 	return p
 }
 
-// watchExit starts polling for Caddy's exit, once.
-func (p *process) watchExit() {
-	p.exitWatcher.Do(func() {
-		go func() {
-			t := time.NewTicker(100 * time.Millisecond)
-			defer t.Stop()
-			for {
-				select {
-				case <-p.done:
-					return
-				case <-t.C:
-					if caddy.Exiting() {
-						p.clock.Shutdown(exitJitter)
-						return
-					}
-				}
-			}
-		}()
-	})
+// stopping ends every stream promptly, with a little jitter, once Caddy
+// exits, instead of holding up the servers' graceful shutdown forever
+// (taken-over connections are not even waited for). Caddy emits "stopping"
+// before it stops the servers, on exit and whenever a config is unloaded;
+// a reload keeps the streams. (Exit callbacks run after the servers
+// stopped: too late.)
+type stopping struct{}
+
+// watchStopping subscribes to the config's "stopping" event, through the
+// events app (loaded if the config has none).
+func watchStopping(ctx caddy.Context) error {
+	app, err := ctx.App("events")
+	if err != nil {
+		return fmt.Errorf("events app: %w", err)
+	}
+	events, ok := app.(*caddyevents.App)
+	if !ok {
+		return fmt.Errorf("events app: unexpected type %T", app)
+	}
+	return events.On("stopping", stopping{})
 }
 
-// stop ends the exit watcher; the value is not used afterwards.
-func (p *process) stop() { close(p.done) }
+func (stopping) Handle(context.Context, caddy.Event) error {
+	if caddy.Exiting() {
+		proc().clock.Shutdown(exitJitter)
+	}
+	return nil
+}
+
+var _ caddyevents.Handler = stopping{}
 
 // newInstanceID names a process in Redis: the host name, so that an
 // operator knows where to look, and a random suffix, so that two processes

@@ -16,6 +16,6 @@ func freshProcess(t *testing.T) {
 			t.Errorf("a hub is still in use at the end of the test: %v", describeHubKey(key))
 			return true
 		})
-		current.Swap(prev).stop()
+		current.Store(prev)
 	})
 }
