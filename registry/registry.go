@@ -578,40 +578,6 @@ func (r *Registry) deliverLocked(m Message) {
 	}
 }
 
-// closedFormats tells, per format, whether a message closed its channel:
-// only an envelope can.
-type closedFormats [2]bool
-
-// fanOut queues a frame on every subscriber of channel; frame is called at
-// most once per format (and history setting, if byHistory), so a message is
-// encoded once per kind of stream however many streams receive it. It
-// reports the formats for which the frame closed the channel.
-func (r *Registry) fanOut(channel string, byHistory bool, frame func(format sse.Format, history bool) *Frame) (closed closedFormats) {
-	r.mu.RLock()
-	c := r.channels[channel]
-	r.mu.RUnlock()
-	if c == nil {
-		return closed
-	}
-	var frames [2][2]*Frame
-	for _, s := range *c.subs.Load() {
-		h := 0
-		if byHistory && s.history {
-			h = 1
-		}
-		f := frames[s.format][h]
-		if f == nil {
-			f = frame(s.format, s.history)
-			frames[s.format][h] = f
-		}
-		if reason := s.push(f); reason != "" && r.metrics.Dropped != nil {
-			r.metrics.Dropped.WithLabelValues(reason).Inc()
-		}
-		closed[s.format] = closed[s.format] || f.Close
-	}
-	return closed
-}
-
 // leaveClosed detaches from channel the streams a publisher's close ended
 // it for: they have the close queued and go on with their other channels.
 // A channel nobody listens to any more is unsubscribed.
