@@ -128,14 +128,17 @@ func channelKey(channel string) string {
 // live), and the id it tells its client. It belongs to the stream's writer:
 // it is not safe for concurrent use.
 type Cursor struct {
-	channels   []string
-	perChannel bool
-	resume     bool
+	channels []string
+	resume   bool
+	last     uint64     // one counter: the highest id written
+	per      *positions // ids per channel (sharded mode); nil otherwise
+}
 
-	last uint64 // one counter: the highest id written
-
-	// Per channel (sharded mode): the position on each channel, whether it
-	// is known, and whether history must be replayed from it.
+// positions is a cursor's state where ids count per channel, apart so that
+// the common cursor (one counter) stays a few words.
+type positions struct {
+	// The position on each channel, whether it is known, and whether
+	// history must be replayed from it.
 	pos     []uint64
 	known   []bool
 	resumed []bool
@@ -154,37 +157,36 @@ type wireItem struct {
 // zero EventID when it does not resume). With ids per channel, a channel
 // the id does not name starts where its history stood when s was attached.
 func (r *Registry) Cursor(s *Subscriber, id EventID) *Cursor {
-	c := &Cursor{channels: s.channels, perChannel: r.perChannel != nil}
-	if !c.perChannel {
+	c := &Cursor{channels: s.channels}
+	if r.perChannel == nil {
 		if id.valid && !id.vector {
 			c.last, c.resume = id.n, true
 		}
 		return c
 	}
 	n := len(s.channels)
-	c.pos, c.known, c.resumed = make([]uint64, n), make([]bool, n), make([]bool, n)
-	c.keys = make([]string, n)
+	c.per = &positions{pos: make([]uint64, n), known: make([]bool, n), resumed: make([]bool, n), keys: make([]string, n)}
 	for i, ch := range s.channels {
-		c.keys[i] = channelKey(ch)
+		c.per.keys[i] = channelKey(ch)
 	}
 	used := make([]bool, len(id.entries))
 	for i := range s.channels {
 		switch {
 		case id.valid && !id.vector:
-			c.pos[i], c.known[i], c.resumed[i] = id.n, true, true
+			c.per.pos[i], c.per.known[i], c.per.resumed[i] = id.n, true, true
 		case id.vector:
 			for j, e := range id.entries {
-				if !used[j] && e.key == c.keys[i] {
+				if !used[j] && e.key == c.per.keys[i] {
 					used[j] = true
-					c.pos[i], c.known[i], c.resumed[i] = e.pos, true, true
+					c.per.pos[i], c.per.known[i], c.per.resumed[i] = e.pos, true, true
 					break
 				}
 			}
 		}
-		if !c.known[i] && i < len(s.startKnown) && s.startKnown[i] {
-			c.pos[i], c.known[i] = s.start[i], true
+		if !c.per.known[i] && i < len(s.startKnown) && s.startKnown[i] {
+			c.per.pos[i], c.per.known[i] = s.start[i], true
 		}
-		c.resume = c.resume || c.resumed[i]
+		c.resume = c.resume || c.per.resumed[i]
 	}
 	return c
 }
@@ -199,7 +201,7 @@ func (c *Cursor) Advance(f *Frame) bool {
 	if f.Seq == 0 {
 		return true
 	}
-	if !c.perChannel {
+	if c.per == nil {
 		if f.Seq <= c.last {
 			return false
 		}
@@ -210,10 +212,10 @@ func (c *Cursor) Advance(f *Frame) bool {
 		if ch != f.Channel {
 			continue
 		}
-		if c.known[i] && f.Seq <= c.pos[i] {
+		if c.per.known[i] && f.Seq <= c.per.pos[i] {
 			return false
 		}
-		c.pos[i], c.known[i] = f.Seq, true
+		c.per.pos[i], c.per.known[i] = f.Seq, true
 		return true
 	}
 	return true
@@ -232,24 +234,24 @@ func (c *Cursor) AppendID(dst []byte) []byte {
 func (c *Cursor) ID() string { return string(c.appendID(nil)) }
 
 func (c *Cursor) appendID(dst []byte) []byte {
-	if !c.perChannel {
+	if c.per == nil {
 		if c.last == 0 {
 			return dst
 		}
 		return strconv.AppendUint(dst, c.last, 10)
 	}
 	if len(c.channels) == 1 {
-		if !c.known[0] {
+		if !c.per.known[0] {
 			return dst
 		}
-		return strconv.AppendUint(dst, c.pos[0], 10)
+		return strconv.AppendUint(dst, c.per.pos[0], 10)
 	}
 	dst = append(dst, vectorPrefix...)
 	for i := range c.channels {
-		if c.known[i] {
+		if c.per.known[i] {
 			dst = append(dst, '.')
-			dst = append(dst, c.keys[i]...)
-			dst = strconv.AppendUint(dst, c.pos[i], 36)
+			dst = append(dst, c.per.keys[i]...)
+			dst = strconv.AppendUint(dst, c.per.pos[i], 36)
 		}
 	}
 	return dst
@@ -261,39 +263,50 @@ func (c *Cursor) appendID(dst []byte) []byte {
 // bytes it appended. The id lines live in the cursor until the next call:
 // write bufs before calling again.
 func (c *Cursor) AppendWire(bufs [][]byte, frames []*Frame) (out [][]byte, events, size int) {
-	c.ids = c.ids[:0]
-	c.wire = c.wire[:0]
+	if c.per == nil {
+		// One counter: every frame carries its own id, if any.
+		for _, f := range frames {
+			if c.Advance(f) && len(f.Bytes) > 0 {
+				bufs = append(bufs, f.Bytes)
+				events++
+				size += len(f.Bytes)
+			}
+		}
+		return bufs, events, size
+	}
+	c.per.ids = c.per.ids[:0]
+	c.per.wire = c.per.wire[:0]
 	for _, f := range frames {
 		if !c.Advance(f) || len(f.Bytes) == 0 {
 			continue
 		}
 		it := wireItem{f: f}
 		if f.NeedsID {
-			it.start = len(c.ids)
-			c.ids = c.AppendID(c.ids)
-			it.end = len(c.ids)
+			it.start = len(c.per.ids)
+			c.per.ids = c.AppendID(c.per.ids)
+			it.end = len(c.per.ids)
 		}
-		c.wire = append(c.wire, it)
+		c.per.wire = append(c.per.wire, it)
 	}
-	for _, it := range c.wire {
+	for _, it := range c.per.wire {
 		bufs = append(bufs, it.f.Bytes)
 		size += len(it.f.Bytes)
 		if it.end > it.start {
-			bufs = append(bufs, c.ids[it.start:it.end])
+			bufs = append(bufs, c.per.ids[it.start:it.end])
 			size += it.end - it.start
 		}
 	}
-	clear(c.wire) // let the frames go
-	return bufs, len(c.wire), size
+	clear(c.per.wire) // let the frames go
+	return bufs, len(c.per.wire), size
 }
 
 // replayFrom is what ReplayPage reads from: the channels to replay and the
 // position on each.
 func (c *Cursor) replayFrom() (channels []string, after []uint64) {
 	for i, ch := range c.channels {
-		if c.resumed[i] {
+		if c.per.resumed[i] {
 			channels = append(channels, ch)
-			after = append(after, c.pos[i])
+			after = append(after, c.per.pos[i])
 		}
 	}
 	return channels, after
