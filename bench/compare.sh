@@ -29,7 +29,8 @@
 # script), PROFILE=0 (skip the pprof runs), BIG=0 (skip the 18,000 streams),
 # HTTP_PUB=0 (skip caddy-sse with sse_publish), H2=0 (skip the HTTPS +
 # HTTP/2 workload), LOGGED=0 (skip caddy-sse/log), BURST=0 (skip the burst
-# check), FLOOR_DIR (the floor's source directory), OUT (bench/results).
+# check), FLOOR_DIR (the floor's source directory), OUT (bench/results),
+# SCENARIOS (only these, e.g. "fanout fanout-light"; default all).
 #
 # Fairness: every server may use both cores (caddy and the Go servers:
 # GOMAXPROCS = 2, the Go default here; nginx: worker_processes auto = 2),
@@ -50,6 +51,7 @@ LOGGED=${LOGGED:-1}
 BURST=${BURST:-1}
 FLOOR_DIR=${FLOOR_DIR:-}
 OUT=${OUT:-bench/results}
+SCENARIOS=${SCENARIOS:-}
 NGINX_WORKERS=${NGINX_WORKERS:-auto}
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
@@ -284,39 +286,42 @@ idles=("${servers[@]}")
 connects=(caddy-sse nchan)
 h2s=(caddy-sse nchan go-floor)
 
+# want SCENARIO: whether SCENARIOS leaves it in.
+want() { [ -z "$SCENARIOS" ] || [[ " $SCENARIOS " == *" $1 "* ]]; }
+
 START=$(date +%s)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for round in $(seq "$ROUNDS"); do
-	for s in $(ordered "$round" "${pubs[@]}"); do
+	want fanout && for s in $(ordered "$round" "${pubs[@]}"); do
 		run_one "$s" fanout "$round" -mode fanout -streams "$FANOUT_STREAMS" \
 			-events "$FANOUT_EVENTS" -rate "$FANOUT_RATE"
 	done
-	for s in $(ordered "$round" "${servers[@]}"); do
+	want fanout-light && for s in $(ordered "$round" "${servers[@]}"); do
 		run_one "$s" fanout-light "$round" -mode fanout -streams "$FANOUT_STREAMS" \
 			-events "$LIGHT_EVENTS" -rate "$LIGHT_RATE"
 	done
-	for s in $(ordered "$round" "${pubs[@]}"); do
+	want unicast && for s in $(ordered "$round" "${pubs[@]}"); do
 		run_one "$s" unicast "$round" -mode unicast -streams "$UNICAST_STREAMS" \
 			-events "$UNICAST_EVENTS" -rate "$UNICAST_RATE" -pub-workers 16
 	done
-	for s in $(ordered "$round" "${idles[@]}"); do
+	want idle && for s in $(ordered "$round" "${idles[@]}"); do
 		run_one "$s" idle "$round" -mode idle -streams "$IDLE_STREAMS" -settle "$IDLE_SETTLE"
 	done
-	for s in $(ordered "$round" "${connects[@]}"); do
+	want connect && for s in $(ordered "$round" "${connects[@]}"); do
 		run_one "$s" connect "$round" -mode connect -duration "$CONNECT_SECONDS" -workers 32
 	done
 	if [ "$H2" = 1 ]; then
-		for s in $(ordered "$round" "${h2s[@]}"); do
+		want h2-idle && for s in $(ordered "$round" "${h2s[@]}"); do
 			run_one "$s" h2-idle "$round" -mode idle -streams "$H2_STREAMS" -settle "$H2_SETTLE"
 		done
-		for s in $(ordered "$round" "${h2s[@]}"); do
+		want h2-fanout && for s in $(ordered "$round" "${h2s[@]}"); do
 			run_one "$s" h2-fanout "$round" -mode fanout -streams "$H2_STREAMS" \
 				-events "$H2_EVENTS" -rate "$H2_RATE"
 		done
 	fi
 done
 
-if [ "$BIG" = 1 ]; then
+if [ "$BIG" = 1 ] && want "fanout-$BIG_STREAMS"; then
 	for s in "${servers[@]}"; do
 		run_one "$s" "fanout-$BIG_STREAMS" 1 -mode fanout -streams "$BIG_STREAMS" \
 			-events "$BIG_EVENTS" -rate "$BIG_RATE" -settle 3s -dial-concurrency 256
@@ -507,7 +512,10 @@ ELAPSED=$(($(date +%s) - START))
 } >"$OUT/results.md"
 gnuplot -e "dat='$OUT/chart.dat'; out='$OUT/compare.png'" bench/chart.gp
 
-if [ -f BENCHMARKS.md ] && grep -q '<!-- results:begin -->' BENCHMARKS.md; then
+# A partial run (SCENARIOS) or one written elsewhere (OUT) leaves the
+# report alone.
+if [ -z "$SCENARIOS" ] && [ "$OUT" = bench/results ] && [ -f BENCHMARKS.md ] &&
+	grep -q '<!-- results:begin -->' BENCHMARKS.md; then
 	awk -v f="$OUT/results.md" '
 		/<!-- results:begin -->/ { print; while ((getline line < f) > 0) { sub(/\]\(compare.png\)/, "](bench/results/compare.png)", line); print line }; skip = 1; next }
 		/<!-- results:end -->/ { skip = 0 }
