@@ -155,102 +155,10 @@ func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 	seen := make(map[string]bool)
 	for d.NextBlock(0) {
-		opt := d.Val()
-		if opt != "channel" && seen[opt] {
-			return d.Errf("%s: specified more than once", opt)
+		if err := once(d, seen, "", "channel"); err != nil {
+			return err
 		}
-		seen[opt] = true
-
-		var err error
-		switch opt {
-		case "redis":
-			s.Redis, err = parseRedis(d)
-
-		case "channel":
-			var args []string
-			if args, err = optArgs(d, opt, 1, -1); err == nil {
-				s.Channels = append(s.Channels, args...)
-			}
-
-		case "allow":
-			var arg string
-			if arg, err = optArg(d, opt); err != nil {
-				break
-			}
-			// Compiled alone for an error message about the operator's own
-			// text, then anchored as Provision compiles it, so that adapt
-			// fails on exactly the expressions that would fail at load time.
-			if _, cerr := regexp.Compile(arg); cerr != nil {
-				return d.Errf("allow: invalid regular expression: %v", cerr)
-			}
-			if _, cerr := regexp.Compile(`^(?:` + arg + `)$`); cerr != nil {
-				return d.Errf("allow: invalid regular expression: %v", cerr)
-			}
-			s.Allow = arg
-
-		case "format":
-			var arg string
-			if arg, err = optArg(d, opt); err != nil {
-				break
-			}
-			f, ferr := sse.ParseFormat(arg)
-			if ferr != nil || arg == "" {
-				return d.Errf("format: want raw or envelope, got '%s'", arg)
-			}
-			s.Format = f.String()
-
-		case "keepalive":
-			s.Keepalive, err = optDuration(d, opt)
-		case "retry":
-			s.Retry, err = optDuration(d, opt)
-		case "max_duration":
-			s.MaxDuration, err = optDuration(d, opt)
-
-		case "buffer":
-			s.Buffer, err = optInt(d, opt)
-		case "max_connections":
-			s.MaxConnections, err = optInt(d, opt)
-		case "max_channels":
-			s.MaxChannels, err = optInt(d, opt)
-
-		case "history":
-			s.History, err = parseHistory(d)
-
-		case "last_event_id":
-			s.LastEventID, err = optArg(d, opt)
-
-		case "takeover":
-			var arg string
-			if arg, err = optArg(d, opt); err != nil {
-				break
-			}
-			switch arg {
-			case "on":
-				on := true
-				s.Takeover = &on
-			case "off":
-				off := false
-				s.Takeover = &off
-			default:
-				return d.Errf("takeover: want on or off, got '%s'", arg)
-			}
-
-		case "max_connections_per":
-			s.MaxConnectionsPer, err = parseConnectionLimit(d)
-
-		case "jwt":
-			s.JWT, err = parseJWT(d)
-
-		case "presence":
-			s.Presence, err = parsePresence(d)
-
-		case "lifecycle":
-			s.Lifecycle, err = parseLifecycle(d)
-
-		default:
-			return d.Errf("unrecognized sse option '%s'", opt)
-		}
-		if err != nil {
+		if err := s.unmarshalOption(d); err != nil {
 			return err
 		}
 	}
@@ -267,6 +175,106 @@ func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// unmarshalOption reads one option of the sse block, whose name is the
+// current token.
+func (s *Handler) unmarshalOption(d *caddyfile.Dispenser) error {
+	var err error
+	switch opt := d.Val(); opt {
+	case "redis":
+		s.Redis, err = parseRedis(d)
+	case "channel":
+		var channels []string
+		channels, err = optArgs(d, opt, 1, -1)
+		s.Channels = append(s.Channels, channels...)
+	case "allow":
+		s.Allow, err = parseAllow(d)
+	case "format":
+		s.Format, err = parseFormat(d)
+
+	case "keepalive":
+		s.Keepalive, err = optDuration(d, opt)
+	case "retry":
+		s.Retry, err = optDuration(d, opt)
+	case "max_duration":
+		s.MaxDuration, err = optDuration(d, opt)
+
+	case "buffer":
+		s.Buffer, err = optInt(d, opt)
+	case "max_connections":
+		s.MaxConnections, err = optInt(d, opt)
+	case "max_channels":
+		s.MaxChannels, err = optInt(d, opt)
+
+	case "history":
+		s.History, err = parseHistory(d)
+	case "last_event_id":
+		s.LastEventID, err = optArg(d, opt)
+	case "takeover":
+		s.Takeover, err = parseTakeover(d)
+	case "max_connections_per":
+		s.MaxConnectionsPer, err = parseConnectionLimit(d)
+	case "jwt":
+		s.JWT, err = parseJWT(d)
+	case "presence":
+		s.Presence, err = parsePresence(d)
+	case "lifecycle":
+		s.Lifecycle, err = parseLifecycle(d)
+	default:
+		return d.Errf("unrecognized sse option '%s'", opt)
+	}
+	return err
+}
+
+// parseAllow reads `allow <regexp>`, whose name is the current token.
+func parseAllow(d *caddyfile.Dispenser) (string, error) {
+	arg, err := optArg(d, "allow")
+	if err != nil {
+		return "", err
+	}
+	// Compiled alone for an error message about the operator's own text,
+	// then anchored as Provision compiles it, so that adapt fails on
+	// exactly the expressions that would fail at load time.
+	if _, err := regexp.Compile(arg); err != nil {
+		return "", d.Errf("allow: invalid regular expression: %v", err)
+	}
+	if _, err := regexp.Compile(`^(?:` + arg + `)$`); err != nil {
+		return "", d.Errf("allow: invalid regular expression: %v", err)
+	}
+	return arg, nil
+}
+
+// parseFormat reads `format raw|envelope`, whose name is the current token.
+func parseFormat(d *caddyfile.Dispenser) (string, error) {
+	arg, err := optArg(d, "format")
+	if err != nil {
+		return "", err
+	}
+	f, err := sse.ParseFormat(arg)
+	if err != nil || arg == "" {
+		return "", d.Errf("format: want raw or envelope, got '%s'", arg)
+	}
+	return f.String(), nil
+}
+
+// parseTakeover reads `takeover on|off`, whose name is the current token.
+// The result is a pointer because unset means on.
+func parseTakeover(d *caddyfile.Dispenser) (*bool, error) {
+	arg, err := optArg(d, "takeover")
+	if err != nil {
+		return nil, err
+	}
+	var on bool
+	switch arg {
+	case "on":
+		on = true
+	case "off":
+		on = false
+	default:
+		return nil, d.Errf("takeover: want on or off, got '%s'", arg)
+	}
+	return &on, nil
 }
 
 // UnmarshalCaddyfile sets up the sse_publish handler from Caddyfile tokens.
@@ -414,12 +422,10 @@ func (hl *Health) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	seen := make(map[string]bool)
 	for d.NextBlock(0) {
-		opt := d.Val()
-		if seen[opt] {
-			return d.Errf("%s: specified more than once", opt)
+		if err := once(d, seen, ""); err != nil {
+			return err
 		}
-		seen[opt] = true
-		switch opt {
+		switch opt := d.Val(); opt {
 		case "redis":
 			var err error
 			if hl.Redis, err = parseRedis(d); err != nil {
@@ -527,6 +533,19 @@ func parseJWT(d *caddyfile.Dispenser) (*JWTConfig, error) {
 		return nil, d.Errf("jwt: key: an HS256 secret must be at least %d bytes, got %d", auth.MinHMACKey, len(j.Key))
 	}
 	return j, nil
+}
+
+// once refuses an option given a second time in one block, whose value
+// would silently replace the first, unless it is one of repeatable, whose
+// values add up. seen holds the options given so far in the block; prefix
+// names the enclosing option in the error, as "jwt: ".
+func once(d *caddyfile.Dispenser, seen map[string]bool, prefix string, repeatable ...string) error {
+	opt := d.Val()
+	if seen[opt] && !slices.Contains(repeatable, opt) {
+		return d.Errf("%s%s: specified more than once", prefix, opt)
+	}
+	seen[opt] = true
+	return nil
 }
 
 // optArgs returns the arguments of the option whose name is the current
