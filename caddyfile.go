@@ -300,52 +300,24 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	case 1:
 		p.Channel = args[0]
 	default:
-		return d.Errf("channel: sse_publish publishes to exactly one channel, got %d", len(args))
+		return errOneChannel(d, len(args))
 	}
 
 	seen := make(map[string]bool)
 	for d.NextBlock(0) {
-		opt := d.Val()
-		if seen[opt] {
-			return d.Errf("%s: specified more than once", opt)
+		if err := once(d, seen, ""); err != nil {
+			return err
 		}
-		seen[opt] = true
-
 		var err error
-		switch opt {
+		switch opt := d.Val(); opt {
 		case "redis":
 			p.Redis, err = parseRedis(d)
-
 		case "channel":
-			if p.Channel != "" {
-				return d.Err("channel: sse_publish publishes to exactly one channel, already given on the directive's line")
-			}
-			var args []string
-			if args, err = optArgs(d, opt, 1, -1); err != nil {
-				break
-			}
-			if len(args) > 1 {
-				return d.Errf("channel: sse_publish publishes to exactly one channel, got %d", len(args))
-			}
-			p.Channel = args[0]
-
+			err = p.unmarshalChannel(d)
 		case "history":
 			p.History, err = parseHistory(d)
-
 		case "max_size":
-			var arg string
-			if arg, err = optArg(d, opt); err != nil {
-				break
-			}
-			size, perr := humanize.ParseBytes(arg)
-			if perr != nil {
-				return d.Errf("max_size: '%s' is not a size in bytes (such as 65536, 64KiB or 1MB)", arg)
-			}
-			if size > math.MaxInt64 {
-				return d.Errf("max_size: '%s' is too large", arg)
-			}
-			p.MaxSize = int64(size)
-
+			p.MaxSize, err = optSize(d, opt)
 		default:
 			return d.Errf("unrecognized sse_publish option '%s'", opt)
 		}
@@ -358,6 +330,29 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Err("channel: sse_publish needs a channel template, as `sse_publish <channel>` or `channel <template>` in its block")
 	}
 	return nil
+}
+
+// unmarshalChannel reads the `channel` option of the sse_publish block,
+// whose name is the current token.
+func (p *Publish) unmarshalChannel(d *caddyfile.Dispenser) error {
+	if p.Channel != "" {
+		return d.Err("channel: sse_publish publishes to exactly one channel, already given on the directive's line")
+	}
+	args, err := optArgs(d, "channel", 1, -1)
+	if err != nil {
+		return err
+	}
+	if len(args) > 1 {
+		return errOneChannel(d, len(args))
+	}
+	p.Channel = args[0]
+	return nil
+}
+
+// errOneChannel refuses the n channel templates given to sse_publish, on
+// its line or in its `channel` option.
+func errOneChannel(d *caddyfile.Dispenser, n int) error {
+	return d.Errf("channel: sse_publish publishes to exactly one channel, got %d", n)
 }
 
 // parsePresence reads `presence <identity-template> [<ttl>]`, whose name is
@@ -609,6 +604,23 @@ func optDuration(d *caddyfile.Dispenser, opt string) (caddy.Duration, error) {
 		return 0, d.Errf("%s: must not be negative, got '%s'", opt, arg)
 	}
 	return caddy.Duration(dur), nil
+}
+
+// optSize returns the current option's single argument as a number of
+// bytes, given as such or as a size such as 64KiB or 1MB.
+func optSize(d *caddyfile.Dispenser, opt string) (int64, error) {
+	arg, err := optArg(d, opt)
+	if err != nil {
+		return 0, err
+	}
+	size, err := humanize.ParseBytes(arg)
+	if err != nil {
+		return 0, d.Errf("%s: '%s' is not a size in bytes (such as 65536, 64KiB or 1MB)", opt, arg)
+	}
+	if size > math.MaxInt64 {
+		return 0, d.Errf("%s: '%s' is too large", opt, arg)
+	}
+	return int64(size), nil
 }
 
 // Interface guards
