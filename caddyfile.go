@@ -468,56 +468,16 @@ func parseJWT(d *caddyfile.Dispenser) (*JWTConfig, error) {
 	}
 	j := new(JWTConfig)
 	seen := make(map[string]bool)
-	var block bool
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		block = true
-		opt := d.Val()
-		if opt != "from" && seen[opt] {
-			return nil, d.Errf("jwt: %s: specified more than once", opt)
+		if err := once(d, seen, "jwt: ", "from"); err != nil {
+			return nil, err
 		}
-		seen[opt] = true
-		var err error
-		switch opt {
-		case "key":
-			j.Key, err = optArg(d, "jwt: key")
-		case "alg":
-			j.Alg, err = optArg(d, "jwt: alg")
-			if err == nil && !slices.Contains(auth.Algs, j.Alg) {
-				return nil, d.Errf("jwt: alg: want one of %s, got '%s'", strings.Join(auth.Algs, ", "), j.Alg)
-			}
-		case "claim":
-			j.Claim, err = optArg(d, "jwt: claim")
-		case "issuer":
-			j.Issuer, err = optArg(d, "jwt: issuer")
-		case "audience":
-			j.Audience, err = optArg(d, "jwt: audience")
-		case "from":
-			var args []string
-			if args, err = optArgs(d, "jwt: from", 1, 2); err != nil {
-				break
-			}
-			var src JWTSource
-			switch {
-			case args[0] == "header" && len(args) == 1:
-				src.Header = "Authorization"
-			case args[0] == "header":
-				src.Header = args[1]
-			case args[0] == "cookie" && len(args) == 2:
-				src.Cookie = args[1]
-			case args[0] == "query" && len(args) == 2:
-				src.Query = args[1]
-			default:
-				return nil, d.Errf("jwt: from: want header [<name>], cookie <name> or query <name>, got '%s'", strings.Join(args, " "))
-			}
-			j.From = append(j.From, src)
-		default:
-			return nil, d.Errf("jwt: unrecognized option '%s'", opt)
-		}
-		if err != nil {
+		if err := j.unmarshalOption(d); err != nil {
 			return nil, err
 		}
 	}
-	if !block || j.Key == "" {
+	// Also the error for `jwt` without a block, or with an empty one.
+	if j.Key == "" {
 		return nil, d.Err("jwt: key: required, as `key <secret>` or `key <PEM file>` in the jwt block")
 	}
 	if err := j.validate(); err != nil {
@@ -528,6 +488,68 @@ func parseJWT(d *caddyfile.Dispenser) (*JWTConfig, error) {
 		return nil, d.Errf("jwt: key: an HS256 secret must be at least %d bytes, got %d", auth.MinHMACKey, len(j.Key))
 	}
 	return j, nil
+}
+
+// unmarshalOption reads one option of the jwt block, whose name is the
+// current token.
+func (j *JWTConfig) unmarshalOption(d *caddyfile.Dispenser) error {
+	var err error
+	switch opt := d.Val(); opt {
+	case "key":
+		j.Key, err = optArg(d, "jwt: key")
+	case "alg":
+		j.Alg, err = parseJWTAlg(d)
+	case "from":
+		var src JWTSource
+		if src, err = parseJWTSource(d); err == nil {
+			j.From = append(j.From, src)
+		}
+	case "claim":
+		j.Claim, err = optArg(d, "jwt: claim")
+	case "issuer":
+		j.Issuer, err = optArg(d, "jwt: issuer")
+	case "audience":
+		j.Audience, err = optArg(d, "jwt: audience")
+	default:
+		return d.Errf("jwt: unrecognized option '%s'", opt)
+	}
+	return err
+}
+
+// parseJWTAlg reads `alg <name>` in the jwt block, whose name is the
+// current token.
+func parseJWTAlg(d *caddyfile.Dispenser) (string, error) {
+	alg, err := optArg(d, "jwt: alg")
+	if err != nil {
+		return "", err
+	}
+	if !slices.Contains(auth.Algs, alg) {
+		return "", d.Errf("jwt: alg: want one of %s, got '%s'", strings.Join(auth.Algs, ", "), alg)
+	}
+	return alg, nil
+}
+
+// parseJWTSource reads `from header [<name>] | cookie <name> | query
+// <name>` in the jwt block, whose name is the current token.
+func parseJWTSource(d *caddyfile.Dispenser) (JWTSource, error) {
+	var src JWTSource
+	args, err := optArgs(d, "jwt: from", 1, 2)
+	if err != nil {
+		return src, err
+	}
+	switch {
+	case args[0] == "header" && len(args) == 1:
+		src.Header = "Authorization"
+	case args[0] == "header":
+		src.Header = args[1]
+	case args[0] == "cookie" && len(args) == 2:
+		src.Cookie = args[1]
+	case args[0] == "query" && len(args) == 2:
+		src.Query = args[1]
+	default:
+		return src, d.Errf("jwt: from: want header [<name>], cookie <name> or query <name>, got '%s'", strings.Join(args, " "))
+	}
+	return src, nil
 }
 
 // once refuses an option given a second time in one block, whose value
