@@ -155,102 +155,10 @@ func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 	seen := make(map[string]bool)
 	for d.NextBlock(0) {
-		opt := d.Val()
-		if opt != "channel" && seen[opt] {
-			return d.Errf("%s: specified more than once", opt)
+		if err := once(d, seen, "", "channel"); err != nil {
+			return err
 		}
-		seen[opt] = true
-
-		var err error
-		switch opt {
-		case "redis":
-			s.Redis, err = parseRedis(d)
-
-		case "channel":
-			var args []string
-			if args, err = optArgs(d, opt, 1, -1); err == nil {
-				s.Channels = append(s.Channels, args...)
-			}
-
-		case "allow":
-			var arg string
-			if arg, err = optArg(d, opt); err != nil {
-				break
-			}
-			// Compiled alone for an error message about the operator's own
-			// text, then anchored as Provision compiles it, so that adapt
-			// fails on exactly the expressions that would fail at load time.
-			if _, cerr := regexp.Compile(arg); cerr != nil {
-				return d.Errf("allow: invalid regular expression: %v", cerr)
-			}
-			if _, cerr := regexp.Compile(`^(?:` + arg + `)$`); cerr != nil {
-				return d.Errf("allow: invalid regular expression: %v", cerr)
-			}
-			s.Allow = arg
-
-		case "format":
-			var arg string
-			if arg, err = optArg(d, opt); err != nil {
-				break
-			}
-			f, ferr := sse.ParseFormat(arg)
-			if ferr != nil || arg == "" {
-				return d.Errf("format: want raw or envelope, got '%s'", arg)
-			}
-			s.Format = f.String()
-
-		case "keepalive":
-			s.Keepalive, err = optDuration(d, opt)
-		case "retry":
-			s.Retry, err = optDuration(d, opt)
-		case "max_duration":
-			s.MaxDuration, err = optDuration(d, opt)
-
-		case "buffer":
-			s.Buffer, err = optInt(d, opt)
-		case "max_connections":
-			s.MaxConnections, err = optInt(d, opt)
-		case "max_channels":
-			s.MaxChannels, err = optInt(d, opt)
-
-		case "history":
-			s.History, err = parseHistory(d)
-
-		case "last_event_id":
-			s.LastEventID, err = optArg(d, opt)
-
-		case "takeover":
-			var arg string
-			if arg, err = optArg(d, opt); err != nil {
-				break
-			}
-			switch arg {
-			case "on":
-				on := true
-				s.Takeover = &on
-			case "off":
-				off := false
-				s.Takeover = &off
-			default:
-				return d.Errf("takeover: want on or off, got '%s'", arg)
-			}
-
-		case "max_connections_per":
-			s.MaxConnectionsPer, err = parseConnectionLimit(d)
-
-		case "jwt":
-			s.JWT, err = parseJWT(d)
-
-		case "presence":
-			s.Presence, err = parsePresence(d)
-
-		case "lifecycle":
-			s.Lifecycle, err = parseLifecycle(d)
-
-		default:
-			return d.Errf("unrecognized sse option '%s'", opt)
-		}
-		if err != nil {
+		if err := s.unmarshalOption(d); err != nil {
 			return err
 		}
 	}
@@ -267,6 +175,106 @@ func (s *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// unmarshalOption reads one option of the sse block, whose name is the
+// current token.
+func (s *Handler) unmarshalOption(d *caddyfile.Dispenser) error {
+	var err error
+	switch opt := d.Val(); opt {
+	case "redis":
+		s.Redis, err = parseRedis(d)
+	case "channel":
+		var channels []string
+		channels, err = optArgs(d, opt, 1, -1)
+		s.Channels = append(s.Channels, channels...)
+	case "allow":
+		s.Allow, err = parseAllow(d)
+	case "format":
+		s.Format, err = parseFormat(d)
+
+	case "keepalive":
+		s.Keepalive, err = optDuration(d, opt)
+	case "retry":
+		s.Retry, err = optDuration(d, opt)
+	case "max_duration":
+		s.MaxDuration, err = optDuration(d, opt)
+
+	case "buffer":
+		s.Buffer, err = optInt(d, opt)
+	case "max_connections":
+		s.MaxConnections, err = optInt(d, opt)
+	case "max_channels":
+		s.MaxChannels, err = optInt(d, opt)
+
+	case "history":
+		s.History, err = parseHistory(d)
+	case "last_event_id":
+		s.LastEventID, err = optArg(d, opt)
+	case "takeover":
+		s.Takeover, err = parseTakeover(d)
+	case "max_connections_per":
+		s.MaxConnectionsPer, err = parseConnectionLimit(d)
+	case "jwt":
+		s.JWT, err = parseJWT(d)
+	case "presence":
+		s.Presence, err = parsePresence(d)
+	case "lifecycle":
+		s.Lifecycle, err = parseLifecycle(d)
+	default:
+		return d.Errf("unrecognized sse option '%s'", opt)
+	}
+	return err
+}
+
+// parseAllow reads `allow <regexp>`, whose name is the current token.
+func parseAllow(d *caddyfile.Dispenser) (string, error) {
+	arg, err := optArg(d, "allow")
+	if err != nil {
+		return "", err
+	}
+	// Compiled alone for an error message about the operator's own text,
+	// then anchored as Provision compiles it, so that adapt fails on
+	// exactly the expressions that would fail at load time.
+	if _, err := regexp.Compile(arg); err != nil {
+		return "", d.Errf("allow: invalid regular expression: %v", err)
+	}
+	if _, err := regexp.Compile(`^(?:` + arg + `)$`); err != nil {
+		return "", d.Errf("allow: invalid regular expression: %v", err)
+	}
+	return arg, nil
+}
+
+// parseFormat reads `format raw|envelope`, whose name is the current token.
+func parseFormat(d *caddyfile.Dispenser) (string, error) {
+	arg, err := optArg(d, "format")
+	if err != nil {
+		return "", err
+	}
+	f, err := sse.ParseFormat(arg)
+	if err != nil || arg == "" {
+		return "", d.Errf("format: want raw or envelope, got '%s'", arg)
+	}
+	return f.String(), nil
+}
+
+// parseTakeover reads `takeover on|off`, whose name is the current token.
+// The result is a pointer because unset means on.
+func parseTakeover(d *caddyfile.Dispenser) (*bool, error) {
+	arg, err := optArg(d, "takeover")
+	if err != nil {
+		return nil, err
+	}
+	var on bool
+	switch arg {
+	case "on":
+		on = true
+	case "off":
+		on = false
+	default:
+		return nil, d.Errf("takeover: want on or off, got '%s'", arg)
+	}
+	return &on, nil
 }
 
 // UnmarshalCaddyfile sets up the sse_publish handler from Caddyfile tokens.
@@ -292,52 +300,24 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	case 1:
 		p.Channel = args[0]
 	default:
-		return d.Errf("channel: sse_publish publishes to exactly one channel, got %d", len(args))
+		return errOneChannel(d, len(args))
 	}
 
 	seen := make(map[string]bool)
 	for d.NextBlock(0) {
-		opt := d.Val()
-		if seen[opt] {
-			return d.Errf("%s: specified more than once", opt)
+		if err := once(d, seen, ""); err != nil {
+			return err
 		}
-		seen[opt] = true
-
 		var err error
-		switch opt {
+		switch opt := d.Val(); opt {
 		case "redis":
 			p.Redis, err = parseRedis(d)
-
 		case "channel":
-			if p.Channel != "" {
-				return d.Err("channel: sse_publish publishes to exactly one channel, already given on the directive's line")
-			}
-			var args []string
-			if args, err = optArgs(d, opt, 1, -1); err != nil {
-				break
-			}
-			if len(args) > 1 {
-				return d.Errf("channel: sse_publish publishes to exactly one channel, got %d", len(args))
-			}
-			p.Channel = args[0]
-
+			err = p.unmarshalChannel(d)
 		case "history":
 			p.History, err = parseHistory(d)
-
 		case "max_size":
-			var arg string
-			if arg, err = optArg(d, opt); err != nil {
-				break
-			}
-			size, perr := humanize.ParseBytes(arg)
-			if perr != nil {
-				return d.Errf("max_size: '%s' is not a size in bytes (such as 65536, 64KiB or 1MB)", arg)
-			}
-			if size > math.MaxInt64 {
-				return d.Errf("max_size: '%s' is too large", arg)
-			}
-			p.MaxSize = int64(size)
-
+			p.MaxSize, err = optSize(d, opt)
 		default:
 			return d.Errf("unrecognized sse_publish option '%s'", opt)
 		}
@@ -350,6 +330,29 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Err("channel: sse_publish needs a channel template, as `sse_publish <channel>` or `channel <template>` in its block")
 	}
 	return nil
+}
+
+// unmarshalChannel reads the `channel` option of the sse_publish block,
+// whose name is the current token.
+func (p *Publish) unmarshalChannel(d *caddyfile.Dispenser) error {
+	if p.Channel != "" {
+		return d.Err("channel: sse_publish publishes to exactly one channel, already given on the directive's line")
+	}
+	args, err := optArgs(d, "channel", 1, -1)
+	if err != nil {
+		return err
+	}
+	if len(args) > 1 {
+		return errOneChannel(d, len(args))
+	}
+	p.Channel = args[0]
+	return nil
+}
+
+// errOneChannel refuses the n channel templates given to sse_publish, on
+// its line or in its `channel` option.
+func errOneChannel(d *caddyfile.Dispenser, n int) error {
+	return d.Errf("channel: sse_publish publishes to exactly one channel, got %d", n)
 }
 
 // parsePresence reads `presence <identity-template> [<ttl>]`, whose name is
@@ -414,12 +417,10 @@ func (hl *Health) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	seen := make(map[string]bool)
 	for d.NextBlock(0) {
-		opt := d.Val()
-		if seen[opt] {
-			return d.Errf("%s: specified more than once", opt)
+		if err := once(d, seen, ""); err != nil {
+			return err
 		}
-		seen[opt] = true
-		switch opt {
+		switch opt := d.Val(); opt {
 		case "redis":
 			var err error
 			if hl.Redis, err = parseRedis(d); err != nil {
@@ -467,56 +468,16 @@ func parseJWT(d *caddyfile.Dispenser) (*JWTConfig, error) {
 	}
 	j := new(JWTConfig)
 	seen := make(map[string]bool)
-	var block bool
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		block = true
-		opt := d.Val()
-		if opt != "from" && seen[opt] {
-			return nil, d.Errf("jwt: %s: specified more than once", opt)
+		if err := once(d, seen, "jwt: ", "from"); err != nil {
+			return nil, err
 		}
-		seen[opt] = true
-		var err error
-		switch opt {
-		case "key":
-			j.Key, err = optArg(d, "jwt: key")
-		case "alg":
-			j.Alg, err = optArg(d, "jwt: alg")
-			if err == nil && !slices.Contains(auth.Algs, j.Alg) {
-				return nil, d.Errf("jwt: alg: want one of %s, got '%s'", strings.Join(auth.Algs, ", "), j.Alg)
-			}
-		case "claim":
-			j.Claim, err = optArg(d, "jwt: claim")
-		case "issuer":
-			j.Issuer, err = optArg(d, "jwt: issuer")
-		case "audience":
-			j.Audience, err = optArg(d, "jwt: audience")
-		case "from":
-			var args []string
-			if args, err = optArgs(d, "jwt: from", 1, 2); err != nil {
-				break
-			}
-			var src JWTSource
-			switch {
-			case args[0] == "header" && len(args) == 1:
-				src.Header = "Authorization"
-			case args[0] == "header":
-				src.Header = args[1]
-			case args[0] == "cookie" && len(args) == 2:
-				src.Cookie = args[1]
-			case args[0] == "query" && len(args) == 2:
-				src.Query = args[1]
-			default:
-				return nil, d.Errf("jwt: from: want header [<name>], cookie <name> or query <name>, got '%s'", strings.Join(args, " "))
-			}
-			j.From = append(j.From, src)
-		default:
-			return nil, d.Errf("jwt: unrecognized option '%s'", opt)
-		}
-		if err != nil {
+		if err := j.unmarshalOption(d); err != nil {
 			return nil, err
 		}
 	}
-	if !block || j.Key == "" {
+	// Also the error for `jwt` without a block, or with an empty one.
+	if j.Key == "" {
 		return nil, d.Err("jwt: key: required, as `key <secret>` or `key <PEM file>` in the jwt block")
 	}
 	if err := j.validate(); err != nil {
@@ -527,6 +488,81 @@ func parseJWT(d *caddyfile.Dispenser) (*JWTConfig, error) {
 		return nil, d.Errf("jwt: key: an HS256 secret must be at least %d bytes, got %d", auth.MinHMACKey, len(j.Key))
 	}
 	return j, nil
+}
+
+// unmarshalOption reads one option of the jwt block, whose name is the
+// current token.
+func (j *JWTConfig) unmarshalOption(d *caddyfile.Dispenser) error {
+	var err error
+	switch opt := d.Val(); opt {
+	case "key":
+		j.Key, err = optArg(d, "jwt: key")
+	case "alg":
+		j.Alg, err = parseJWTAlg(d)
+	case "from":
+		var src JWTSource
+		if src, err = parseJWTSource(d); err == nil {
+			j.From = append(j.From, src)
+		}
+	case "claim":
+		j.Claim, err = optArg(d, "jwt: claim")
+	case "issuer":
+		j.Issuer, err = optArg(d, "jwt: issuer")
+	case "audience":
+		j.Audience, err = optArg(d, "jwt: audience")
+	default:
+		return d.Errf("jwt: unrecognized option '%s'", opt)
+	}
+	return err
+}
+
+// parseJWTAlg reads `alg <name>` in the jwt block, whose name is the
+// current token.
+func parseJWTAlg(d *caddyfile.Dispenser) (string, error) {
+	alg, err := optArg(d, "jwt: alg")
+	if err != nil {
+		return "", err
+	}
+	if !slices.Contains(auth.Algs, alg) {
+		return "", d.Errf("jwt: alg: want one of %s, got '%s'", strings.Join(auth.Algs, ", "), alg)
+	}
+	return alg, nil
+}
+
+// parseJWTSource reads `from header [<name>] | cookie <name> | query
+// <name>` in the jwt block, whose name is the current token.
+func parseJWTSource(d *caddyfile.Dispenser) (JWTSource, error) {
+	var src JWTSource
+	args, err := optArgs(d, "jwt: from", 1, 2)
+	if err != nil {
+		return src, err
+	}
+	switch {
+	case args[0] == "header" && len(args) == 1:
+		src.Header = "Authorization"
+	case args[0] == "header":
+		src.Header = args[1]
+	case args[0] == "cookie" && len(args) == 2:
+		src.Cookie = args[1]
+	case args[0] == "query" && len(args) == 2:
+		src.Query = args[1]
+	default:
+		return src, d.Errf("jwt: from: want header [<name>], cookie <name> or query <name>, got '%s'", strings.Join(args, " "))
+	}
+	return src, nil
+}
+
+// once refuses an option given a second time in one block, whose value
+// would silently replace the first, unless it is one of repeatable, whose
+// values add up. seen holds the options given so far in the block; prefix
+// names the enclosing option in the error, as "jwt: ".
+func once(d *caddyfile.Dispenser, seen map[string]bool, prefix string, repeatable ...string) error {
+	opt := d.Val()
+	if seen[opt] && !slices.Contains(repeatable, opt) {
+		return d.Errf("%s%s: specified more than once", prefix, opt)
+	}
+	seen[opt] = true
+	return nil
 }
 
 // optArgs returns the arguments of the option whose name is the current
@@ -590,6 +626,23 @@ func optDuration(d *caddyfile.Dispenser, opt string) (caddy.Duration, error) {
 		return 0, d.Errf("%s: must not be negative, got '%s'", opt, arg)
 	}
 	return caddy.Duration(dur), nil
+}
+
+// optSize returns the current option's single argument as a number of
+// bytes, given as such or as a size such as 64KiB or 1MB.
+func optSize(d *caddyfile.Dispenser, opt string) (int64, error) {
+	arg, err := optArg(d, opt)
+	if err != nil {
+		return 0, err
+	}
+	size, err := humanize.ParseBytes(arg)
+	if err != nil {
+		return 0, d.Errf("%s: '%s' is not a size in bytes (such as 65536, 64KiB or 1MB)", opt, arg)
+	}
+	if size > math.MaxInt64 {
+		return 0, d.Errf("%s: '%s' is too large", opt, arg)
+	}
+	return int64(size), nil
 }
 
 // Interface guards

@@ -282,8 +282,7 @@ func (hi *History) retention() broker.Retention {
 // leave open which of the two wins for the password or the database).
 func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 	rc := new(RedisConfig)
-	args := d.RemainingArgs()
-	switch len(args) {
+	switch args := d.RemainingArgs(); len(args) {
 	case 0:
 	case 1:
 		rc.URL = args[0]
@@ -291,51 +290,21 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 		return nil, d.Errf("redis: want one URL or a block, got %d arguments", len(args))
 	}
 
-	var block bool
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		if rc.URL != "" {
 			return nil, d.Err("redis: give either a URL or a block, not both")
 		}
-		block = true
-		opt := d.Val()
-		if opt != "addrs" && seen[opt] {
-			return nil, d.Errf("redis: %s: specified more than once", opt)
+		if err := once(d, seen, "redis: ", "addrs"); err != nil {
+			return nil, err
 		}
-		seen[opt] = true
-
-		var err error
-		switch opt {
-		case "addrs":
-			var addrs []string
-			addrs, err = optArgs(d, "redis: addrs", 1, -1)
-			rc.Addrs = append(rc.Addrs, addrs...)
-		case "master_name":
-			rc.MasterName, err = optArg(d, "redis: master_name")
-		case "cluster":
-			_, err = optArgs(d, "redis: cluster", 0, 0)
-			rc.Cluster = true
-		case "sharded":
-			_, err = optArgs(d, "redis: sharded", 0, 0)
-			rc.Sharded = true
-		case "username":
-			rc.Username, err = optArg(d, "redis: username")
-		case "password":
-			rc.Password, err = optArg(d, "redis: password")
-		case "db":
-			rc.DB, err = optInt(d, "redis: db")
-		case "tls":
-			_, err = optArgs(d, "redis: tls", 0, 0)
-			rc.TLS = true
-		default:
-			return nil, d.Errf("redis: unrecognized option '%s'", opt)
-		}
-		if err != nil {
+		if err := rc.unmarshalOption(d); err != nil {
 			return nil, err
 		}
 	}
 
-	if rc.URL == "" && !block {
+	// An empty block counts as none.
+	if rc.URL == "" && len(seen) == 0 {
 		return nil, d.Err("redis: want a redis:// or rediss:// URL or a block")
 	}
 	if seen["db"] && rc.DB == 0 && len(rc.Addrs) == 0 {
@@ -346,6 +315,38 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 		return nil, d.Err(err.Error())
 	}
 	return rc, nil
+}
+
+// unmarshalOption reads one option of the redis block, whose name is the
+// current token.
+func (rc *RedisConfig) unmarshalOption(d *caddyfile.Dispenser) error {
+	var err error
+	switch opt := d.Val(); opt {
+	case "addrs":
+		var addrs []string
+		addrs, err = optArgs(d, "redis: addrs", 1, -1)
+		rc.Addrs = append(rc.Addrs, addrs...)
+	case "master_name":
+		rc.MasterName, err = optArg(d, "redis: master_name")
+	case "cluster":
+		_, err = optArgs(d, "redis: cluster", 0, 0)
+		rc.Cluster = true
+	case "sharded":
+		_, err = optArgs(d, "redis: sharded", 0, 0)
+		rc.Sharded = true
+	case "username":
+		rc.Username, err = optArg(d, "redis: username")
+	case "password":
+		rc.Password, err = optArg(d, "redis: password")
+	case "db":
+		rc.DB, err = optInt(d, "redis: db")
+	case "tls":
+		_, err = optArgs(d, "redis: tls", 0, 0)
+		rc.TLS = true
+	default:
+		return d.Errf("redis: unrecognized option '%s'", opt)
+	}
+	return err
 }
 
 // parseHistory reads `history <n> [<ttl>]`, whose name is the current token.
