@@ -96,7 +96,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	var life *streamLife
 	st := stream.New(sub, h.streams, h.streamEnd(g), func(res stream.Result) {
 		adm.release()
-		life.closed(res.Reason)
+		life.closed(string(res.Reason))
 	})
 	if err := h.hub.reg.Attach(r.Context(), sub); err != nil {
 		return nil // the client went away, or the config is being unloaded

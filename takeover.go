@@ -8,6 +8,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/caddy-sse/caddy-sse/registry"
 	"github.com/caddy-sse/caddy-sse/stream"
 )
 
@@ -74,5 +75,8 @@ func registerConnContext(srv *caddyhttp.Server) {
 // streamMetrics feeds the module's collectors from the streams.
 type streamMetrics struct{}
 
-func (streamMetrics) Delivered(n int)  { proc().metrics.delivered.Add(float64(n)) }
-func (streamMetrics) Ended(why string) { proc().metrics.streamsClosed.WithLabelValues(why).Inc() }
+func (streamMetrics) Delivered(n int) { proc().metrics.delivered.Add(float64(n)) }
+
+func (streamMetrics) Ended(why registry.Reason) {
+	proc().metrics.streamsClosed.WithLabelValues(string(why)).Inc()
+}

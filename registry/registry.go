@@ -605,7 +605,7 @@ func (r *Registry) fanOut(channel string, byHistory bool, frame func(format sse.
 			frames[s.format][h] = f
 		}
 		if reason := s.push(f); reason != "" && r.metrics.Dropped != nil {
-			r.metrics.Dropped.WithLabelValues(reason).Inc()
+			r.metrics.Dropped.WithLabelValues(string(reason)).Inc()
 		}
 		closed[s.format] = closed[s.format] || f.Close
 	}

@@ -25,19 +25,20 @@ import (
 	"github.com/caddy-sse/caddy-sse/sse"
 )
 
-// Reasons a stream ends besides the registry's, also metric labels.
+// Reasons a stream ends besides the registry's (a stream ended by the
+// server's exit ends with registry.ReasonShutdown, as when its registry
+// closes).
 const (
-	ReasonClient      = "client"        // the client went away or stopped reading
-	ReasonMaxDuration = "max_duration"  // max_duration was reached
-	ReasonExpired     = "token_expired" // the token that admitted it expired
-	ReasonShutdown    = "shutdown"      // the server is exiting
-	ReasonPanic       = "panic"         // a bug: logged with its stack
+	ReasonClient      registry.Reason = "client"        // the client went away or stopped reading
+	ReasonMaxDuration registry.Reason = "max_duration"  // max_duration was reached
+	ReasonExpired     registry.Reason = "token_expired" // the token that admitted it expired
+	ReasonPanic       registry.Reason = "panic"         // a bug: logged with its stack
 )
 
 // Metrics receives what streams count.
 type Metrics interface {
 	Delivered(events int)
-	Ended(reason string)
+	Ended(reason registry.Reason)
 }
 
 // Options are the settings shared by the streams of one handler.
@@ -58,12 +59,12 @@ type Options struct {
 // Deadline is when a stream must end, and why; zero At: never.
 type Deadline struct {
 	At     time.Time
-	Reason string
+	Reason registry.Reason
 }
 
 // Result is what a stream's end reports.
 type Result struct {
-	Reason   string
+	Reason   registry.Reason
 	Events   int64
 	Bytes    int64
 	Duration time.Duration
@@ -103,7 +104,7 @@ type Stream struct {
 	pending    net.Buffers // what a non-blocking write left unwritten
 	pendEvents int         // the events and bytes pending completes
 	pendBytes  int
-	carried    string // a reason taken with frames on the inline path
+	carried    registry.Reason // why the stream ends, taken with frames on the inline path
 
 	events atomic.Int64
 	bytes  atomic.Int64
@@ -194,7 +195,7 @@ func (s *Stream) Detach(watch net.Conn, budget int64) {
 }
 
 // End asks the stream to end, with what is queued written first.
-func (s *Stream) End(reason string) { s.sub.End(reason) }
+func (s *Stream) End(reason registry.Reason) { s.sub.End(reason) }
 
 // Abort ends a stream that failed before it was served or detached.
 func (s *Stream) Abort() {
@@ -361,7 +362,7 @@ func (s *Stream) keep(bufs net.Buffers, events, size int) {
 }
 
 // ending ends the stream for why, after telling an evicted client.
-func (s *Stream) ending(why string) {
+func (s *Stream) ending(why registry.Reason) {
 	if why == registry.ReasonEvicted && len(s.opts.Evicted) > 0 {
 		// Tell the page, so that it closes its EventSource rather than
 		// reconnect and evict the next oldest stream of its key in turn.
@@ -420,7 +421,7 @@ func (s *Stream) interrupt() {
 
 // failed is why a stream whose write failed ended: the client fell behind
 // (its queue overflowed while the write was blocked), or went away.
-func (s *Stream) failed() string {
+func (s *Stream) failed() registry.Reason {
 	if s.sub.Reason() == registry.ReasonOverflow {
 		return registry.ReasonOverflow
 	}
@@ -429,7 +430,7 @@ func (s *Stream) failed() string {
 
 // finish ends the stream once: it leaves the clock and the poller, closes a
 // taken-over connection, and reports the end.
-func (s *Stream) finish(why string) {
+func (s *Stream) finish(why registry.Reason) {
 	if !s.ended.CompareAndSwap(false, true) {
 		return
 	}
@@ -443,7 +444,7 @@ func (s *Stream) finish(why string) {
 		Duration: time.Since(s.started), Takeover: takeover}
 	s.opts.Metrics.Ended(why)
 	if ce := s.opts.Logger.Check(zap.InfoLevel, "stream closed"); ce != nil {
-		ce.Write(zap.Strings("channels", s.channels), zap.String("reason", why),
+		ce.Write(zap.Strings("channels", s.channels), zap.String("reason", string(why)),
 			zap.Duration("duration", res.Duration), zap.Int64("events", res.Events),
 			zap.Int64("bytes", res.Bytes), zap.Bool("takeover", takeover))
 	}

@@ -38,11 +38,11 @@ func (source) ReplayPage(context.Context, []string, uint64, int64) (registry.Pag
 type counts struct {
 	delivered atomic.Int64
 	mu        sync.Mutex
-	ended     []string
+	ended     []registry.Reason
 }
 
 func (c *counts) Delivered(n int) { c.delivered.Add(int64(n)) }
-func (c *counts) Ended(why string) {
+func (c *counts) Ended(why registry.Reason) {
 	c.mu.Lock()
 	c.ended = append(c.ended, why)
 	c.mu.Unlock()
@@ -405,7 +405,7 @@ func TestShutdownEndsStreams(t *testing.T) {
 	f.opts.Clock.Shutdown(50 * time.Millisecond)
 	f.opts.Clock.Wait(2 * time.Second)
 	for _, e := range ends {
-		if r := waitEnd(t, e, time.Second); r.Reason != ReasonShutdown {
+		if r := waitEnd(t, e, time.Second); r.Reason != registry.ReasonShutdown {
 			t.Fatalf("reason %q, want shutdown", r.Reason)
 		}
 	}
