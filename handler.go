@@ -144,7 +144,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		}
 	}
 	if conn != nil {
-		st.Detach(conn, budget)
+		st.TakeOver(budget)
 		return nil
 	}
 	st.Serve(r.Context())

@@ -5,7 +5,7 @@
 // off a client that stopped reading, and records the stream's end once.
 //
 // A served stream (Serve) writes on the handler's goroutine, which the
-// response writer requires. A taken-over stream (Detach) has no goroutine
+// response writer requires. A taken-over stream (TakeOver) has no goroutine
 // while idle: whoever queues a frame writes what the socket accepts at once,
 // a goroutine runs only while the socket is full, one Clock drives the
 // keepalives and deadlines of all streams and one Poller notices clients
@@ -80,7 +80,8 @@ type Stream struct {
 	onEnd    func(Result)
 
 	sink Sink
-	try  *ConnSink     // non-nil when the sink can write without blocking
+	conn *ConnSink     // non-nil when the sink is the taken-over connection
+	try  *ConnSink     // conn, when it can write without blocking
 	resp *ResponseSink // non-nil when the sink is a response writer
 
 	mode    atomic.Int32
@@ -119,7 +120,7 @@ const (
 
 // New prepares a stream for sub. It must be called before the subscriber is
 // attached to the registry, so that no wake is missed; nothing is written
-// until Serve or Detach, but what Write sends (the opening, a replay).
+// until Serve or TakeOver, but what Write sends (the opening, a replay).
 // onEnd runs once, when the stream ends.
 func New(sub *registry.Subscriber, opts *Options, end Deadline, onEnd func(Result)) *Stream {
 	s := &Stream{sub: sub, opts: opts, channels: sub.Channels(), end: end, onEnd: onEnd,
@@ -132,8 +133,11 @@ func New(sub *registry.Subscriber, opts *Options, end Deadline, onEnd func(Resul
 // SetSink sets where the stream writes; before the first Write.
 func (s *Stream) SetSink(sink Sink) {
 	s.sink = sink
-	if c, ok := sink.(*ConnSink); ok && c.raw != nil {
-		s.try = c
+	if c, ok := sink.(*ConnSink); ok {
+		s.conn = c
+		if c.raw != nil {
+			s.try = c
+		}
 	}
 	s.resp, _ = sink.(*ResponseSink)
 	s.opts.Clock.add(s)
@@ -141,11 +145,11 @@ func (s *Stream) SetSink(sink Sink) {
 
 // SetCursor sets the stream's cursor (made once it is attached): it skips
 // what a replay wrote already and, with ids per channel, writes the
-// stream's own id line after each resumable event. Before Serve or Detach.
+// stream's own id line after each resumable event. Before Serve or TakeOver.
 func (s *Stream) SetCursor(cur *registry.Cursor) { s.cur = cur }
 
 // Write writes chunks at once, blocking (the opening, a page of history),
-// before the stream is served or detached.
+// before the stream is served or taken over.
 func (s *Stream) Write(chunks [][]byte, events int) error {
 	bufs := net.Buffers(chunks)
 	size := 0
@@ -179,11 +183,12 @@ func (s *Stream) Serve(ctx context.Context) {
 	}
 }
 
-// Detach makes a taken-over stream live: the caller's goroutine may go.
-// watch is the connection the poller watches for the client's close, and
-// budget how many bytes the client may send before it is cut off.
-func (s *Stream) Detach(watch net.Conn, budget int64) {
-	stop := s.opts.Poller.Watch(watch, budget, s.clientGone)
+// TakeOver makes a stream whose sink is a ConnSink live on its own: the
+// caller's goroutine may go. The poller watches the sink's connection for
+// the client's close; budget is how many bytes the client may send before
+// it is cut off.
+func (s *Stream) TakeOver(budget int64) {
+	stop := s.opts.Poller.Watch(s.conn.conn, budget, s.clientGone)
 	s.unwatch.Store(&stop)
 	if s.ended.Load() {
 		// Ended meanwhile (the clock gave up a stalled write).
@@ -197,7 +202,7 @@ func (s *Stream) Detach(watch net.Conn, budget int64) {
 // End asks the stream to end, with what is queued written first.
 func (s *Stream) End(reason registry.Reason) { s.sub.End(reason) }
 
-// Abort ends a stream that failed before it was served or detached.
+// Abort ends a stream that failed before it was served or taken over.
 func (s *Stream) Abort() {
 	s.sub.AbortReplay()
 	s.finish(s.failed())
@@ -435,10 +440,9 @@ func (s *Stream) finish(why registry.Reason) {
 		return
 	}
 	s.stopWatching()
-	takeover := false
-	if c, ok := s.sink.(*ConnSink); ok {
-		takeover = true
-		_ = c.conn.Close()
+	takeover := s.conn != nil
+	if takeover {
+		_ = s.conn.conn.Close()
 	}
 	res := Result{Reason: why, Events: s.events.Load(), Bytes: s.bytes.Load(),
 		Duration: time.Since(s.started), Takeover: takeover}
