@@ -22,6 +22,26 @@ import (
 // response never ends, so nothing it sends can be a request we will answer.
 const afterRequestBudget = 64 << 10
 
+// setSink has st write on the client's connection, taken over, when it can
+// (HTTP/1.x, takeover on), and through w otherwise. ok reports a takeover,
+// and budget how many more bytes the client may send then.
+func (h *Handler) setSink(w http.ResponseWriter, r *http.Request, st *stream.Stream) (budget int64, ok bool) {
+	headSent := false
+	if h.takeover && r.ProtoMajor == 1 {
+		conn, budget, ok := takeOver(w, r)
+		if ok {
+			st.SetSink(stream.NewConnSink(conn))
+			return budget, true
+		}
+		headSent = true // by takeOver
+	}
+	c, _ := r.Context().Value(connKey{}).(net.Conn)
+	rs := stream.NewResponseSink(w, c)
+	rs.Start(!headSent)
+	st.SetSink(rs)
+	return 0, false
+}
+
 // takeOver has net/http write the response head and hijacks the connection.
 // It returns the innermost connection (past Caddy's wrappers, which count
 // bytes into the request's recorder that the access log reads, and hide
