@@ -170,8 +170,9 @@ func (s *Stream) act(what byte) {
 		s.stalled.Store(1)
 		s.interrupt()
 	case dueAbandon:
-		// The write is still blocked: end the stream (its admission is
-		// released now) and close the connection, which unblocks it.
+		// The write is still blocked: end the stream (onEnd runs now, so
+		// what it holds is released) and close the connection, which
+		// unblocks it.
 		s.stalled.Store(2)
 		s.finish(s.failed())
 		s.sink.Abandon()
