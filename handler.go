@@ -3,10 +3,9 @@ package caddysse
 import (
 	"context"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"strconv"
-	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -25,13 +24,93 @@ const (
 	replayTimeout = 10 * time.Second
 )
 
-// ServeHTTP resolves the request's channels, admits it, attaches it to the
-// registry, replays what the client missed and writes events until the
+// ServeHTTP admits a stream request, attaches its subscriber to the
+// registry, replays what the client missed and serves the stream until the
 // client goes, the stream must end, or Caddy exits.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	a, err := h.admit(w, r)
+	if a == nil {
+		return err // refused, or none of its channels is open (204)
+	}
+	st := h.attach(w, r, a)
+	if st == nil {
+		return nil // the client went away, or the config is being unloaded
+	}
+	// From here on the stream's end releases what the admission holds.
+	if err := h.replay(r.Context(), a, st); err != nil {
+		st.Abort()
+		return nil
+	}
+	serve(r.Context(), a, st)
+	return nil
+}
+
+// admission is an admitted stream request: what attaching, replaying and
+// serving its stream need, and what the stream holds until it ends.
+type admission struct {
+	channels []string
+	grant    *grant           // the token that admitted it; nil without jwt
+	identity string           // its presence identity; "" when anonymous
+	from     registry.EventID // the client's resume point
+	resume   bool             // history is replayed from it
+	sub      *registry.Subscriber
+	held     *holdings
+
+	// Set by attach.
+	cursor    *registry.Cursor
+	takenOver bool  // the stream writes on the client's connection
+	budget    int64 // then, how many more bytes the client may send
+}
+
+// holdings is what an admitted stream holds until it ends, each set once
+// acquired, in the order of the fields; release gives them back in reverse
+// order. Whoever ends the stream releases them: the handler while it has
+// not handed the stream over (reserve, attach), the stream's onEnd after,
+// on whichever goroutine ends it. It is allocated apart from the
+// admission, which holds the client's Last-Event-ID: a stream keeps only
+// this until it ends.
+type holdings struct {
+	slot     bool                 // a place under max_connections (proc().streams)
+	perKey   func()               // gives back its place under max_connections_per; nil: none
+	reg      *registry.Registry   // the registry sub is attached to; nil: not attached
+	sub      *registry.Subscriber // the stream's subscriber, once attached
+	open     bool                 // counted in caddy_sse_streams_open
+	presence func()               // uncounts its presence; nil: not counted
+
+	released atomic.Bool
+}
+
+// release gives back what the stream holds, in reverse order of
+// acquisition, once: a second call does nothing.
+func (hd *holdings) release() {
+	if hd.released.Swap(true) {
+		return
+	}
+	if hd.presence != nil {
+		hd.presence()
+	}
+	if hd.open {
+		proc().metrics.streamsOpen.Dec()
+	}
+	if hd.reg != nil {
+		hd.reg.Detach(hd.sub)
+	}
+	if hd.perKey != nil {
+		hd.perKey()
+	}
+	if hd.slot {
+		proc().streams.Add(-1)
+	}
+}
+
+// admit decides whether r may open a stream: its method, authentication,
+// channels, their authorization and the presence identity, then the
+// connection limits (see reserve). It returns nil when it answered r
+// itself, with what ServeHTTP returns.
+func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*admission, error) {
 	if r.Method != http.MethodGet && r.Method != http.MethodPost {
 		w.Header().Set("Allow", "GET, POST")
-		return refuse(w, r, http.StatusMethodNotAllowed, "method", "method not allowed: use GET or POST")
+		return nil, refuse(w, r, http.StatusMethodNotAllowed, "method", "method not allowed: use GET or POST")
 	}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	// Authentication comes before the channels resolve: the token's subject
@@ -39,159 +118,135 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	// learns nothing about them.
 	g, status, reason := h.authenticate(r, repl)
 	if status != 0 {
-		return h.refuseAuth(w, r, status, reason)
+		return nil, h.refuseAuth(w, r, status, reason)
 	}
 	channels, status, reason := h.resolve(repl)
 	if status != 0 {
 		h.logger.Debug("stream refused", zap.Int("status", status), zap.String("reason", reason),
 			zap.Strings("channels", channels))
-		return refuse(w, r, status, "channels", reason)
+		return nil, refuse(w, r, status, "channels", reason)
 	}
 	if status, reason := h.authorize(g, channels); status != 0 {
-		return h.refuseAuth(w, r, status, reason)
+		return nil, h.refuseAuth(w, r, status, reason)
 	}
 	identity, ierr := h.identity(repl)
 	if ierr != nil {
-		return refuseIdentity(w, r, ierr)
+		return nil, refuseIdentity(w, r, ierr)
 	}
+	return h.reserve(w, r, repl, &admission{channels: channels, grant: g, identity: identity})
+}
+
+// reserve counts a's stream under max_connections, drops the channels a
+// publisher ended (envelope format), reads the resume point, and counts
+// the stream under max_connections_per. It returns nil, with what it
+// counted given back, when it answered r itself.
+func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, a *admission) (admitted *admission, err error) {
 	if n := proc().streams.Add(1); h.MaxConnections > 0 && n > int64(h.MaxConnections) {
 		proc().streams.Add(-1)
-		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
-		return refuse(w, r, http.StatusServiceUnavailable, "max_connections", "too many streams; retry later")
+		w.Header().Set("Retry-After", retryAfter())
+		return nil, refuse(w, r, http.StatusServiceUnavailable, "max_connections", "too many streams; retry later")
 	}
-	adm := &admission{}
-	defer adm.releaseUnlessHandedOver()
-	adm.add(func() { proc().streams.Add(-1) })
-
+	a.held = &holdings{slot: true}
+	defer func() {
+		if admitted == nil {
+			a.held.release()
+		}
+	}()
 	if h.format == sse.FormatEnvelope {
 		// A publisher ended these channels: serve the others, and tell
 		// EventSource to stop reconnecting (204) when none is left.
-		if channels = h.hub.openChannels(r.Context(), channels); len(channels) == 0 {
+		if a.channels = h.hub.openChannels(r.Context(), a.channels); len(a.channels) == 0 {
 			proc().metrics.streamsRejected.WithLabelValues("closed").Inc()
 			w.WriteHeader(http.StatusNoContent)
-			return nil
+			return nil, nil
 		}
 	}
-
 	history := h.History.retention().MaxLen > 0
-	var from registry.EventID
+	a.from, a.resume = h.resumePoint(r, repl, history)
+	a.sub = registry.NewSubscriber(a.channels, h.format, h.Buffer, history)
+	if a.resume {
+		a.sub.Replaying()
+	}
+	release, ok := h.admitPer(repl, a.sub)
+	if !ok {
+		w.Header().Set("Retry-After", retryAfter())
+		return nil, refuse(w, r, http.StatusTooManyRequests, "max_connections_per", "too many streams for this client")
+	}
+	a.held.perKey = release
+	return a, nil
+}
+
+// retryAfter is the Retry-After of a refusal for load: a few seconds,
+// spread so that refused clients do not all come back together.
+func retryAfter() string { return strconv.Itoa(1 + rand.IntN(5)) }
+
+// resumePoint is where the client resumes when the handler keeps history:
+// its Last-Event-ID (see lastEventID), or else the last_event_id template.
+// resume reports whether history is replayed from it.
+func (h *Handler) resumePoint(r *http.Request, repl *caddy.Replacer, history bool) (from registry.EventID, resume bool) {
 	if history {
 		from = registry.ParseEventID(lastEventID(r))
 		if !from.Valid() && h.LastEventID != "" && repl != nil {
 			from = registry.ParseEventID(repl.ReplaceAll(h.LastEventID, ""))
 		}
 	}
-	resume := h.hub.reg.Resumes(from)
+	return from, h.hub.reg.Resumes(from)
+}
 
-	sub := registry.NewSubscriber(channels, h.format, h.Buffer, history)
-	if resume {
-		sub.Replaying()
-	}
-	releasePer, ok := h.admitPer(repl, sub)
-	if !ok {
-		w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
-		return refuse(w, r, http.StatusTooManyRequests, "max_connections_per", "too many streams for this client")
-	}
-	adm.add(releasePer)
+// attach makes a's stream and attaches its subscriber to the registry, then
+// readies the stream: its cursor, the response headers, the open count,
+// presence and lifecycle, and where it writes (see setSink). It returns
+// nil, with a's holdings given back, when the subscriber could not attach;
+// otherwise the stream's end gives them back.
+func (h *Handler) attach(w http.ResponseWriter, r *http.Request, a *admission) (attached *stream.Stream) {
+	held := a.held
+	defer func() {
+		if attached == nil {
+			held.release()
+		}
+	}()
 	var life *streamLife
-	st := stream.New(sub, h.streams, h.streamEnd(g), func(res stream.Result) {
-		adm.release()
-		life.closed(res.Reason)
+	st := stream.New(a.sub, h.streams, h.streamEnd(a.grant), func(res stream.Result) {
+		held.release()
+		life.closed(string(res.Reason))
 	})
-	if err := h.hub.reg.Attach(r.Context(), sub); err != nil {
-		return nil // the client went away, or the config is being unloaded
+	if err := h.hub.reg.Attach(r.Context(), a.sub); err != nil {
+		return nil
 	}
-	adm.add(func() { h.hub.reg.Detach(sub) })
-	cur := h.hub.reg.Cursor(sub, from)
-	st.SetCursor(cur)
+	held.reg, held.sub = h.hub.reg, a.sub
+	a.cursor = h.hub.reg.Cursor(a.sub, a.from)
+	st.SetCursor(a.cursor)
 
 	setHeaders(w.Header())
 	proc().metrics.streamsOpen.Inc()
-	adm.add(proc().metrics.streamsOpen.Dec)
-	var unpresence func()
-	life, unpresence = h.opened(channels, identity)
-	if unpresence != nil {
-		adm.add(unpresence)
-	}
-	h.logger.Debug("stream open", zap.Strings("channels", channels), zap.Bool("resume", resume))
+	held.open = true
+	life, held.presence = h.opened(a.channels, a.identity)
+	h.logger.Debug("stream open", zap.Strings("channels", a.channels), zap.Bool("resume", a.resume))
 
-	var conn net.Conn
-	var budget int64
-	headerSent := false
-	if h.takeover && r.ProtoMajor == 1 {
-		var ok bool
-		if conn, budget, ok = takeOver(w, r); ok {
-			st.SetSink(stream.NewConnSink(conn))
-		}
-		headerSent = true
-	}
-	if conn == nil {
-		c, _ := r.Context().Value(connKey{}).(net.Conn)
-		rs := stream.NewResponseSink(w, c)
-		rs.Start(!headerSent)
-		st.SetSink(rs)
-	}
-	// From here on the stream's end releases its admission.
-	adm.handOver()
+	a.budget, a.takenOver = h.setSink(w, r, st)
+	return st
+}
+
+// replay writes the stream's opening and, when the client resumes, the
+// history it missed (see replayHistory); live frames queue meanwhile.
+func (h *Handler) replay(ctx context.Context, a *admission, st *stream.Stream) error {
 	if err := st.Write([][]byte{h.head()}, 0); err != nil {
-		st.Abort()
+		return err
+	}
+	if !a.resume {
 		return nil
 	}
-	if resume {
-		if err := h.replay(r.Context(), sub, cur, from, st.Write); err != nil {
-			st.Abort()
-			return nil
-		}
+	return h.replayHistory(ctx, a.sub, a.cursor, a.from, st.Write)
+}
+
+// serve hands the stream on: a taken-over one lives on without this
+// goroutine, any other is written on it until it ends.
+func serve(ctx context.Context, a *admission, st *stream.Stream) {
+	if a.takenOver {
+		st.TakeOver(a.budget)
+		return
 	}
-	if conn != nil {
-		st.Detach(conn, budget)
-		return nil
-	}
-	st.Serve(r.Context())
-	return nil
-}
-
-// admission is what a stream holds from being admitted: released once, when
-// the stream ends, by whoever ends it first (the handler, a stall watchdog,
-// or a taken-over stream's writer long after the handler returned).
-type admission struct {
-	mu         sync.Mutex
-	undo       []func()
-	released   bool
-	handedOver bool
-}
-
-func (a *admission) add(f func()) {
-	a.mu.Lock()
-	a.undo = append(a.undo, f)
-	a.mu.Unlock()
-}
-
-// release undoes the admission in reverse order, once.
-func (a *admission) release() {
-	a.mu.Lock()
-	undo := a.undo
-	a.undo, a.released = nil, true
-	a.mu.Unlock()
-	for i := len(undo) - 1; i >= 0; i-- {
-		undo[i]()
-	}
-}
-
-// handOver marks the stream as taken over: its release is the writer's.
-func (a *admission) handOver() {
-	a.mu.Lock()
-	a.handedOver = true
-	a.mu.Unlock()
-}
-
-func (a *admission) releaseUnlessHandedOver() {
-	a.mu.Lock()
-	h := a.handedOver
-	a.mu.Unlock()
-	if !h {
-		a.release()
-	}
+	st.Serve(ctx)
 }
 
 // streamEnd is when the stream must end and why: max_duration (less up to
@@ -296,14 +351,14 @@ const (
 	replayMaxPage   = 512
 )
 
-// replay writes the history of sub's channels after cur's positions (the
+// replayHistory writes the history of sub's channels after cur's positions (the
 // client's Last-Event-ID, from), one page at a time: a page is written
 // (write blocks on a slow client) before the next is read, and cur moves
 // on with what is written. Live frames queue meanwhile; the resumable ones
 // that find the queue full are read from history instead (see
 // Subscriber.Replaying). A close found in history ends that channel of the
 // stream.
-func (h *Handler) replay(ctx context.Context, sub *registry.Subscriber, cur *registry.Cursor, from registry.EventID, write func(bufs [][]byte, events int) error) error {
+func (h *Handler) replayHistory(ctx context.Context, sub *registry.Subscriber, cur *registry.Cursor, from registry.EventID, write func(bufs [][]byte, events int) error) error {
 	channels := sub.Channels()
 	count := int64(replayFirstPage)
 	missed := false

@@ -29,7 +29,7 @@ func newSub() *registry.Subscriber {
 }
 
 // ended reports whether s was asked to end, and why.
-func ended(s *registry.Subscriber) string {
+func ended(s *registry.Subscriber) registry.Reason {
 	_, why := s.Take(nil)
 	return why
 }

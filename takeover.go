@@ -8,6 +8,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/caddy-sse/caddy-sse/registry"
 	"github.com/caddy-sse/caddy-sse/stream"
 )
 
@@ -20,6 +21,26 @@ import (
 // (beyond a body it declared) before its connection is closed: an SSE
 // response never ends, so nothing it sends can be a request we will answer.
 const afterRequestBudget = 64 << 10
+
+// setSink has st write on the client's connection, taken over, when it can
+// (HTTP/1.x, takeover on), and through w otherwise. ok reports a takeover,
+// and budget how many more bytes the client may send then.
+func (h *Handler) setSink(w http.ResponseWriter, r *http.Request, st *stream.Stream) (budget int64, ok bool) {
+	headSent := false
+	if h.takeover && r.ProtoMajor == 1 {
+		conn, budget, ok := takeOver(w, r)
+		if ok {
+			st.SetSink(stream.NewConnSink(conn))
+			return budget, true
+		}
+		headSent = true // by takeOver
+	}
+	c, _ := r.Context().Value(connKey{}).(net.Conn)
+	rs := stream.NewResponseSink(w, c)
+	rs.Start(!headSent)
+	st.SetSink(rs)
+	return 0, false
+}
 
 // takeOver has net/http write the response head and hijacks the connection.
 // It returns the innermost connection (past Caddy's wrappers, which count
@@ -74,5 +95,8 @@ func registerConnContext(srv *caddyhttp.Server) {
 // streamMetrics feeds the module's collectors from the streams.
 type streamMetrics struct{}
 
-func (streamMetrics) Delivered(n int)  { proc().metrics.delivered.Add(float64(n)) }
-func (streamMetrics) Ended(why string) { proc().metrics.streamsClosed.WithLabelValues(why).Inc() }
+func (streamMetrics) Delivered(n int) { proc().metrics.delivered.Add(float64(n)) }
+
+func (streamMetrics) Ended(why registry.Reason) {
+	proc().metrics.streamsClosed.WithLabelValues(string(why)).Inc()
+}

@@ -90,7 +90,7 @@ func (r *Registry) push(subs []*Subscriber, kinds *frameKinds) (closed closedFor
 	for _, s := range subs {
 		f := kinds.of(s)
 		if reason := s.push(f); reason != "" && r.metrics.Dropped != nil {
-			r.metrics.Dropped.WithLabelValues(reason).Inc()
+			r.metrics.Dropped.WithLabelValues(string(reason)).Inc()
 		}
 		closed[s.format] = closed[s.format] || f.Close
 	}

@@ -14,7 +14,7 @@ func newLimitSub() *Subscriber {
 }
 
 // endReason reports why s was asked to end, "" if it was not.
-func endReason(s *Subscriber) string {
+func endReason(s *Subscriber) Reason {
 	_, why := s.Take(nil)
 	return why
 }

@@ -223,7 +223,7 @@ func withoutBarriers(set map[string]bool) map[string]bool {
 	return out
 }
 
-func take(s *Subscriber) ([]*Frame, string) { return s.Take(nil) }
+func take(s *Subscriber) ([]*Frame, Reason) { return s.Take(nil) }
 
 func seqs(frames []*Frame) []uint64 {
 	out := make([]uint64, len(frames))
@@ -661,7 +661,7 @@ func TestOverflow(t *testing.T) {
 		clear(frames)
 		buf = frames
 		if seq == buffer {
-			if n := testutil.ToFloat64(dropped.WithLabelValues(ReasonOverflow)); n != 0 {
+			if n := testutil.ToFloat64(dropped.WithLabelValues(string(ReasonOverflow))); n != 0 {
 				t.Fatalf("%v drops with a full but not overflowing queue", n)
 			}
 		}
@@ -679,7 +679,7 @@ func TestOverflow(t *testing.T) {
 	if want := []uint64{1, 2, 3, 4}; !slices.Equal(seqs(frames), want) {
 		t.Errorf("slow subscriber got %v, want %v", seqs(frames), want)
 	}
-	if n := testutil.ToFloat64(dropped.WithLabelValues(ReasonOverflow)); n != 10-buffer {
+	if n := testutil.ToFloat64(dropped.WithLabelValues(string(ReasonOverflow))); n != 10-buffer {
 		t.Errorf("dropped{overflow} = %v, want %d", n, 10-buffer)
 	}
 }
@@ -717,7 +717,7 @@ func TestEnvelopeClose(t *testing.T) {
 	}
 	// The closed streams left the channel: the event after the close is
 	// not even offered to them.
-	if n := testutil.ToFloat64(dropped.WithLabelValues(ReasonClosed)); n != 0 {
+	if n := testutil.ToFloat64(dropped.WithLabelValues(string(ReasonClosed))); n != 0 {
 		t.Errorf("dropped{closed} = %v, want 0", n)
 	}
 	if st := r.Snapshot(); st.Subscribers["a"] != 1 || st.Subscribers["b"] != 0 {

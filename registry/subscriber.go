@@ -26,12 +26,16 @@ type Frame struct {
 	NeedsID bool
 }
 
-// Reasons a subscriber is closed, also used as metric labels.
+// Reason is why a stream ends. Its string value is what metrics label and
+// logs record; the stream package adds reasons of its own.
+type Reason string
+
+// Reasons a subscriber is ended by the registry or its limits.
 const (
-	ReasonOverflow = "overflow" // the client fell `buffer` events behind
-	ReasonClosed   = "closed"   // a publisher ended every channel of the stream
-	ReasonShutdown = "shutdown" // the registry was closed
-	ReasonEvicted  = "evicted"  // a newer stream of its max_connections_per key replaced it
+	ReasonOverflow Reason = "overflow" // the client fell `buffer` events behind
+	ReasonClosed   Reason = "closed"   // a publisher ended every channel of the stream
+	ReasonShutdown Reason = "shutdown" // the registry was closed, or the server is exiting
+	ReasonEvicted  Reason = "evicted"  // a newer stream of its max_connections_per key replaced it
 )
 
 // Subscriber is one stream's end of the registry: a bounded queue of frames
@@ -47,7 +51,7 @@ type Subscriber struct {
 
 	mu        sync.Mutex
 	queue     []*Frame
-	reason    string // why the stream must end; "" while open
+	reason    Reason // why the stream must end; "" while open
 	closed    []bool // per channel: a publisher ended it
 	open      int    // channels not closed
 	replaying bool   // history is being replayed: see Replaying
@@ -112,7 +116,7 @@ func (s *Subscriber) Wake() <-chan struct{} { return s.wake }
 // Take moves the queued frames into buf (reused to avoid allocation) and
 // returns them with the reason the stream must end, if any. The frames are
 // to be written before ending.
-func (s *Subscriber) Take(buf []*Frame) ([]*Frame, string) {
+func (s *Subscriber) Take(buf []*Frame) ([]*Frame, Reason) {
 	s.mu.Lock()
 	frames := s.queue
 	s.queue = buf[:0]
@@ -131,14 +135,14 @@ func (s *Subscriber) Pending() bool {
 }
 
 // Reason is why the stream must end, "" while it may go on.
-func (s *Subscriber) Reason() string {
+func (s *Subscriber) Reason() Reason {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.reason
 }
 
 // End asks the stream to end for reason once it has written what is queued.
-func (s *Subscriber) End(reason string) {
+func (s *Subscriber) End(reason Reason) {
 	s.mu.Lock()
 	if s.reason == "" {
 		s.reason = reason
@@ -211,7 +215,7 @@ func (s *Subscriber) closeLocked(channel string) bool {
 // push queues f without blocking. When the frame cannot be queued it
 // returns why: the subscriber is ending, or its queue is full, in which case
 // the subscriber is marked to end with ReasonOverflow.
-func (s *Subscriber) push(f *Frame) (dropped string) {
+func (s *Subscriber) push(f *Frame) (dropped Reason) {
 	s.mu.Lock()
 	if s.reason != "" {
 		dropped = s.reason

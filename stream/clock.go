@@ -4,6 +4,8 @@ import (
 	"math/rand/v2"
 	"sync"
 	"time"
+
+	"github.com/caddy-sse/caddy-sse/registry"
 )
 
 // Write bounds, for a client that stopped reading.
@@ -45,7 +47,7 @@ func (c *Clock) add(s *Stream) {
 	defer c.mu.Unlock()
 	c.streams[s] = struct{}{}
 	if c.exiting {
-		go s.End(ReasonShutdown)
+		go s.End(registry.ReasonShutdown)
 	}
 	if !c.running {
 		c.running = true
@@ -80,7 +82,7 @@ func (c *Clock) Shutdown(jitter time.Duration) {
 	}
 	c.exiting = true
 	for s := range c.streams {
-		time.AfterFunc(time.Duration(rand.Int64N(int64(jitter)+1)), func() { s.End(ReasonShutdown) })
+		time.AfterFunc(time.Duration(rand.Int64N(int64(jitter)+1)), func() { s.End(registry.ReasonShutdown) })
 	}
 }
 
@@ -168,8 +170,9 @@ func (s *Stream) act(what byte) {
 		s.stalled.Store(1)
 		s.interrupt()
 	case dueAbandon:
-		// The write is still blocked: end the stream (its admission is
-		// released now) and close the connection, which unblocks it.
+		// The write is still blocked: end the stream (onEnd runs now, so
+		// what it holds is released) and close the connection, which
+		// unblocks it.
 		s.stalled.Store(2)
 		s.finish(s.failed())
 		s.sink.Abandon()

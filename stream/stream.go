@@ -5,7 +5,7 @@
 // off a client that stopped reading, and records the stream's end once.
 //
 // A served stream (Serve) writes on the handler's goroutine, which the
-// response writer requires. A taken-over stream (Detach) has no goroutine
+// response writer requires. A taken-over stream (TakeOver) has no goroutine
 // while idle: whoever queues a frame writes what the socket accepts at once,
 // a goroutine runs only while the socket is full, one Clock drives the
 // keepalives and deadlines of all streams and one Poller notices clients
@@ -25,19 +25,20 @@ import (
 	"github.com/caddy-sse/caddy-sse/sse"
 )
 
-// Reasons a stream ends besides the registry's, also metric labels.
+// Reasons a stream ends besides the registry's (a stream ended by the
+// server's exit ends with registry.ReasonShutdown, as when its registry
+// closes).
 const (
-	ReasonClient      = "client"        // the client went away or stopped reading
-	ReasonMaxDuration = "max_duration"  // max_duration was reached
-	ReasonExpired     = "token_expired" // the token that admitted it expired
-	ReasonShutdown    = "shutdown"      // the server is exiting
-	ReasonPanic       = "panic"         // a bug: logged with its stack
+	ReasonClient      registry.Reason = "client"        // the client went away or stopped reading
+	ReasonMaxDuration registry.Reason = "max_duration"  // max_duration was reached
+	ReasonExpired     registry.Reason = "token_expired" // the token that admitted it expired
+	ReasonPanic       registry.Reason = "panic"         // a bug: logged with its stack
 )
 
 // Metrics receives what streams count.
 type Metrics interface {
 	Delivered(events int)
-	Ended(reason string)
+	Ended(reason registry.Reason)
 }
 
 // Options are the settings shared by the streams of one handler.
@@ -58,12 +59,12 @@ type Options struct {
 // Deadline is when a stream must end, and why; zero At: never.
 type Deadline struct {
 	At     time.Time
-	Reason string
+	Reason registry.Reason
 }
 
 // Result is what a stream's end reports.
 type Result struct {
-	Reason   string
+	Reason   registry.Reason
 	Events   int64
 	Bytes    int64
 	Duration time.Duration
@@ -79,7 +80,8 @@ type Stream struct {
 	onEnd    func(Result)
 
 	sink Sink
-	try  *ConnSink     // non-nil when the sink can write without blocking
+	conn *ConnSink     // non-nil when the sink is the taken-over connection
+	try  *ConnSink     // conn, when it can write without blocking
 	resp *ResponseSink // non-nil when the sink is a response writer
 
 	mode    atomic.Int32
@@ -103,7 +105,7 @@ type Stream struct {
 	pending    net.Buffers // what a non-blocking write left unwritten
 	pendEvents int         // the events and bytes pending completes
 	pendBytes  int
-	carried    string // a reason taken with frames on the inline path
+	carried    registry.Reason // why the stream ends, taken with frames on the inline path
 
 	events atomic.Int64
 	bytes  atomic.Int64
@@ -118,7 +120,7 @@ const (
 
 // New prepares a stream for sub. It must be called before the subscriber is
 // attached to the registry, so that no wake is missed; nothing is written
-// until Serve or Detach, but what Write sends (the opening, a replay).
+// until Serve or TakeOver, but what Write sends (the opening, a replay).
 // onEnd runs once, when the stream ends.
 func New(sub *registry.Subscriber, opts *Options, end Deadline, onEnd func(Result)) *Stream {
 	s := &Stream{sub: sub, opts: opts, channels: sub.Channels(), end: end, onEnd: onEnd,
@@ -131,8 +133,11 @@ func New(sub *registry.Subscriber, opts *Options, end Deadline, onEnd func(Resul
 // SetSink sets where the stream writes; before the first Write.
 func (s *Stream) SetSink(sink Sink) {
 	s.sink = sink
-	if c, ok := sink.(*ConnSink); ok && c.raw != nil {
-		s.try = c
+	if c, ok := sink.(*ConnSink); ok {
+		s.conn = c
+		if c.raw != nil {
+			s.try = c
+		}
 	}
 	s.resp, _ = sink.(*ResponseSink)
 	s.opts.Clock.add(s)
@@ -140,11 +145,11 @@ func (s *Stream) SetSink(sink Sink) {
 
 // SetCursor sets the stream's cursor (made once it is attached): it skips
 // what a replay wrote already and, with ids per channel, writes the
-// stream's own id line after each resumable event. Before Serve or Detach.
+// stream's own id line after each resumable event. Before Serve or TakeOver.
 func (s *Stream) SetCursor(cur *registry.Cursor) { s.cur = cur }
 
 // Write writes chunks at once, blocking (the opening, a page of history),
-// before the stream is served or detached.
+// before the stream is served or taken over.
 func (s *Stream) Write(chunks [][]byte, events int) error {
 	bufs := net.Buffers(chunks)
 	size := 0
@@ -178,11 +183,12 @@ func (s *Stream) Serve(ctx context.Context) {
 	}
 }
 
-// Detach makes a taken-over stream live: the caller's goroutine may go.
-// watch is the connection the poller watches for the client's close, and
-// budget how many bytes the client may send before it is cut off.
-func (s *Stream) Detach(watch net.Conn, budget int64) {
-	stop := s.opts.Poller.Watch(watch, budget, s.clientGone)
+// TakeOver makes a stream whose sink is a ConnSink live on its own: the
+// caller's goroutine may go. The poller watches the sink's connection for
+// the client's close; budget is how many bytes the client may send before
+// it is cut off.
+func (s *Stream) TakeOver(budget int64) {
+	stop := s.opts.Poller.Watch(s.conn.conn, budget, s.clientGone)
 	s.unwatch.Store(&stop)
 	if s.ended.Load() {
 		// Ended meanwhile (the clock gave up a stalled write).
@@ -194,9 +200,9 @@ func (s *Stream) Detach(watch net.Conn, budget int64) {
 }
 
 // End asks the stream to end, with what is queued written first.
-func (s *Stream) End(reason string) { s.sub.End(reason) }
+func (s *Stream) End(reason registry.Reason) { s.sub.End(reason) }
 
-// Abort ends a stream that failed before it was served or detached.
+// Abort ends a stream that failed before it was served or taken over.
 func (s *Stream) Abort() {
 	s.sub.AbortReplay()
 	s.finish(s.failed())
@@ -361,7 +367,7 @@ func (s *Stream) keep(bufs net.Buffers, events, size int) {
 }
 
 // ending ends the stream for why, after telling an evicted client.
-func (s *Stream) ending(why string) {
+func (s *Stream) ending(why registry.Reason) {
 	if why == registry.ReasonEvicted && len(s.opts.Evicted) > 0 {
 		// Tell the page, so that it closes its EventSource rather than
 		// reconnect and evict the next oldest stream of its key in turn.
@@ -420,7 +426,7 @@ func (s *Stream) interrupt() {
 
 // failed is why a stream whose write failed ended: the client fell behind
 // (its queue overflowed while the write was blocked), or went away.
-func (s *Stream) failed() string {
+func (s *Stream) failed() registry.Reason {
 	if s.sub.Reason() == registry.ReasonOverflow {
 		return registry.ReasonOverflow
 	}
@@ -429,21 +435,20 @@ func (s *Stream) failed() string {
 
 // finish ends the stream once: it leaves the clock and the poller, closes a
 // taken-over connection, and reports the end.
-func (s *Stream) finish(why string) {
+func (s *Stream) finish(why registry.Reason) {
 	if !s.ended.CompareAndSwap(false, true) {
 		return
 	}
 	s.stopWatching()
-	takeover := false
-	if c, ok := s.sink.(*ConnSink); ok {
-		takeover = true
-		_ = c.conn.Close()
+	takeover := s.conn != nil
+	if takeover {
+		_ = s.conn.conn.Close()
 	}
 	res := Result{Reason: why, Events: s.events.Load(), Bytes: s.bytes.Load(),
 		Duration: time.Since(s.started), Takeover: takeover}
 	s.opts.Metrics.Ended(why)
 	if ce := s.opts.Logger.Check(zap.InfoLevel, "stream closed"); ce != nil {
-		ce.Write(zap.Strings("channels", s.channels), zap.String("reason", why),
+		ce.Write(zap.Strings("channels", s.channels), zap.String("reason", string(why)),
 			zap.Duration("duration", res.Duration), zap.Int64("events", res.Events),
 			zap.Int64("bytes", res.Bytes), zap.Bool("takeover", takeover))
 	}

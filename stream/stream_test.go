@@ -38,11 +38,11 @@ func (source) ReplayPage(context.Context, []string, uint64, int64) (registry.Pag
 type counts struct {
 	delivered atomic.Int64
 	mu        sync.Mutex
-	ended     []string
+	ended     []registry.Reason
 }
 
 func (c *counts) Delivered(n int) { c.delivered.Add(int64(n)) }
-func (c *counts) Ended(why string) {
+func (c *counts) Ended(why registry.Reason) {
 	c.mu.Lock()
 	c.ended = append(c.ended, why)
 	c.mu.Unlock()
@@ -153,7 +153,7 @@ func waitEnd(t *testing.T, ended chan Result, within time.Duration) Result {
 	}
 }
 
-func TestDetachedWritesInOrderAndEndsOnClientClose(t *testing.T) {
+func TestTakenOverWritesInOrderAndEndsOnClientClose(t *testing.T) {
 	f := newFixture(t, time.Hour)
 	st, _, ended := f.open("c", 16, Deadline{})
 	server, client := tcpPair(t)
@@ -161,7 +161,7 @@ func TestDetachedWritesInOrderAndEndsOnClientClose(t *testing.T) {
 	if err := st.Write([][]byte{[]byte(": open\n\n")}, 0); err != nil {
 		t.Fatal(err)
 	}
-	st.Detach(server, 1024)
+	st.TakeOver(1024)
 	for i := range 100 {
 		f.publish("c", fmt.Sprint(i))
 	}
@@ -186,12 +186,12 @@ func TestDetachedWritesInOrderAndEndsOnClientClose(t *testing.T) {
 
 // A burst larger than the queue reaches a client that reads: the socket's
 // buffer absorbs it first, and only what it cannot take is queued.
-func TestDetachedBurstReachesFastReader(t *testing.T) {
+func TestTakenOverBurstReachesFastReader(t *testing.T) {
 	f := newFixture(t, time.Hour)
 	st, _, ended := f.open("c", 64, Deadline{})
 	server, client := tcpPair(t)
 	st.SetSink(NewConnSink(server))
-	st.Detach(server, 1024)
+	st.TakeOver(1024)
 	payload := strings.Repeat("x", 2000)
 	const n = 5000
 	read := make(chan int, 1)
@@ -223,12 +223,12 @@ func TestDetachedBurstReachesFastReader(t *testing.T) {
 
 // A client that never reads is cut off once the socket and the queue are
 // full, and is counted as an overflow.
-func TestDetachedNonReaderOverflows(t *testing.T) {
+func TestTakenOverNonReaderOverflows(t *testing.T) {
 	f := newFixture(t, time.Hour)
 	st, _, ended := f.open("c", 8, Deadline{})
 	server, _ := tcpPair(t)
 	st.SetSink(NewConnSink(server))
-	st.Detach(server, 1024)
+	st.TakeOver(1024)
 	payload := strings.Repeat("y", 64<<10)
 	deadline := time.Now().Add(20 * time.Second)
 	for i := 0; time.Now().Before(deadline); i++ {
@@ -248,12 +248,12 @@ func TestDetachedNonReaderOverflows(t *testing.T) {
 	t.Fatal("a client that never reads was not cut off")
 }
 
-func TestDetachedKeepaliveAndDeadline(t *testing.T) {
+func TestTakenOverKeepaliveAndDeadline(t *testing.T) {
 	f := newFixture(t, 50*time.Millisecond)
 	st, _, ended := f.open("c", 8, Deadline{At: time.Now().Add(400 * time.Millisecond), Reason: ReasonMaxDuration})
 	server, client := tcpPair(t)
 	st.SetSink(NewConnSink(server))
-	st.Detach(server, 1024)
+	st.TakeOver(1024)
 	got, err := io.ReadAll(client)
 	if err != nil {
 		t.Fatal(err)
@@ -267,12 +267,12 @@ func TestDetachedKeepaliveAndDeadline(t *testing.T) {
 }
 
 // A client that sends more than it may after its request is cut off.
-func TestDetachedClientSendingTooMuch(t *testing.T) {
+func TestTakenOverClientSendingTooMuch(t *testing.T) {
 	f := newFixture(t, time.Hour)
 	st, _, ended := f.open("c", 8, Deadline{})
 	server, client := tcpPair(t)
 	st.SetSink(NewConnSink(server))
-	st.Detach(server, 4096)
+	st.TakeOver(4096)
 	if _, err := client.Write(make([]byte, 2048)); err != nil {
 		t.Fatal(err)
 	}
@@ -293,7 +293,7 @@ func TestEvictedStreamIsToldAndEnds(t *testing.T) {
 	server, client := net.Pipe()
 	defer client.Close()
 	st.SetSink(NewConnSink(server))
-	st.Detach(server, 1024)
+	st.TakeOver(1024)
 	go sub.End(registry.ReasonEvicted)
 	got, _ := io.ReadAll(client)
 	if !bytes.Contains(got, []byte("event: bye")) {
@@ -399,13 +399,13 @@ func TestShutdownEndsStreams(t *testing.T) {
 		server, client := tcpPair(t)
 		go func() { _, _ = io.Copy(io.Discard, client) }()
 		st.SetSink(NewConnSink(server))
-		st.Detach(server, 1024)
+		st.TakeOver(1024)
 		ends = append(ends, ended)
 	}
 	f.opts.Clock.Shutdown(50 * time.Millisecond)
 	f.opts.Clock.Wait(2 * time.Second)
 	for _, e := range ends {
-		if r := waitEnd(t, e, time.Second); r.Reason != ReasonShutdown {
+		if r := waitEnd(t, e, time.Second); r.Reason != registry.ReasonShutdown {
 			t.Fatalf("reason %q, want shutdown", r.Reason)
 		}
 	}
