@@ -152,7 +152,7 @@ func (s *Stream) due(now int64) byte {
 		}
 		return dueNothing
 	}
-	if !s.end.At.IsZero() && now >= s.end.At.UnixNano() && !s.endAsked.Load() {
+	if s.endAt != 0 && now >= s.endAt && !s.endAsked.Load() {
 		return dueEnd
 	}
 	if k := s.opts.Keepalive; k > 0 && time.Duration(now-s.lastWrite.Load()) >= k && !s.keepalive.Load() {
@@ -178,7 +178,7 @@ func (s *Stream) act(what byte) {
 		s.sink.Abandon()
 	case dueEnd:
 		s.endAsked.Store(true)
-		s.sub.End(s.end.Reason)
+		s.sub.End(s.endWhy)
 	case dueKeepalive:
 		s.keepalive.Store(true)
 		s.wake()

@@ -73,15 +73,16 @@ type Result struct {
 
 // Stream writes one subscriber's frames to its client.
 type Stream struct {
-	sub      *registry.Subscriber
-	opts     *Options
-	channels []string
-	end      Deadline
-	onEnd    func(Result)
+	sub     *registry.Subscriber
+	opts    *Options
+	endAt   int64 // unix nanoseconds the stream must end at; 0: never
+	endWhy  registry.Reason
+	onEnd   func(Result)
+	started int64 // unix nanoseconds
 
 	sink Sink
 	conn *ConnSink     // non-nil when the sink is the taken-over connection
-	try  *ConnSink     // conn, when it can write without blocking
+	try  bool          // conn can write without blocking
 	resp *ResponseSink // non-nil when the sink is a response writer
 
 	mode    atomic.Int32
@@ -89,26 +90,31 @@ type Stream struct {
 	writing atomic.Bool   // the writer token: a writer runs or is about to
 	ended   atomic.Bool
 
-	keepalive  atomic.Bool  // a keepalive is due
-	lastWrite  atomic.Int64 // unix nanoseconds of the last write
-	writeSince atomic.Int64 // unix nanoseconds a blocking write began; 0: none
-	stalled    atomic.Int32 // 1: interrupted, 2: abandoned
-	endAsked   atomic.Bool  // the deadline's End was sent
-	disarm     atomic.Bool  // the response's write deadline is to be cleared
-	started    time.Time
+	keepalive  atomic.Bool            // a keepalive is due
+	lastWrite  atomic.Int64           // unix nanoseconds of the last write
+	writeSince atomic.Int64           // unix nanoseconds a blocking write began; 0: none
+	stalled    atomic.Int32           // 1: interrupted, 2: abandoned
+	endAsked   atomic.Bool            // the deadline's End was sent
+	disarm     atomic.Bool            // the response's write deadline is to be cleared
 	unwatch    atomic.Pointer[func()] // leaves the poller
 
 	// Owned by whoever holds the writer token.
-	cur        *registry.Cursor // what was written: later duplicates are skipped
-	frames     []*registry.Frame
-	bufs       net.Buffers
-	pending    net.Buffers // what a non-blocking write left unwritten
-	pendEvents int         // the events and bytes pending completes
-	pendBytes  int
-	carried    registry.Reason // why the stream ends, taken with frames on the inline path
+	cur     *registry.Cursor // what was written: later duplicates are skipped
+	frames  []*registry.Frame
+	bufs    net.Buffers
+	pending *backlog        // what a non-blocking write left unwritten; nil: none so far
+	carried registry.Reason // why the stream ends, taken with frames on the inline path
 
 	events atomic.Int64
 	bytes  atomic.Int64
+}
+
+// backlog is what the inline path could not write (the socket was full),
+// for flushLive: apart, since most streams never need it.
+type backlog struct {
+	bufs   net.Buffers
+	events int // the events and bytes bufs completes
+	bytes  int
 }
 
 // Modes of a stream.
@@ -123,9 +129,11 @@ const (
 // until Serve or TakeOver, but what Write sends (the opening, a replay).
 // onEnd runs once, when the stream ends.
 func New(sub *registry.Subscriber, opts *Options, end Deadline, onEnd func(Result)) *Stream {
-	s := &Stream{sub: sub, opts: opts, channels: sub.Channels(), end: end, onEnd: onEnd,
-		started: time.Now()}
-	s.lastWrite.Store(s.started.UnixNano())
+	s := &Stream{sub: sub, opts: opts, endWhy: end.Reason, onEnd: onEnd, started: time.Now().UnixNano()}
+	if !end.At.IsZero() {
+		s.endAt = end.At.UnixNano()
+	}
+	s.lastWrite.Store(s.started)
 	sub.SetWaker(s)
 	return s
 }
@@ -135,9 +143,7 @@ func (s *Stream) SetSink(sink Sink) {
 	s.sink = sink
 	if c, ok := sink.(*ConnSink); ok {
 		s.conn = c
-		if c.raw != nil {
-			s.try = c
-		}
+		s.try = c.raw != nil
 	}
 	s.resp, _ = sink.(*ResponseSink)
 	s.opts.Clock.add(s)
@@ -229,7 +235,7 @@ func (s *Stream) wake() {
 		if !s.writing.CompareAndSwap(false, true) {
 			return
 		}
-		if s.try != nil && s.writeInline() {
+		if s.try && s.writeInline() {
 			return
 		}
 		go s.flushLive()
@@ -271,7 +277,7 @@ func (s *Stream) writeInline() bool {
 		if n == 0 {
 			total = len(sse.Comment)
 		}
-		w, err := s.try.tryWrite(&bufs)
+		w, err := s.conn.tryWrite(&bufs)
 		if err != nil {
 			clear(s.bufs[:cap(s.bufs)])
 			s.carried = s.failed()
@@ -303,16 +309,16 @@ func (s *Stream) more() bool {
 // until the queue is empty, then lets the goroutine go.
 func (s *Stream) flushLive() {
 	defer s.recoverPanic()
-	if len(s.pending) > 0 {
-		bufs := s.pending
+	if p := s.pending; p != nil && len(p.bufs) > 0 {
+		bufs := p.bufs
 		err := s.writeBlocking(&bufs)
-		clear(s.pending[:cap(s.pending)])
-		s.pending = s.pending[:0]
+		clear(p.bufs[:cap(p.bufs)])
+		p.bufs = p.bufs[:0]
 		if err != nil {
 			s.finish(s.failed())
 			return
 		}
-		s.wrote(s.pendEvents, s.pendBytes)
+		s.wrote(p.events, p.bytes)
 	}
 	if why := s.carried; why != "" {
 		s.carried = ""
@@ -362,8 +368,12 @@ func (s *Stream) flush() bool {
 
 // keep sets aside what the inline path could not write, for flushLive.
 func (s *Stream) keep(bufs net.Buffers, events, size int) {
-	s.pending = append(s.pending[:0], bufs...)
-	s.pendEvents, s.pendBytes = events, size
+	if s.pending == nil {
+		s.pending = new(backlog)
+	}
+	p := s.pending
+	p.bufs = append(p.bufs[:0], bufs...)
+	p.events, p.bytes = events, size
 }
 
 // ending ends the stream for why, after telling an evicted client.
@@ -445,10 +455,10 @@ func (s *Stream) finish(why registry.Reason) {
 		_ = s.conn.conn.Close()
 	}
 	res := Result{Reason: why, Events: s.events.Load(), Bytes: s.bytes.Load(),
-		Duration: time.Since(s.started), Takeover: takeover}
+		Duration: time.Duration(time.Now().UnixNano() - s.started), Takeover: takeover}
 	s.opts.Metrics.Ended(why)
 	if ce := s.opts.Logger.Check(zap.InfoLevel, "stream closed"); ce != nil {
-		ce.Write(zap.Strings("channels", s.channels), zap.String("reason", string(why)),
+		ce.Write(zap.Strings("channels", s.sub.Channels()), zap.String("reason", string(why)),
 			zap.Duration("duration", res.Duration), zap.Int64("events", res.Events),
 			zap.Int64("bytes", res.Bytes), zap.Bool("takeover", takeover))
 	}
