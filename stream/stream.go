@@ -80,23 +80,24 @@ type Stream struct {
 	onEnd   func(Result)
 	started int64 // unix nanoseconds
 
-	sink Sink
-	conn *ConnSink     // non-nil when the sink is the taken-over connection
-	try  bool          // conn can write without blocking
-	resp *ResponseSink // non-nil when the sink is a response writer
+	sink   Sink
+	conn   *ConnSink     // non-nil when the sink is the taken-over connection
+	resp   *ResponseSink // non-nil when the sink is a response writer
+	serveC chan struct{} // wakes Serve
 
-	mode    atomic.Int32
-	serveC  chan struct{} // wakes Serve
-	writing atomic.Bool   // the writer token: a writer runs or is about to
-	ended   atomic.Bool
-
-	keepalive  atomic.Bool            // a keepalive is due
 	lastWrite  atomic.Int64           // unix nanoseconds of the last write
 	writeSince atomic.Int64           // unix nanoseconds a blocking write began; 0: none
-	stalled    atomic.Int32           // 1: interrupted, 2: abandoned
-	endAsked   atomic.Bool            // the deadline's End was sent
-	disarm     atomic.Bool            // the response's write deadline is to be cleared
 	unwatch    atomic.Pointer[func()] // leaves the poller
+
+	// Four-byte fields together, so that the stream packs into fewer bytes.
+	mode      atomic.Int32
+	stalled   atomic.Int32 // 1: interrupted, 2: abandoned
+	writing   atomic.Bool  // the writer token: a writer runs or is about to
+	ended     atomic.Bool
+	keepalive atomic.Bool // a keepalive is due
+	endAsked  atomic.Bool // the deadline's End was sent
+	disarm    atomic.Bool // the response's write deadline is to be cleared
+	try       bool        // conn can write without blocking
 
 	// Owned by whoever holds the writer token.
 	cur     *registry.Cursor // what was written: later duplicates are skipped
