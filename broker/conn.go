@@ -280,9 +280,8 @@ func (b *Broker) queue(o op) {
 	b.kick()
 }
 
-// writeLoop is the writer goroutine.
+// writeLoop is the writer goroutine. It ends with the broker.
 func (b *Broker) writeLoop() {
-	defer close(b.writerDone)
 	for {
 		select {
 		case <-b.ctx.Done():
@@ -363,7 +362,6 @@ func (b *Broker) writeOne() bool {
 // readLoop is the reader goroutine: receive on ps until the connection
 // fails, back off, connect again, and so on until Close.
 func (b *Broker) readLoop(ps *redis.PubSub) {
-	defer close(b.readerDone)
 	attempt := 0
 	for ; ps != nil; ps = b.connect() {
 		err := b.receive(ps)
@@ -428,10 +426,40 @@ func (b *Broker) connect() *redis.PubSub {
 
 // receive dials ps, then reads it until it fails, and returns why.
 func (b *Broker) receive(ps *redis.PubSub) error {
-	// Dial here, with a PING whose pong is the first reply owed, before the
-	// writer may write anything: a dial or handshake failure (wrong
-	// password, LOADING) then surfaces as the connection's failure, never
-	// as an error reply to a queued SUBSCRIBE.
+	if err := b.handshake(ps); err != nil {
+		return err
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	b.start(func() { b.watch(ps, stop) })
+	if b.probeChan != "" || b.cluster != nil {
+		b.start(func() { b.probe(ps, stop) })
+	}
+	for {
+		// No read deadline: a deadline that fires in the middle of a large
+		// message leaves go-redis's reader mid-frame, and the rest of the
+		// payload would be parsed as replies. The watchdog detects silence.
+		v, err := ps.Receive(b.psCtx)
+		if err != nil {
+			var rerr redis.Error
+			if b.ctx.Err() != nil || !errors.As(err, &rerr) {
+				return err
+			}
+			err = b.refused(rerr)
+		} else {
+			err = b.dispatch(v)
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// handshake dials ps with a PING whose pong is the first reply owed,
+// before the writer may write anything: a dial or handshake failure (wrong
+// password, LOADING) then surfaces as the connection's failure, never as
+// an error reply to a queued SUBSCRIBE.
+func (b *Broker) handshake(ps *redis.PubSub) error {
 	b.mu.Lock()
 	b.nextCmd++
 	b.inflight.push(reply{kind: kindPing, cmd: b.nextCmd})
@@ -445,61 +473,37 @@ func (b *Broker) receive(ps *redis.PubSub) error {
 	}
 	b.mu.Unlock()
 	b.kick()
+	return nil
+}
 
-	stop := make(chan struct{})
-	defer close(stop)
-	go b.watch(ps, stop)
-	if b.probeChan != "" || b.cluster != nil {
-		go b.probe(ps, stop)
-	}
-
-	for {
-		// No read deadline: a deadline that fires in the middle of a large
-		// message leaves go-redis's reader mid-frame, and the rest of the
-		// payload would be parsed as replies. The watchdog detects silence.
-		v, err := ps.Receive(b.psCtx)
-		if err != nil {
-			if b.ctx.Err() != nil {
-				return err
-			}
-			var rerr redis.Error
-			if errors.As(err, &rerr) {
-				if err := b.refused(rerr); err != nil {
-					return err
-				}
-				continue
-			}
+// dispatch handles one thing the connection read: a message, or the reply
+// to a command. An error means the connection cannot be trusted.
+func (b *Broker) dispatch(v any) error {
+	switch v := v.(type) {
+	case *redis.Message:
+		if v.Channel == b.probeChan && b.probeChan != "" {
+			b.probeReceived(v.Payload)
+			return nil
+		}
+		inc(b.m.Received)
+		b.message(v.Channel, v.Payload)
+	case *redis.Subscription:
+		if err := b.confirmed(v); err != nil {
 			return err
 		}
-		switch v := v.(type) {
-		case *redis.Message:
-			if v.Channel == b.probeChan && b.probeChan != "" {
-				if n, err := strconv.ParseUint(v.Payload, 10, 64); err == nil && n > b.probeSeen.Load() {
-					b.probeSeen.Store(n)
-				}
-				continue
-			}
-			inc(b.m.Received)
-			b.message(v.Channel, v.Payload)
-		case *redis.Subscription:
-			if err := b.confirmed(v); err != nil {
-				return err
-			}
-			if b.outer != nil {
-				b.mu.Lock()
-				lost := b.lostPending
-				b.lostPending = nil
-				b.mu.Unlock()
-				b.handLost(lost)
-			}
-		case *redis.Pong:
-			if err := b.ponged(v); err != nil {
-				return err
-			}
-		default:
-			return fmt.Errorf("unexpected %T on the subscription connection", v)
+		if b.outer != nil {
+			b.mu.Lock()
+			lost := b.lostPending
+			b.lostPending = nil
+			b.mu.Unlock()
+			b.handLost(lost)
 		}
+	case *redis.Pong:
+		return b.ponged(v)
+	default:
+		return fmt.Errorf("unexpected %T on the subscription connection", v)
 	}
+	return nil
 }
 
 // message hands over what arrived on a Redis channel. Only a twin's
@@ -603,8 +607,7 @@ func (b *Broker) probe(ps *redis.PubSub, stop <-chan struct{}) {
 	}
 	t := time.NewTicker(every)
 	defer t.Stop()
-	var due uint64 // the probe that must arrive, 0 if none is out
-	var late int   // periods it has been out
+	var out probeOut
 	for {
 		select {
 		case <-stop:
@@ -612,20 +615,14 @@ func (b *Broker) probe(ps *redis.PubSub, stop <-chan struct{}) {
 		case <-t.C:
 		}
 		probing := b.probeChan != "" && !b.probeOff.Load()
-		if probing && due != 0 {
-			if b.probeSeen.Load() < due {
-				if late++; late < 2 {
-					continue
-				}
-				b.kill(ps, fmt.Errorf("a probe published %s ago was not received: the connection no longer gets what is published (a failover?)", 2*every))
-				return
+		if probing && !out.arrived(b.probeSeen.Load()) {
+			if out.late < 2 {
+				continue
 			}
-			due = 0
+			b.kill(ps, fmt.Errorf("a probe published %s ago was not received: the connection no longer gets what is published (a failover?)", 2*every))
+			return
 		}
-		b.mu.Lock()
-		up := b.ps == ps && b.up
-		b.mu.Unlock()
-		if !up {
+		if !b.upOn(ps) {
 			continue // the probe channel is not confirmed yet
 		}
 		if b.cluster != nil {
@@ -634,23 +631,63 @@ func (b *Broker) probe(ps *redis.PubSub, stop <-chan struct{}) {
 				return
 			}
 		}
-		if !probing {
-			continue
-		}
-		n := b.probeSent.Add(1)
-		ctx, cancel := context.WithTimeout(b.ctx, every)
-		err := b.client.Publish(ctx, b.probeChan, strconv.FormatUint(n, 10)).Err()
-		cancel()
-		var rerr redis.Error
-		switch {
-		case err == nil:
-			due, late = n, 0
-		case errors.As(err, &rerr) && strings.HasPrefix(rerr.Error(), "NOPERM"):
-			b.log.Warn("redis refuses the subscription probe; running without it",
-				zap.String("channel", b.probeChan), zap.Error(err))
-			b.probeOff.Store(true)
+		if probing {
+			if n := b.publishProbe(every); n != 0 {
+				out = probeOut{due: n}
+			}
 		}
 	}
+}
+
+// probeOut is the probe a connection waits for.
+type probeOut struct {
+	due  uint64 // the probe that must arrive, 0 if none is out
+	late int    // periods it has been out
+}
+
+// arrived reports whether the probe out, if any, has arrived (seen is the
+// last one received); one that has not is a period later.
+func (p *probeOut) arrived(seen uint64) bool {
+	if p.due == 0 || seen >= p.due {
+		p.due = 0
+		return true
+	}
+	p.late++
+	return false
+}
+
+// probeReceived notes a probe number read on the probe's channel.
+func (b *Broker) probeReceived(payload string) {
+	if n, err := strconv.ParseUint(payload, 10, 64); err == nil && n > b.probeSeen.Load() {
+		b.probeSeen.Store(n)
+	}
+}
+
+// upOn reports whether ps is the connection and is up.
+func (b *Broker) upOn(ps *redis.PubSub) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.ps == ps && b.up
+}
+
+// publishProbe publishes the next probe number, within timeout, and
+// returns it; 0 if it was not published. A Redis that refuses it (an ACL)
+// turns the probe off.
+func (b *Broker) publishProbe(timeout time.Duration) uint64 {
+	n := b.probeSent.Add(1)
+	ctx, cancel := context.WithTimeout(b.ctx, timeout)
+	err := b.client.Publish(ctx, b.probeChan, strconv.FormatUint(n, 10)).Err()
+	cancel()
+	var rerr redis.Error
+	switch {
+	case err == nil:
+		return n
+	case errors.As(err, &rerr) && strings.HasPrefix(rerr.Error(), "NOPERM"):
+		b.log.Warn("redis refuses the subscription probe; running without it",
+			zap.String("channel", b.probeChan), zap.Error(err))
+		b.probeOff.Store(true)
+	}
+	return 0
 }
 
 // kill closes ps, if it is still the connection, for reason: the reader's
@@ -725,7 +762,7 @@ func (b *Broker) ponged(p *redis.Pong) error {
 	inc(b.m.Reconnects)
 	b.log.Info("redis subscription connection re-established",
 		zap.Duration("outage", outage), zap.Int("channels", n))
-	go b.afterReconnect()
+	b.start(b.afterReconnect)
 	return nil
 }
 
@@ -861,7 +898,7 @@ func refusalOf(err error) string {
 	return ""
 }
 
-// afterReconnect runs in its own goroutine once a reconnect is confirmed:
+// afterReconnect runs in a goroutine of its own once a reconnect is confirmed:
 // a Redis that restarted without persistence lost the function library, and
 // the Handler must learn that messages were missed.
 func (b *Broker) afterReconnect() {

@@ -361,7 +361,6 @@ func (b *Broker) reloadHistory() {
 // checkLibrary is the library check goroutine (see Options.LibraryCheck).
 // It ends with the broker.
 func (b *Broker) checkLibrary() {
-	defer close(b.libDone)
 	if b.libEvery <= 0 {
 		return
 	}

@@ -201,8 +201,7 @@ func (b *Broker) EnablePresence(ttl time.Duration) {
 	b.pres.written = make(map[presenceKey]int64)
 	b.pres.dirty = make(map[presenceKey]struct{})
 	b.presOn.Store(true)
-	b.bg.Add(1)
-	go b.presenceLoop()
+	b.wg.Go(b.presenceLoop) // b.mu held and not closed: see start
 }
 
 // PresenceAdd counts delta streams (1 on open, -1 on close) of identity on
@@ -256,7 +255,6 @@ func (b *Broker) presenceResync() {
 // ttl/3, backing off while Redis fails. On Close it deletes this
 // instance's fields and liveness key.
 func (b *Broker) presenceLoop() {
-	defer b.bg.Done()
 	defer b.presenceStop()
 	b.loadPresenceLibrary(b.ctx, true)
 	beat := time.NewTimer(0) // the liveness key at once
@@ -408,7 +406,8 @@ func (b *Broker) presenceStop() {
 	}
 	p.mu.Unlock()
 
-	ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+	// The broker's context has ended; the cleanup has stopTimeout of its own.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(b.ctx), stopTimeout)
 	defer cancel()
 	pipe := b.client.Pipeline()
 	pipe.Del(ctx, InstanceKeyPrefix+b.instance)

@@ -64,8 +64,6 @@ type shardSet struct {
 	lost   []lostChannel
 
 	kick chan struct{}
-	done chan struct{} // closed when the follower returns
-	bg   sync.WaitGroup
 }
 
 // shardConn is the subscription connection to one master.
@@ -96,20 +94,16 @@ func newShardSet(b *Broker, ro redis.UniversalOptions, every time.Duration) *sha
 		owner: make(map[string]string),
 		since: time.Now(),
 		kick:  make(chan struct{}, 1),
-		done:  make(chan struct{}),
 	}
 }
 
-func (s *shardSet) start() { go s.follow() }
-
-// close stops the follower and every connection. The broker's context is
-// cancelled already.
+// close closes every connection, once the broker's goroutines (the
+// follower among them) have ended. A Subscribe still running opens no new
+// one.
 func (s *shardSet) close() {
-	<-s.done
-	s.bg.Wait()
 	s.mu.Lock()
 	conns := s.conns
-	s.conns = map[string]*shardConn{}
+	s.conns = nil
 	s.mu.Unlock()
 	for _, c := range conns {
 		_ = c.b.Close()
@@ -175,6 +169,9 @@ func (s *shardSet) readSlots(ctx context.Context) error {
 
 // connLocked returns the connection to addr, dialled on first use.
 func (s *shardSet) connLocked(addr string) (*shardConn, error) {
+	if s.conns == nil {
+		return nil, ErrClosed
+	}
 	if c := s.conns[addr]; c != nil {
 		return c, nil
 	}
@@ -335,9 +332,9 @@ func (s *shardSet) poke() {
 }
 
 // follow is the follower goroutine: every period, or when poked, it reads
-// the slots and moves the channels that are not where they belong.
+// the slots and moves the channels that are not where they belong. It ends
+// with the broker.
 func (s *shardSet) follow() {
-	defer close(s.done)
 	t := time.NewTicker(s.every)
 	defer t.Stop()
 	for {
@@ -425,12 +422,10 @@ func (s *shardSet) channelsDown(channels []string) {
 	s.b.h.HandleDisconnect()
 }
 
-// channelsUp ends an outage told by channelsDown, from a goroutine of its own (the Handler
-// catches up from history).
+// channelsUp ends an outage told by channelsDown, from a goroutine of the
+// broker's own (the Handler catches up from history).
 func (s *shardSet) channelsUp(channels []string) {
-	s.bg.Add(1)
-	go func() {
-		defer s.bg.Done()
+	s.b.start(func() {
 		if s.b.ctx.Err() != nil {
 			return
 		}
@@ -439,7 +434,7 @@ func (s *shardSet) channelsUp(channels []string) {
 			return
 		}
 		s.b.h.HandleReconnect()
-	}()
+	})
 }
 
 // retire closes the connections that no channel is placed on.
