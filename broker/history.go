@@ -601,7 +601,8 @@ const replayPageSize = 1024
 // nothing and is not truncated.
 func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (Replay, error) {
 	if b.sharded {
-		return b.ReplayChannelsAll(ctx, dedupe(channels), samePosition(after, len(channels)))
+		channels = dedupe(channels)
+		return b.ReplayChannelsAll(ctx, channels, samePosition(after, len(channels)))
 	}
 	var rp Replay
 	for {
