@@ -293,70 +293,74 @@ func (b *Broker) writeLoop() {
 	}
 }
 
-// writeOne writes the oldest pending op; false when there is none. Its
-// replies are recorded before it is written, under the same lock that
-// takes it from pending, so inflight is in the order of the wire.
+// writeOne writes the oldest pending op; false when there is none.
 func (b *Broker) writeOne() bool {
-	b.mu.Lock()
-	if len(b.pending) == 0 || b.ps == nil || !b.ready {
-		b.mu.Unlock()
+	ps, o, groups, ok := b.nextOp()
+	if !ok {
 		return false
 	}
-	ps, o := b.ps, b.pending[0]
-	b.pending[0] = op{}
-	b.pending = b.pending[1:]
-	if len(b.pending) == 0 {
-		b.pending = nil
-	}
-	var groups [][]string
-	if o.kind == kindPing {
-		b.nextCmd++
-		b.inflight.push(reply{kind: kindPing, cmd: b.nextCmd, barrier: o.barrier})
-	} else {
-		groups = b.slotGroups(b.names(o))
-		for _, g := range groups {
-			b.nextCmd++
-			for _, c := range g {
-				b.inflight.push(reply{kind: o.kind, channel: c, cmd: b.nextCmd, w: o.w})
-			}
-		}
-	}
-	b.mu.Unlock()
-
-	var err error
-	switch o.kind {
-	case kindSubscribe:
-		for _, g := range groups {
-			if b.outer != nil {
-				err = ps.SSubscribe(b.psCtx, g...)
-			} else {
-				err = ps.Subscribe(b.psCtx, g...)
-			}
-			if err != nil {
-				break
-			}
-		}
-	case kindUnsubscribe:
-		for _, g := range groups {
-			if b.outer != nil {
-				err = ps.SUnsubscribe(b.psCtx, g...)
-			} else {
-				err = ps.Unsubscribe(b.psCtx, g...)
-			}
-			if err != nil {
-				break
-			}
-		}
-	case kindPing:
-		err = ps.Ping(b.psCtx, pingPayload)
-	}
-	if err != nil {
+	if err := b.write(ps, o, groups); err != nil {
 		// go-redis has dropped the connection and may already have dialed
 		// a new one behind our back; closing the PubSub makes the reader
 		// fail and rebuild everything, so the gap is seen.
 		b.kill(ps, fmt.Errorf("write %s: %w", o.kind, err))
 	}
 	return true
+}
+
+// nextOp takes the oldest pending op, if the connection may be written,
+// with the channel groups of its commands. Its replies are recorded under
+// the same lock that takes it from pending, before it is written, so
+// inflight is in the order of the wire.
+func (b *Broker) nextOp() (ps *redis.PubSub, o op, groups [][]string, ok bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.pending) == 0 || b.ps == nil || !b.ready {
+		return nil, op{}, nil, false
+	}
+	ps, o = b.ps, b.pending[0]
+	b.pending[0] = op{}
+	b.pending = b.pending[1:]
+	if len(b.pending) == 0 {
+		b.pending = nil
+	}
+	if o.kind == kindPing {
+		b.nextCmd++
+		b.inflight.push(reply{kind: kindPing, cmd: b.nextCmd, barrier: o.barrier})
+		return ps, o, nil, true
+	}
+	groups = b.slotGroups(b.names(o))
+	for _, g := range groups {
+		b.nextCmd++
+		for _, c := range g {
+			b.inflight.push(reply{kind: o.kind, channel: c, cmd: b.nextCmd, w: o.w})
+		}
+	}
+	return ps, o, groups, true
+}
+
+// write writes o on ps: one command per group of channels.
+func (b *Broker) write(ps *redis.PubSub, o op, groups [][]string) error {
+	if o.kind == kindPing {
+		return ps.Ping(b.psCtx, pingPayload)
+	}
+	for _, g := range groups {
+		var err error
+		switch {
+		case o.kind == kindSubscribe && b.outer != nil:
+			err = ps.SSubscribe(b.psCtx, g...)
+		case o.kind == kindSubscribe:
+			err = ps.Subscribe(b.psCtx, g...)
+		case b.outer != nil:
+			err = ps.SUnsubscribe(b.psCtx, g...)
+		default:
+			err = ps.Unsubscribe(b.psCtx, g...)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // readLoop is the reader goroutine: receive on ps until the connection
@@ -783,21 +787,8 @@ func (b *Broker) refused(rerr redis.Error) error {
 		b.mu.Unlock()
 		return fmt.Errorf("redis refused a command on the subscription connection: %w", rerr)
 	}
-	w, cmd := r.w, r.cmd
-	var chans []string // the callers' names
-	for ok && r.cmd == cmd {
-		// A twin and its channel come side by side; callers never name a
-		// twin (reserved), so taking the channel back is exact.
-		c := r.channel
-		if ch, twin := b.channelOfTwin(c); twin {
-			c = ch
-		}
-		if len(chans) == 0 || chans[len(chans)-1] != c {
-			chans = append(chans, c)
-		}
-		b.inflight.pop()
-		r, ok = b.inflight.peek()
-	}
+	w := r.w
+	chans := b.popCommandLocked(r.cmd)
 	if w == nil && len(chans) > 1 {
 		for _, c := range chans {
 			b.pending = append(b.pending, op{kind: kindSubscribe, channels: []string{c}, bare: c == b.probeChan})
@@ -830,6 +821,25 @@ func (b *Broker) refused(rerr redis.Error) error {
 		w.finish(fmt.Errorf("subscribe %q: %w", chans, rerr))
 	}
 	return nil
+}
+
+// popCommandLocked drops the replies owed for the command cmd, the oldest
+// one owed, and returns its channels: the callers' names.
+func (b *Broker) popCommandLocked(cmd uint64) []string {
+	var chans []string
+	for r, ok := b.inflight.peek(); ok && r.cmd == cmd; r, ok = b.inflight.peek() {
+		// A twin and its channel come side by side; callers never name a
+		// twin (reserved), so taking the channel back is exact.
+		c := r.channel
+		if ch, twin := b.channelOfTwin(c); twin {
+			c = ch
+		}
+		if len(chans) == 0 || chans[len(chans)-1] != c {
+			chans = append(chans, c)
+		}
+		b.inflight.pop()
+	}
+	return chans
 }
 
 // down tears ps down after it failed with err and reports whether it had
