@@ -227,35 +227,13 @@ func (s *shardSet) subscribe(ctx context.Context, channels []string) error {
 		if err != nil {
 			return err
 		}
-		todo = nil
-		var mu sync.Mutex
-		var wg sync.WaitGroup
-		for c, chans := range groups {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				err := c.b.Subscribe(ctx, chans...)
-				mu.Lock()
-				defer mu.Unlock()
-				switch {
-				case errors.Is(err, errMoved):
-					todo = append(todo, chans...)
-				case err != nil && firstErr == nil:
-					firstErr = err
-				}
-			}()
+		moved, err := s.subscribeOn(ctx, groups)
+		if err != nil && firstErr == nil {
+			firstErr = err
 		}
-		wg.Wait()
+		todo = moved
 	}
-	s.mu.Lock()
-	unplaced := 0
-	for _, c := range channels {
-		if s.owner[c] == "" {
-			unplaced++
-		}
-	}
-	s.mu.Unlock()
-	if len(todo) > 0 || unplaced > 0 {
+	if len(todo) > 0 || !s.placed(channels) {
 		s.poke()
 		if firstErr == nil || errors.Is(firstErr, errMoved) {
 			firstErr = ErrDown
@@ -263,6 +241,41 @@ func (s *shardSet) subscribe(ctx context.Context, channels []string) error {
 		return fmt.Errorf("subscribe %q: %w", channels, errors.Join(ErrDown, firstErr))
 	}
 	return firstErr
+}
+
+// subscribeOn subscribes each group of channels on its connection, all at
+// once, and returns the channels whose slot moved meanwhile and the first
+// other error.
+func (s *shardSet) subscribeOn(ctx context.Context, groups map[*shardConn][]string) (moved []string, firstErr error) {
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for c, chans := range groups {
+		wg.Go(func() {
+			err := c.b.Subscribe(ctx, chans...)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case errors.Is(err, errMoved):
+				moved = append(moved, chans...)
+			case err != nil && firstErr == nil:
+				firstErr = err
+			}
+		})
+	}
+	wg.Wait()
+	return moved, firstErr
+}
+
+// placed reports whether every one of channels is placed on a connection.
+func (s *shardSet) placed(channels []string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range channels {
+		if s.owner[c] == "" {
+			return false
+		}
+	}
+	return true
 }
 
 // place assigns channels to the connections of the masters of their slots
@@ -590,20 +603,9 @@ func isMoved(err error) bool {
 // to place them where they belong. It is called with b.mu held and
 // releases it.
 func (b *Broker) movedUnlock(cmd uint64, rerr error) {
-	r, ok := b.inflight.peek()
+	r, _ := b.inflight.peek()
 	k, w := r.kind, r.w
-	var chans []string
-	for ok && r.cmd == cmd {
-		c := r.channel
-		if ch, twin := b.channelOfTwin(c); twin {
-			c = ch
-		}
-		if len(chans) == 0 || chans[len(chans)-1] != c {
-			chans = append(chans, c)
-		}
-		b.inflight.pop()
-		r, ok = b.inflight.peek()
-	}
+	chans := b.popCommandLocked(cmd)
 	var lost []string
 	if k == kindSubscribe {
 		for _, c := range chans {
