@@ -1,7 +1,8 @@
 // Package broker is the Redis side of caddy-sse: one pub/sub subscription
-// connection per instance over go-redis, confirmed subscribes, reconnect
-// detection, and the history (resume) functions. It knows nothing of HTTP
-// or Caddy; the registry reaches it through a small interface.
+// connection per instance over go-redis (in sharded mode, one per master),
+// confirmed subscribes, reconnect detection, the history (resume)
+// functions, presence and lifecycle entries. It knows nothing of HTTP or
+// Caddy; the registry reaches it through a small interface.
 package broker
 
 import (
@@ -123,7 +124,9 @@ const (
 )
 
 // Broker owns one Redis client and the one pub/sub connection that every
-// stream of the instance shares. Its methods are safe for concurrent use.
+// stream of the instance shares (in sharded mode, a Broker per master's
+// connection), and every goroutine it starts. Its methods are safe for
+// concurrent use.
 type Broker struct {
 	sharded bool      // sharded mode: see Options.Sharded
 	shards  *shardSet // in sharded mode, the per-master connections
@@ -131,7 +134,7 @@ type Broker struct {
 
 	client   redis.UniversalClient
 	cluster  *redis.ClusterClient // client, when it is a cluster client
-	sub      *redis.Client        // in a cluster, the subscription connection's client
+	sub      *redis.Client        // in a cluster (not sharded), the subscription connection's client
 	subAddr  atomic.Pointer[string]
 	addrs    []string // for the log
 	h        Handler
@@ -466,9 +469,9 @@ func (b *Broker) State() (up bool, since time.Time) {
 // Instance is the name of this process in Redis (see Options.Instance).
 func (b *Broker) Instance() string { return b.instance }
 
-// Go runs fn in a goroutine that the broker owns: ctx ends when Close
-// starts, and Close waits for fn to return before it closes the client, so
-// that nothing fn started with the broker outlives it. After Close, Go
+// Go runs fn in a goroutine that the broker owns, for a caller's
+// background call to Redis: ctx ends when Close starts, and Close waits
+// for fn to return before it closes the client. Once Close has started, Go
 // does not run fn and returns false.
 func (b *Broker) Go(fn func(ctx context.Context)) bool {
 	return b.start(func() { fn(b.ctx) })

@@ -24,8 +24,10 @@ import (
 //     Handler and matches every other reply (subscribe/unsubscribe
 //     confirmations, pongs, error replies) against inflight, the replies
 //     the connection owes in the order the commands were written. It also
-//     detects outages and replaces the connection; a watchdog goroutine
-//     beside it pings a silent connection and kills one that stays silent.
+//     detects outages and replaces the connection. Beside it, for each
+//     connection, the watchdog pings a silent connection and kills one that
+//     stays silent, and the probe (Sentinel, Cluster) kills one that no
+//     longer receives what is published.
 //   - the writer writes the commands queued in pending, one at a time, once
 //     the reader has dialed, so that neither Subscribe, Unsubscribe nor the
 //     reader ever blocks on a socket write.

@@ -28,7 +28,7 @@ import (
 //     not ask for, and answers SSUBSCRIBE for a slot it does not serve with
 //     MOVED. The connection hands such channels back (noteLost).
 //   - Every period, and at once on such a notice, the follower reads the
-//     cluster's slots (CLUSTER SLOTS) and moves every channel whose slot is
+//     cluster's slots (CLUSTER SHARDS) and moves every channel whose slot is
 //     served elsewhere: a failover shows there once a replica took over,
 //     while the connection to the dead master only sees errors.
 //
@@ -36,9 +36,10 @@ import (
 // ChannelHandler, of those channels only) before they are subscribed on
 // their new master, and again once they are, so that what was published in
 // between is caught up from history; the loss of a connection likewise
-// holds the channels on it until it is back, or they moved. go-redis's ClusterClient.SSubscribe is not
-// used: its PubSub lives on one node, dialled for its first channel, and
-// does not follow slots.
+// holds the channels on it until it is back, or they moved.
+//
+// go-redis's ClusterClient.SSubscribe is not used: its PubSub lives on one
+// node, dialled for its first channel, and does not follow slots.
 
 // errMoved reports a subscription a node refused with MOVED: the slot is
 // served by another master.
