@@ -101,27 +101,28 @@ func (h *hub) wantHistory(r broker.Retention) {
 	if !changed {
 		return
 	}
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	h.brk.Go(func(ctx context.Context) {
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
 		if err := h.brk.EnsureHistory(ctx, want); err != nil {
 			h.logger.Warn("installing the history functions in Redis failed; will retry on reconnect",
 				zap.Error(err))
 		}
-	}()
+	})
 }
 
 // markClosed records in Redis that a publisher ended channel, so that
 // reconnecting clients on any instance get 204. It runs on the delivering
-// goroutine, so the Redis call goes to the background.
+// goroutine, so the Redis call goes to one of the broker's (Destruct waits
+// for it).
 func (h *hub) markClosed(channel string) {
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	h.brk.Go(func(ctx context.Context) {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()
 		if err := h.brk.MarkClosed(ctx, channel); err != nil {
 			h.logger.Warn("cannot mark channel closed", zap.String("channel", channel), zap.Error(err))
 		}
-	}()
+	})
 }
 
 // openChannels returns the channels a publisher has not ended. While Redis

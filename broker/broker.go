@@ -1,7 +1,8 @@
 // Package broker is the Redis side of caddy-sse: one pub/sub subscription
-// connection per instance over go-redis, confirmed subscribes, reconnect
-// detection, and the history (resume) functions. It knows nothing of HTTP
-// or Caddy; the registry reaches it through a small interface.
+// connection per instance over go-redis (in sharded mode, one per master),
+// confirmed subscribes, reconnect detection, the history (resume)
+// functions, presence and lifecycle entries. It knows nothing of HTTP or
+// Caddy; the registry reaches it through a small interface.
 package broker
 
 import (
@@ -123,7 +124,9 @@ const (
 )
 
 // Broker owns one Redis client and the one pub/sub connection that every
-// stream of the instance shares. Its methods are safe for concurrent use.
+// stream of the instance shares (in sharded mode, a Broker per master's
+// connection), and every goroutine it starts. Its methods are safe for
+// concurrent use.
 type Broker struct {
 	sharded bool      // sharded mode: see Options.Sharded
 	shards  *shardSet // in sharded mode, the per-master connections
@@ -131,7 +134,7 @@ type Broker struct {
 
 	client   redis.UniversalClient
 	cluster  *redis.ClusterClient // client, when it is a cluster client
-	sub      *redis.Client        // in a cluster, the subscription connection's client
+	sub      *redis.Client        // in a cluster (not sharded), the subscription connection's client
 	subAddr  atomic.Pointer[string]
 	addrs    []string // for the log
 	h        Handler
@@ -142,13 +145,11 @@ type Broker struct {
 	rejForged, rejBad prometheus.Counter // Metrics.Rejected's series, nil without it
 	rejectLog         rejectLimiter      // the reader's only
 
-	ctx        context.Context // ends at Close
-	psCtx      context.Context // ctx, marking the subscription connection's dials
-	cancel     context.CancelFunc
-	wake       chan struct{} // tells the writer that pending has work
-	readerDone chan struct{}
-	writerDone chan struct{}
-	libDone    chan struct{} // closed when the library check ends
+	ctx    context.Context // ends when Close starts; every goroutine of the broker runs on it
+	psCtx  context.Context // ctx, marking the subscription connection's dials
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // the broker's goroutines, which Close waits for (see start)
+	wake   chan struct{}  // tells the writer that pending has work
 
 	libEvery time.Duration // the library check's period; <= 0: none
 
@@ -161,7 +162,7 @@ type Broker struct {
 	probeOff   atomic.Bool   // Redis refused the probe: stop probing
 
 	mu       sync.Mutex
-	closed   bool
+	closed   bool                // Close has started: no goroutine starts any more
 	ps       *redis.PubSub       // nil while down
 	ready    bool                // ps is dialed: the writer may write
 	killed   error               // why ps was closed under the reader, if it was
@@ -184,9 +185,8 @@ type Broker struct {
 
 	lostPending []string // a per-master connection's channels its node dropped; guarded by mu
 
-	// Presence and lifecycle writers, started on demand and waited for by
-	// Close (see presence.go, lifecycle.go).
-	bg       sync.WaitGroup
+	// Presence and lifecycle writers, started on demand (see presence.go,
+	// lifecycle.go).
 	presOn   atomic.Bool
 	presTTL  atomic.Int64 // time.Duration
 	presWake chan struct{}
@@ -206,76 +206,108 @@ func New(opts Options, h Handler) (*Broker, error) {
 // build is New; outer is set for a per-master connection of a sharded
 // broker, which subscribes with SSUBSCRIBE and serves outer's Handler.
 func build(opts Options, h Handler, outer *Broker) (*Broker, error) {
-	if h == nil {
-		return nil, errors.New("broker: nil Handler")
-	}
-	if opts.Redis == nil {
-		return nil, errors.New("broker: Options.Redis is required")
-	}
-	if opts.HealthCheck < 0 {
-		return nil, fmt.Errorf("broker: negative health check interval %s", opts.HealthCheck)
-	}
-	ro := *opts.Redis // the caller's options stay untouched
-	ro.Addrs = append([]string(nil), ro.Addrs...)
-	if len(ro.Addrs) == 0 {
-		return nil, errors.New("broker: no Redis address in Options.Redis.Addrs")
-	}
-	for _, a := range ro.Addrs {
-		if a == "" {
-			return nil, errors.New("broker: empty Redis address in Options.Redis.Addrs")
-		}
-	}
-	if ro.DB != 0 && (opts.Cluster || len(ro.Addrs) > 1 && ro.MasterName == "") {
-		return nil, fmt.Errorf("broker: Redis Cluster has no database %d (only 0)", ro.DB)
-	}
-	if opts.Cluster {
-		ro.IsClusterMode = true
+	ro, err := redisOptions(opts, h)
+	if err != nil {
+		return nil, err
 	}
 	plain := ro // without the counting dialer, for the per-master connections
-	if strings.Contains(opts.Instance, "|") {
-		return nil, fmt.Errorf("broker: instance name %q holds a |", opts.Instance)
-	}
 	b := &Broker{
-		instance:   cmp.Or(opts.Instance, "instance-"+strconv.FormatUint(rand.Uint64(), 36)),
-		created:    time.Now(),
-		presWake:   make(chan struct{}, 1),
-		lifeQ:      make(chan LifecycleEvent, LifecycleQueue),
-		addrs:      ro.Addrs,
-		h:          h,
-		log:        opts.Logger,
-		m:          opts.Metrics,
-		interval:   opts.HealthCheck,
-		wake:       make(chan struct{}, 1),
-		readerDone: make(chan struct{}),
-		writerDone: make(chan struct{}),
-		libDone:    make(chan struct{}),
-		channels:   make(map[string]struct{}),
-		libEvery:   cmp.Or(opts.LibraryCheck, DefaultLibraryCheck),
-		outer:      outer,
-		sharded:    opts.Sharded || outer != nil,
+		instance: cmp.Or(opts.Instance, "instance-"+strconv.FormatUint(rand.Uint64(), 36)),
+		created:  time.Now(),
+		presWake: make(chan struct{}, 1),
+		lifeQ:    make(chan LifecycleEvent, LifecycleQueue),
+		addrs:    ro.Addrs,
+		h:        h,
+		log:      cmp.Or(opts.Logger, zap.NewNop()),
+		m:        opts.Metrics,
+		interval: cmp.Or(opts.HealthCheck, DefaultHealthCheck),
+		wake:     make(chan struct{}, 1),
+		channels: make(map[string]struct{}),
+		libEvery: cmp.Or(opts.LibraryCheck, DefaultLibraryCheck),
+		outer:    outer,
+		sharded:  opts.Sharded || outer != nil,
 	}
-	ro.Dialer = b.countingDialer(ro)
-	b.client = redis.NewUniversalClient(&ro)
-	b.cluster, _ = b.client.(*redis.ClusterClient)
-	if opts.Sharded && b.cluster == nil {
-		_ = b.client.Close()
-		return nil, errors.New("broker: sharded mode needs a Redis Cluster")
-	}
-	if b.cluster != nil && !b.sharded {
-		b.sub = b.clusterSubClient(ro)
-	}
-	if b.log == nil {
-		b.log = zap.NewNop()
+	if err := b.newClients(ro, opts.Sharded); err != nil {
+		return nil, err
 	}
 	if b.m.Rejected != nil {
 		b.rejForged = b.m.Rejected.WithLabelValues(rejectForged)
 		b.rejBad = b.m.Rejected.WithLabelValues(rejectBad)
 	}
-	if b.interval == 0 {
-		b.interval = DefaultHealthCheck
+	b.planProbe(opts.Probe, ro.MasterName != "", plain)
+	// A per-master connection ends with the sharded broker it serves.
+	parent := context.Background()
+	if outer != nil {
+		parent = outer.ctx
 	}
-	b.probeEvery = opts.Probe
-	if b.probeEvery == 0 && (ro.MasterName != "" || b.cluster != nil) {
+	b.ctx, b.cancel = context.WithCancel(parent)
+	b.psCtx = context.WithValue(b.ctx, subConnKey{}, true)
+	setGauge(b.m.Connected, 0)
+	setGauge(b.m.Channels, 0)
+	if sh, ok := h.(shardHandler); ok {
+		sh.c.b = b // before the reader may call it
+	}
+	b.run()
+	return b, nil
+}
+
+// redisOptions checks opts and returns a copy of its Redis options, the
+// caller's left untouched.
+func redisOptions(opts Options, h Handler) (redis.UniversalOptions, error) {
+	var ro redis.UniversalOptions
+	if h == nil {
+		return ro, errors.New("broker: nil Handler")
+	}
+	if opts.Redis == nil {
+		return ro, errors.New("broker: Options.Redis is required")
+	}
+	if opts.HealthCheck < 0 {
+		return ro, fmt.Errorf("broker: negative health check interval %s", opts.HealthCheck)
+	}
+	ro = *opts.Redis
+	ro.Addrs = append([]string(nil), ro.Addrs...)
+	if len(ro.Addrs) == 0 {
+		return ro, errors.New("broker: no Redis address in Options.Redis.Addrs")
+	}
+	for _, a := range ro.Addrs {
+		if a == "" {
+			return ro, errors.New("broker: empty Redis address in Options.Redis.Addrs")
+		}
+	}
+	if ro.DB != 0 && (opts.Cluster || len(ro.Addrs) > 1 && ro.MasterName == "") {
+		return ro, fmt.Errorf("broker: Redis Cluster has no database %d (only 0)", ro.DB)
+	}
+	if opts.Cluster {
+		ro.IsClusterMode = true
+	}
+	if strings.Contains(opts.Instance, "|") {
+		return ro, fmt.Errorf("broker: instance name %q holds a |", opts.Instance)
+	}
+	return ro, nil
+}
+
+// newClients creates the Redis client (it does no I/O yet) and, in a
+// cluster without sharding, the client of the subscription connection.
+func (b *Broker) newClients(ro redis.UniversalOptions, sharded bool) error {
+	ro.Dialer = b.countingDialer(ro)
+	b.client = redis.NewUniversalClient(&ro)
+	b.cluster, _ = b.client.(*redis.ClusterClient)
+	if sharded && b.cluster == nil {
+		_ = b.client.Close()
+		return errors.New("broker: sharded mode needs a Redis Cluster")
+	}
+	if b.cluster != nil && !b.sharded {
+		b.sub = b.clusterSubClient(ro)
+	}
+	return nil
+}
+
+// planProbe sets the probe's period and channel (see Options.Probe); a
+// sharded broker follows the slots at that period instead, on the
+// per-master connections of shards, which it creates with plain.
+func (b *Broker) planProbe(every time.Duration, sentinel bool, plain redis.UniversalOptions) {
+	b.probeEvery = every
+	if b.probeEvery == 0 && (sentinel || b.cluster != nil) {
 		b.probeEvery = DefaultProbe
 	}
 	if b.sharded && b.outer == nil {
@@ -289,28 +321,22 @@ func build(opts Options, h Handler, outer *Broker) (*Broker, error) {
 		// takes another's probe for its own.
 		b.probeChan = "sse:probe:" + strconv.FormatUint(rand.Uint64(), 36)
 	}
-	b.ctx, b.cancel = context.WithCancel(context.Background())
-	b.psCtx = context.WithValue(b.ctx, subConnKey{}, true)
-	setGauge(b.m.Connected, 0)
-	setGauge(b.m.Channels, 0)
-	if sh, ok := h.(shardHandler); ok {
-		sh.c.b = b // before the reader may call it
-	}
+}
+
+// run starts the broker's goroutines.
+func (b *Broker) run() {
 	if b.shards != nil {
-		close(b.readerDone)
-		close(b.writerDone)
-		b.shards.start()
-		go b.checkLibrary()
-		return b, nil
+		b.wg.Go(b.shards.follow)
+		b.wg.Go(b.checkLibrary)
+		return
 	}
 	// The first PubSub is installed before New returns (it does no I/O), so
 	// that a Subscribe right after New waits for the first connection
 	// instead of finding the broker down.
 	ps := b.connect()
-	go b.readLoop(ps)
-	go b.writeLoop()
-	go b.checkLibrary()
-	return b, nil
+	b.wg.Go(func() { b.readLoop(ps) })
+	b.wg.Go(b.writeLoop)
+	b.wg.Go(b.checkLibrary)
 }
 
 // Subscribe subscribes the connection to channels, each with its resumable
@@ -443,8 +469,30 @@ func (b *Broker) State() (up bool, since time.Time) {
 // Instance is the name of this process in Redis (see Options.Instance).
 func (b *Broker) Instance() string { return b.instance }
 
-// Close stops the connection and closes the client. Subscribe calls waiting
-// for a confirmation return ErrClosed. Closing twice returns ErrClosed.
+// Go runs fn in a goroutine that the broker owns, for a caller's
+// background call to Redis: ctx ends when Close starts, and Close waits
+// for fn to return before it closes the client. Once Close has started, Go
+// does not run fn and returns false.
+func (b *Broker) Go(fn func(ctx context.Context)) bool {
+	return b.start(func() { fn(b.ctx) })
+}
+
+// start runs fn in a goroutine that Close waits for, unless Close has
+// started. (Taking mu orders every Add before Close's Wait.)
+func (b *Broker) start(fn func()) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return false
+	}
+	b.wg.Go(fn)
+	return true
+}
+
+// Close stops the connection, waits for every goroutine of the broker
+// (presence and lifecycle write what is left, within stopTimeout) and
+// closes the client. Subscribe calls waiting for a confirmation return
+// ErrClosed. Closing twice returns ErrClosed.
 func (b *Broker) Close() error {
 	b.mu.Lock()
 	if b.closed {
@@ -461,20 +509,16 @@ func (b *Broker) Close() error {
 	for _, w := range failed {
 		w.finish(ErrClosed)
 	}
-	if b.shards != nil {
-		b.shards.close()
-	}
 	if ps != nil {
 		// Closing the PubSub closes its connection, which ends the reader's
 		// blocking read at once.
 		_ = ps.Close()
 	}
-	<-b.readerDone
-	<-b.writerDone
-	<-b.libDone
-	// The presence and lifecycle writers clean up with the client: before
-	// it closes.
-	b.bg.Wait()
+	b.wg.Wait()
+	if b.shards != nil {
+		// After the follower, which opens them.
+		b.shards.close()
+	}
 	setGauge(b.m.Connected, 0)
 	if b.sub != nil {
 		_ = b.sub.Close()

@@ -24,8 +24,10 @@ import (
 //     Handler and matches every other reply (subscribe/unsubscribe
 //     confirmations, pongs, error replies) against inflight, the replies
 //     the connection owes in the order the commands were written. It also
-//     detects outages and replaces the connection; a watchdog goroutine
-//     beside it pings a silent connection and kills one that stays silent.
+//     detects outages and replaces the connection. Beside it, for each
+//     connection, the watchdog pings a silent connection and kills one that
+//     stays silent, and the probe (Sentinel, Cluster) kills one that no
+//     longer receives what is published.
 //   - the writer writes the commands queued in pending, one at a time, once
 //     the reader has dialed, so that neither Subscribe, Unsubscribe nor the
 //     reader ever blocks on a socket write.
@@ -280,9 +282,8 @@ func (b *Broker) queue(o op) {
 	b.kick()
 }
 
-// writeLoop is the writer goroutine.
+// writeLoop is the writer goroutine. It ends with the broker.
 func (b *Broker) writeLoop() {
-	defer close(b.writerDone)
 	for {
 		select {
 		case <-b.ctx.Done():
@@ -294,64 +295,13 @@ func (b *Broker) writeLoop() {
 	}
 }
 
-// writeOne writes the oldest pending op; false when there is none. Its
-// replies are recorded before it is written, under the same lock that
-// takes it from pending, so inflight is in the order of the wire.
+// writeOne writes the oldest pending op; false when there is none.
 func (b *Broker) writeOne() bool {
-	b.mu.Lock()
-	if len(b.pending) == 0 || b.ps == nil || !b.ready {
-		b.mu.Unlock()
+	ps, o, groups, ok := b.nextOp()
+	if !ok {
 		return false
 	}
-	ps, o := b.ps, b.pending[0]
-	b.pending[0] = op{}
-	b.pending = b.pending[1:]
-	if len(b.pending) == 0 {
-		b.pending = nil
-	}
-	var groups [][]string
-	if o.kind == kindPing {
-		b.nextCmd++
-		b.inflight.push(reply{kind: kindPing, cmd: b.nextCmd, barrier: o.barrier})
-	} else {
-		groups = b.slotGroups(b.names(o))
-		for _, g := range groups {
-			b.nextCmd++
-			for _, c := range g {
-				b.inflight.push(reply{kind: o.kind, channel: c, cmd: b.nextCmd, w: o.w})
-			}
-		}
-	}
-	b.mu.Unlock()
-
-	var err error
-	switch o.kind {
-	case kindSubscribe:
-		for _, g := range groups {
-			if b.outer != nil {
-				err = ps.SSubscribe(b.psCtx, g...)
-			} else {
-				err = ps.Subscribe(b.psCtx, g...)
-			}
-			if err != nil {
-				break
-			}
-		}
-	case kindUnsubscribe:
-		for _, g := range groups {
-			if b.outer != nil {
-				err = ps.SUnsubscribe(b.psCtx, g...)
-			} else {
-				err = ps.Unsubscribe(b.psCtx, g...)
-			}
-			if err != nil {
-				break
-			}
-		}
-	case kindPing:
-		err = ps.Ping(b.psCtx, pingPayload)
-	}
-	if err != nil {
+	if err := b.write(ps, o, groups); err != nil {
 		// go-redis has dropped the connection and may already have dialed
 		// a new one behind our back; closing the PubSub makes the reader
 		// fail and rebuild everything, so the gap is seen.
@@ -360,10 +310,64 @@ func (b *Broker) writeOne() bool {
 	return true
 }
 
+// nextOp takes the oldest pending op, if the connection may be written,
+// with the channel groups of its commands. Its replies are recorded under
+// the same lock that takes it from pending, before it is written, so
+// inflight is in the order of the wire.
+func (b *Broker) nextOp() (ps *redis.PubSub, o op, groups [][]string, ok bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.pending) == 0 || b.ps == nil || !b.ready {
+		return nil, op{}, nil, false
+	}
+	ps, o = b.ps, b.pending[0]
+	b.pending[0] = op{}
+	b.pending = b.pending[1:]
+	if len(b.pending) == 0 {
+		b.pending = nil
+	}
+	if o.kind == kindPing {
+		b.nextCmd++
+		b.inflight.push(reply{kind: kindPing, cmd: b.nextCmd, barrier: o.barrier})
+		return ps, o, nil, true
+	}
+	groups = b.slotGroups(b.names(o))
+	for _, g := range groups {
+		b.nextCmd++
+		for _, c := range g {
+			b.inflight.push(reply{kind: o.kind, channel: c, cmd: b.nextCmd, w: o.w})
+		}
+	}
+	return ps, o, groups, true
+}
+
+// write writes o on ps: one command per group of channels.
+func (b *Broker) write(ps *redis.PubSub, o op, groups [][]string) error {
+	if o.kind == kindPing {
+		return ps.Ping(b.psCtx, pingPayload)
+	}
+	for _, g := range groups {
+		var err error
+		switch {
+		case o.kind == kindSubscribe && b.outer != nil:
+			err = ps.SSubscribe(b.psCtx, g...)
+		case o.kind == kindSubscribe:
+			err = ps.Subscribe(b.psCtx, g...)
+		case b.outer != nil:
+			err = ps.SUnsubscribe(b.psCtx, g...)
+		default:
+			err = ps.Unsubscribe(b.psCtx, g...)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // readLoop is the reader goroutine: receive on ps until the connection
 // fails, back off, connect again, and so on until Close.
 func (b *Broker) readLoop(ps *redis.PubSub) {
-	defer close(b.readerDone)
 	attempt := 0
 	for ; ps != nil; ps = b.connect() {
 		err := b.receive(ps)
@@ -428,10 +432,40 @@ func (b *Broker) connect() *redis.PubSub {
 
 // receive dials ps, then reads it until it fails, and returns why.
 func (b *Broker) receive(ps *redis.PubSub) error {
-	// Dial here, with a PING whose pong is the first reply owed, before the
-	// writer may write anything: a dial or handshake failure (wrong
-	// password, LOADING) then surfaces as the connection's failure, never
-	// as an error reply to a queued SUBSCRIBE.
+	if err := b.handshake(ps); err != nil {
+		return err
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	b.start(func() { b.watch(ps, stop) })
+	if b.probeChan != "" || b.cluster != nil {
+		b.start(func() { b.probe(ps, stop) })
+	}
+	for {
+		// No read deadline: a deadline that fires in the middle of a large
+		// message leaves go-redis's reader mid-frame, and the rest of the
+		// payload would be parsed as replies. The watchdog detects silence.
+		v, err := ps.Receive(b.psCtx)
+		if err != nil {
+			var rerr redis.Error
+			if b.ctx.Err() != nil || !errors.As(err, &rerr) {
+				return err
+			}
+			err = b.refused(rerr)
+		} else {
+			err = b.dispatch(v)
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// handshake dials ps with a PING whose pong is the first reply owed,
+// before the writer may write anything: a dial or handshake failure (wrong
+// password, LOADING) then surfaces as the connection's failure, never as
+// an error reply to a queued SUBSCRIBE.
+func (b *Broker) handshake(ps *redis.PubSub) error {
 	b.mu.Lock()
 	b.nextCmd++
 	b.inflight.push(reply{kind: kindPing, cmd: b.nextCmd})
@@ -445,61 +479,37 @@ func (b *Broker) receive(ps *redis.PubSub) error {
 	}
 	b.mu.Unlock()
 	b.kick()
+	return nil
+}
 
-	stop := make(chan struct{})
-	defer close(stop)
-	go b.watch(ps, stop)
-	if b.probeChan != "" || b.cluster != nil {
-		go b.probe(ps, stop)
-	}
-
-	for {
-		// No read deadline: a deadline that fires in the middle of a large
-		// message leaves go-redis's reader mid-frame, and the rest of the
-		// payload would be parsed as replies. The watchdog detects silence.
-		v, err := ps.Receive(b.psCtx)
-		if err != nil {
-			if b.ctx.Err() != nil {
-				return err
-			}
-			var rerr redis.Error
-			if errors.As(err, &rerr) {
-				if err := b.refused(rerr); err != nil {
-					return err
-				}
-				continue
-			}
+// dispatch handles one thing the connection read: a message, or the reply
+// to a command. An error means the connection cannot be trusted.
+func (b *Broker) dispatch(v any) error {
+	switch v := v.(type) {
+	case *redis.Message:
+		if v.Channel == b.probeChan && b.probeChan != "" {
+			b.probeReceived(v.Payload)
+			return nil
+		}
+		inc(b.m.Received)
+		b.message(v.Channel, v.Payload)
+	case *redis.Subscription:
+		if err := b.confirmed(v); err != nil {
 			return err
 		}
-		switch v := v.(type) {
-		case *redis.Message:
-			if v.Channel == b.probeChan && b.probeChan != "" {
-				if n, err := strconv.ParseUint(v.Payload, 10, 64); err == nil && n > b.probeSeen.Load() {
-					b.probeSeen.Store(n)
-				}
-				continue
-			}
-			inc(b.m.Received)
-			b.message(v.Channel, v.Payload)
-		case *redis.Subscription:
-			if err := b.confirmed(v); err != nil {
-				return err
-			}
-			if b.outer != nil {
-				b.mu.Lock()
-				lost := b.lostPending
-				b.lostPending = nil
-				b.mu.Unlock()
-				b.handLost(lost)
-			}
-		case *redis.Pong:
-			if err := b.ponged(v); err != nil {
-				return err
-			}
-		default:
-			return fmt.Errorf("unexpected %T on the subscription connection", v)
+		if b.outer != nil {
+			b.mu.Lock()
+			lost := b.lostPending
+			b.lostPending = nil
+			b.mu.Unlock()
+			b.handLost(lost)
 		}
+	case *redis.Pong:
+		return b.ponged(v)
+	default:
+		return fmt.Errorf("unexpected %T on the subscription connection", v)
 	}
+	return nil
 }
 
 // message hands over what arrived on a Redis channel. Only a twin's
@@ -603,8 +613,7 @@ func (b *Broker) probe(ps *redis.PubSub, stop <-chan struct{}) {
 	}
 	t := time.NewTicker(every)
 	defer t.Stop()
-	var due uint64 // the probe that must arrive, 0 if none is out
-	var late int   // periods it has been out
+	var out probeOut
 	for {
 		select {
 		case <-stop:
@@ -612,20 +621,14 @@ func (b *Broker) probe(ps *redis.PubSub, stop <-chan struct{}) {
 		case <-t.C:
 		}
 		probing := b.probeChan != "" && !b.probeOff.Load()
-		if probing && due != 0 {
-			if b.probeSeen.Load() < due {
-				if late++; late < 2 {
-					continue
-				}
-				b.kill(ps, fmt.Errorf("a probe published %s ago was not received: the connection no longer gets what is published (a failover?)", 2*every))
-				return
+		if probing && !out.arrived(b.probeSeen.Load()) {
+			if out.late < 2 {
+				continue
 			}
-			due = 0
+			b.kill(ps, fmt.Errorf("a probe published %s ago was not received: the connection no longer gets what is published (a failover?)", 2*every))
+			return
 		}
-		b.mu.Lock()
-		up := b.ps == ps && b.up
-		b.mu.Unlock()
-		if !up {
+		if !b.upOn(ps) {
 			continue // the probe channel is not confirmed yet
 		}
 		if b.cluster != nil {
@@ -634,23 +637,63 @@ func (b *Broker) probe(ps *redis.PubSub, stop <-chan struct{}) {
 				return
 			}
 		}
-		if !probing {
-			continue
-		}
-		n := b.probeSent.Add(1)
-		ctx, cancel := context.WithTimeout(b.ctx, every)
-		err := b.client.Publish(ctx, b.probeChan, strconv.FormatUint(n, 10)).Err()
-		cancel()
-		var rerr redis.Error
-		switch {
-		case err == nil:
-			due, late = n, 0
-		case errors.As(err, &rerr) && strings.HasPrefix(rerr.Error(), "NOPERM"):
-			b.log.Warn("redis refuses the subscription probe; running without it",
-				zap.String("channel", b.probeChan), zap.Error(err))
-			b.probeOff.Store(true)
+		if probing {
+			if n := b.publishProbe(every); n != 0 {
+				out = probeOut{due: n}
+			}
 		}
 	}
+}
+
+// probeOut is the probe a connection waits for.
+type probeOut struct {
+	due  uint64 // the probe that must arrive, 0 if none is out
+	late int    // periods it has been out
+}
+
+// arrived reports whether the probe out, if any, has arrived (seen is the
+// last one received); one that has not is a period later.
+func (p *probeOut) arrived(seen uint64) bool {
+	if p.due == 0 || seen >= p.due {
+		p.due = 0
+		return true
+	}
+	p.late++
+	return false
+}
+
+// probeReceived notes a probe number read on the probe's channel.
+func (b *Broker) probeReceived(payload string) {
+	if n, err := strconv.ParseUint(payload, 10, 64); err == nil && n > b.probeSeen.Load() {
+		b.probeSeen.Store(n)
+	}
+}
+
+// upOn reports whether ps is the connection and is up.
+func (b *Broker) upOn(ps *redis.PubSub) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.ps == ps && b.up
+}
+
+// publishProbe publishes the next probe number, within timeout, and
+// returns it; 0 if it was not published. A Redis that refuses it (an ACL)
+// turns the probe off.
+func (b *Broker) publishProbe(timeout time.Duration) uint64 {
+	n := b.probeSent.Add(1)
+	ctx, cancel := context.WithTimeout(b.ctx, timeout)
+	err := b.client.Publish(ctx, b.probeChan, strconv.FormatUint(n, 10)).Err()
+	cancel()
+	var rerr redis.Error
+	switch {
+	case err == nil:
+		return n
+	case errors.As(err, &rerr) && strings.HasPrefix(rerr.Error(), "NOPERM"):
+		b.log.Warn("redis refuses the subscription probe; running without it",
+			zap.String("channel", b.probeChan), zap.Error(err))
+		b.probeOff.Store(true)
+	}
+	return 0
 }
 
 // kill closes ps, if it is still the connection, for reason: the reader's
@@ -725,7 +768,7 @@ func (b *Broker) ponged(p *redis.Pong) error {
 	inc(b.m.Reconnects)
 	b.log.Info("redis subscription connection re-established",
 		zap.Duration("outage", outage), zap.Int("channels", n))
-	go b.afterReconnect()
+	b.start(b.afterReconnect)
 	return nil
 }
 
@@ -746,21 +789,8 @@ func (b *Broker) refused(rerr redis.Error) error {
 		b.mu.Unlock()
 		return fmt.Errorf("redis refused a command on the subscription connection: %w", rerr)
 	}
-	w, cmd := r.w, r.cmd
-	var chans []string // the callers' names
-	for ok && r.cmd == cmd {
-		// A twin and its channel come side by side; callers never name a
-		// twin (reserved), so taking the channel back is exact.
-		c := r.channel
-		if ch, twin := b.channelOfTwin(c); twin {
-			c = ch
-		}
-		if len(chans) == 0 || chans[len(chans)-1] != c {
-			chans = append(chans, c)
-		}
-		b.inflight.pop()
-		r, ok = b.inflight.peek()
-	}
+	w := r.w
+	chans := b.popCommandLocked(r.cmd)
 	if w == nil && len(chans) > 1 {
 		for _, c := range chans {
 			b.pending = append(b.pending, op{kind: kindSubscribe, channels: []string{c}, bare: c == b.probeChan})
@@ -793,6 +823,25 @@ func (b *Broker) refused(rerr redis.Error) error {
 		w.finish(fmt.Errorf("subscribe %q: %w", chans, rerr))
 	}
 	return nil
+}
+
+// popCommandLocked drops the replies owed for the command cmd, the oldest
+// one owed, and returns its channels: the callers' names.
+func (b *Broker) popCommandLocked(cmd uint64) []string {
+	var chans []string
+	for r, ok := b.inflight.peek(); ok && r.cmd == cmd; r, ok = b.inflight.peek() {
+		// A twin and its channel come side by side; callers never name a
+		// twin (reserved), so taking the channel back is exact.
+		c := r.channel
+		if ch, twin := b.channelOfTwin(c); twin {
+			c = ch
+		}
+		if len(chans) == 0 || chans[len(chans)-1] != c {
+			chans = append(chans, c)
+		}
+		b.inflight.pop()
+	}
+	return chans
 }
 
 // down tears ps down after it failed with err and reports whether it had
@@ -861,7 +910,7 @@ func refusalOf(err error) string {
 	return ""
 }
 
-// afterReconnect runs in its own goroutine once a reconnect is confirmed:
+// afterReconnect runs in a goroutine of its own once a reconnect is confirmed:
 // a Redis that restarted without persistence lost the function library, and
 // the Handler must learn that messages were missed.
 func (b *Broker) afterReconnect() {

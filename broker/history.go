@@ -361,7 +361,6 @@ func (b *Broker) reloadHistory() {
 // checkLibrary is the library check goroutine (see Options.LibraryCheck).
 // It ends with the broker.
 func (b *Broker) checkLibrary() {
-	defer close(b.libDone)
 	if b.libEvery <= 0 {
 		return
 	}
@@ -602,11 +601,8 @@ const replayPageSize = 1024
 // nothing and is not truncated.
 func (b *Broker) Replay(ctx context.Context, channels []string, after uint64) (Replay, error) {
 	if b.sharded {
-		from := make([]uint64, len(channels))
-		for i := range from {
-			from[i] = after
-		}
-		return b.ReplayChannelsAll(ctx, dedupe(channels), from)
+		channels = dedupe(channels)
+		return b.ReplayChannelsAll(ctx, channels, samePosition(after, len(channels)))
 	}
 	var rp Replay
 	for {
@@ -633,18 +629,13 @@ func (b *Broker) ReplayPage(ctx context.Context, channels []string, after uint64
 	if count <= 0 {
 		count = DefaultPageSize
 	}
-	pg := Page{Next: after}
 	channels = dedupe(channels)
 	if len(channels) == 0 || after == math.MaxUint64 {
-		return pg, nil
+		return Page{Next: after}, nil
 	}
 	if b.sharded {
 		// Ids count per channel: the same position on each.
-		from := make([]uint64, len(channels))
-		for i := range from {
-			from[i] = after
-		}
-		cp, err := b.ReplayChannels(ctx, channels, from, count)
+		cp, err := b.ReplayChannels(ctx, channels, samePosition(after, len(channels)), count)
 		if err != nil {
 			return Page{}, err
 		}
@@ -665,23 +656,48 @@ func (b *Broker) ReplayPage(ctx context.Context, channels []string, after uint64
 	if err != nil {
 		return Page{}, fmt.Errorf("replay %q after %d: %w", channels, after, err)
 	}
-	pg.Truncated = lost(after, marks.Val())
+	pg := Page{Next: after, Truncated: lost(after, marks.Val())}
+	if err := pg.end(channels, cmds, count); err != nil {
+		return Page{}, err
+	}
+	if err := pg.collect(channels, cmds, after); err != nil {
+		return Page{}, err
+	}
+	if n := len(pg.Messages); !pg.More && n > 0 {
+		pg.Next = pg.Messages[n-1].Seq
+	}
+	return pg, nil
+}
+
+// end sets where the page ends: at the smallest last entry of the channels
+// that filled their count (what they hold beyond it is unread), More if
+// there is one.
+func (pg *Page) end(channels []string, cmds []*redis.XMessageSliceCmd, count int64) error {
 	for i, cmd := range cmds {
-		if entries := cmd.Val(); int64(len(entries)) == count {
-			last, err := parseID(entries[len(entries)-1].ID)
-			if err != nil {
-				return Page{}, fmt.Errorf("replay %q: history entry %s: %w", channels[i], entries[len(entries)-1].ID, err)
-			}
-			if !pg.More || last < pg.Next {
-				pg.Next, pg.More = last, true
-			}
+		entries := cmd.Val()
+		if int64(len(entries)) != count {
+			continue
+		}
+		last, err := parseID(entries[len(entries)-1].ID)
+		if err != nil {
+			return fmt.Errorf("replay %q: history entry %s: %w", channels[i], entries[len(entries)-1].ID, err)
+		}
+		if !pg.More || last < pg.Next {
+			pg.Next, pg.More = last, true
 		}
 	}
+	return nil
+}
+
+// collect adds the entries read up to the page's end, in Seq order, and
+// marks the page truncated where a channel's first entry follows one
+// after the id asked for.
+func (pg *Page) collect(channels []string, cmds []*redis.XMessageSliceCmd, after uint64) error {
 	for i, cmd := range cmds {
 		for j, e := range cmd.Val() {
 			seq, err := parseID(e.ID)
 			if err != nil {
-				return Page{}, fmt.Errorf("replay %q: history entry %s: %w", channels[i], e.ID, err)
+				return fmt.Errorf("replay %q: history entry %s: %w", channels[i], e.ID, err)
 			}
 			if j == 0 && entryPrev(e) > after {
 				pg.Truncated = true
@@ -696,10 +712,17 @@ func (b *Broker) ReplayPage(ctx context.Context, channels []string, after uint64
 	if len(channels) > 1 {
 		slices.SortFunc(pg.Messages, func(x, y Message) int { return cmp.Compare(x.Seq, y.Seq) })
 	}
-	if n := len(pg.Messages); !pg.More && n > 0 {
-		pg.Next = pg.Messages[n-1].Seq
+	return nil
+}
+
+// samePosition is n positions, all after: a position shared by n channels
+// whose ids count per channel.
+func samePosition(after uint64, n int) []uint64 {
+	from := make([]uint64, n)
+	for i := range from {
+		from[i] = after
 	}
-	return pg, nil
+	return from
 }
 
 // ChannelsPage is one page of history read by ReplayChannels.

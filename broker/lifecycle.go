@@ -61,8 +61,7 @@ func (b *Broker) EnableLifecycle() {
 		return
 	}
 	b.lifeOn.Store(true)
-	b.bg.Add(1)
-	go b.lifecycleLoop()
+	b.wg.Go(b.lifecycleLoop) // b.mu held and not closed: see start
 }
 
 // Lifecycle queues e for the writer without blocking; when it cannot, e is
@@ -86,7 +85,6 @@ func (b *Broker) Lifecycle(e LifecycleEvent) bool {
 // it backs off (entries queue meanwhile, up to LifecycleQueue). On Close it
 // writes what is left, within stopTimeout.
 func (b *Broker) lifecycleLoop() {
-	defer b.bg.Done()
 	batch := make([]LifecycleEvent, 0, lifecycleBatch)
 	failures := 0
 	for {
@@ -137,7 +135,8 @@ func (b *Broker) takeLifecycle(batch []LifecycleEvent) []LifecycleEvent {
 // lifecycleDrain writes batch and what is queued when the broker closes:
 // the ends of the streams that a stop closed are worth telling.
 func (b *Broker) lifecycleDrain(batch []LifecycleEvent) {
-	ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+	// The broker's context has ended; the drain has stopTimeout of its own.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(b.ctx), stopTimeout)
 	defer cancel()
 	for {
 		batch = b.takeLifecycle(batch)

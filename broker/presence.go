@@ -201,8 +201,7 @@ func (b *Broker) EnablePresence(ttl time.Duration) {
 	b.pres.written = make(map[presenceKey]int64)
 	b.pres.dirty = make(map[presenceKey]struct{})
 	b.presOn.Store(true)
-	b.bg.Add(1)
-	go b.presenceLoop()
+	b.wg.Go(b.presenceLoop) // b.mu held and not closed: see start
 }
 
 // PresenceAdd counts delta streams (1 on open, -1 on close) of identity on
@@ -256,7 +255,6 @@ func (b *Broker) presenceResync() {
 // ttl/3, backing off while Redis fails. On Close it deletes this
 // instance's fields and liveness key.
 func (b *Broker) presenceLoop() {
-	defer b.bg.Done()
 	defer b.presenceStop()
 	b.loadPresenceLibrary(b.ctx, true)
 	beat := time.NewTimer(0) // the liveness key at once
@@ -304,7 +302,34 @@ func (b *Broker) presenceLoop() {
 // so that readers never take fresh fields for a dead instance's.
 func (b *Broker) presenceFlush(ctx context.Context, ttl time.Duration) error {
 	p := &b.pres
+	ops := p.changes()
+	first, lost := true, false
+	for first || len(ops) > 0 {
+		n := min(len(ops), presenceBatch)
+		batch := ops[:n]
+		gone, err := b.writePresence(ctx, batch, first, ttl)
+		if err != nil {
+			// Written again at the next flush: HSET and HDEL are
+			// idempotent.
+			p.retry(ops)
+			return fmt.Errorf("presence: %w", err)
+		}
+		if p.wrote(batch, gone) {
+			lost = true
+		}
+		ops, first = ops[n:], false
+	}
+	if lost {
+		b.presKick()
+	}
+	return nil
+}
+
+// changes takes the fields to write: those whose count changed since it
+// was last written, or every one if a resync was asked for.
+func (p *presenceState) changes() []presenceOp {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	if p.resync {
 		p.resync = false
 		for k := range p.written {
@@ -323,73 +348,73 @@ func (b *Broker) presenceFlush(ctx context.Context, ttl time.Duration) error {
 		}
 	}
 	clear(p.dirty)
-	p.mu.Unlock()
+	return ops
+}
 
-	live := InstanceKeyPrefix + b.instance
-	first, lost := true, false
-	for first || len(ops) > 0 {
-		n := min(len(ops), presenceBatch)
-		batch := ops[:n]
-		var alive *redis.StatusCmd
-		var cmds []redis.Cmder
-		err := b.topology(ctx, func() error {
-			pipe := b.client.Pipeline()
-			if first {
-				alive = pipe.SetArgs(ctx, live, "1", redis.SetArgs{TTL: ttlCeil(ttl), Get: true})
-			}
-			for _, op := range batch {
-				key, field := PresenceKeyPrefix+op.key.channel, b.instance+"|"+op.key.identity
-				if op.n > 0 {
-					pipe.HSet(ctx, key, field, op.n)
-				} else {
-					pipe.HDel(ctx, key, field)
-				}
-			}
-			var err error
-			cmds, err = pipe.Exec(ctx)
-			if errors.Is(err, redis.Nil) {
-				err = nil // the GET of a missing liveness key; see below
-			}
-			return err
-		})
-		if err == nil {
-			for _, c := range cmds {
-				if cerr := c.Err(); cerr != nil && !errors.Is(cerr, redis.Nil) {
-					err = cerr
-					break
-				}
-			}
+// retry marks the fields of ops for the next flush.
+func (p *presenceState) retry(ops []presenceOp) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, op := range ops {
+		p.dirty[op.key] = struct{}{}
+	}
+}
+
+// wrote records that Redis holds batch. gone is whether the liveness key
+// was missing: Redis lost its data, or it expired and readers may have
+// deleted this instance's fields. If this instance has any, it asks for a
+// resync and reports true.
+func (p *presenceState) wrote(batch []presenceOp, gone bool) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, op := range batch {
+		if op.n > 0 {
+			p.written[op.key] = op.n
+		} else {
+			delete(p.written, op.key)
 		}
-		if err != nil {
-			// Written again at the next flush: HSET and HDEL are
-			// idempotent.
-			p.mu.Lock()
-			for _, op := range ops {
-				p.dirty[op.key] = struct{}{}
-			}
-			p.mu.Unlock()
-			return fmt.Errorf("presence: %w", err)
+	}
+	if gone && len(p.written)+len(p.state) > 0 {
+		p.resync = true
+		return true
+	}
+	return false
+}
+
+// writePresence writes batch in one pipeline, with the liveness key first
+// if first, and reports whether that key was gone.
+func (b *Broker) writePresence(ctx context.Context, batch []presenceOp, first bool, ttl time.Duration) (gone bool, err error) {
+	var alive *redis.StatusCmd
+	var cmds []redis.Cmder
+	err = b.topology(ctx, func() error {
+		pipe := b.client.Pipeline()
+		if first {
+			alive = pipe.SetArgs(ctx, InstanceKeyPrefix+b.instance, "1", redis.SetArgs{TTL: ttlCeil(ttl), Get: true})
 		}
-		p.mu.Lock()
 		for _, op := range batch {
+			key, field := PresenceKeyPrefix+op.key.channel, b.instance+"|"+op.key.identity
 			if op.n > 0 {
-				p.written[op.key] = op.n
+				pipe.HSet(ctx, key, field, op.n)
 			} else {
-				delete(p.written, op.key)
+				pipe.HDel(ctx, key, field)
 			}
 		}
-		if first && errors.Is(alive.Err(), redis.Nil) && len(p.written)+len(p.state) > 0 {
-			// The liveness key was gone: Redis lost its data, or it
-			// expired and readers may have deleted this instance's fields.
-			p.resync, lost = true, true
+		var err error
+		cmds, err = pipe.Exec(ctx)
+		if errors.Is(err, redis.Nil) {
+			err = nil // the GET of a missing liveness key: gone
 		}
-		p.mu.Unlock()
-		ops, first = ops[n:], false
+		return err
+	})
+	if err != nil {
+		return false, err
 	}
-	if lost {
-		b.presKick()
+	for _, c := range cmds {
+		if cerr := c.Err(); cerr != nil && !errors.Is(cerr, redis.Nil) {
+			return false, cerr
+		}
 	}
-	return nil
+	return first && errors.Is(alive.Err(), redis.Nil), nil
 }
 
 // presenceStop runs when the broker closes: changes are no longer
@@ -408,7 +433,8 @@ func (b *Broker) presenceStop() {
 	}
 	p.mu.Unlock()
 
-	ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+	// The broker's context has ended; the cleanup has stopTimeout of its own.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(b.ctx), stopTimeout)
 	defer cancel()
 	pipe := b.client.Pipeline()
 	pipe.Del(ctx, InstanceKeyPrefix+b.instance)

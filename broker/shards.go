@@ -28,7 +28,7 @@ import (
 //     not ask for, and answers SSUBSCRIBE for a slot it does not serve with
 //     MOVED. The connection hands such channels back (noteLost).
 //   - Every period, and at once on such a notice, the follower reads the
-//     cluster's slots (CLUSTER SLOTS) and moves every channel whose slot is
+//     cluster's slots (CLUSTER SHARDS) and moves every channel whose slot is
 //     served elsewhere: a failover shows there once a replica took over,
 //     while the connection to the dead master only sees errors.
 //
@@ -36,9 +36,10 @@ import (
 // ChannelHandler, of those channels only) before they are subscribed on
 // their new master, and again once they are, so that what was published in
 // between is caught up from history; the loss of a connection likewise
-// holds the channels on it until it is back, or they moved. go-redis's ClusterClient.SSubscribe is not
-// used: its PubSub lives on one node, dialled for its first channel, and
-// does not follow slots.
+// holds the channels on it until it is back, or they moved.
+//
+// go-redis's ClusterClient.SSubscribe is not used: its PubSub lives on one
+// node, dialled for its first channel, and does not follow slots.
 
 // errMoved reports a subscription a node refused with MOVED: the slot is
 // served by another master.
@@ -64,8 +65,6 @@ type shardSet struct {
 	lost   []lostChannel
 
 	kick chan struct{}
-	done chan struct{} // closed when the follower returns
-	bg   sync.WaitGroup
 }
 
 // shardConn is the subscription connection to one master.
@@ -96,20 +95,16 @@ func newShardSet(b *Broker, ro redis.UniversalOptions, every time.Duration) *sha
 		owner: make(map[string]string),
 		since: time.Now(),
 		kick:  make(chan struct{}, 1),
-		done:  make(chan struct{}),
 	}
 }
 
-func (s *shardSet) start() { go s.follow() }
-
-// close stops the follower and every connection. The broker's context is
-// cancelled already.
+// close closes every connection, once the broker's goroutines (the
+// follower among them) have ended. A Subscribe still running opens no new
+// one.
 func (s *shardSet) close() {
-	<-s.done
-	s.bg.Wait()
 	s.mu.Lock()
 	conns := s.conns
-	s.conns = map[string]*shardConn{}
+	s.conns = nil
 	s.mu.Unlock()
 	for _, c := range conns {
 		_ = c.b.Close()
@@ -175,6 +170,9 @@ func (s *shardSet) readSlots(ctx context.Context) error {
 
 // connLocked returns the connection to addr, dialled on first use.
 func (s *shardSet) connLocked(addr string) (*shardConn, error) {
+	if s.conns == nil {
+		return nil, ErrClosed
+	}
 	if c := s.conns[addr]; c != nil {
 		return c, nil
 	}
@@ -230,35 +228,13 @@ func (s *shardSet) subscribe(ctx context.Context, channels []string) error {
 		if err != nil {
 			return err
 		}
-		todo = nil
-		var mu sync.Mutex
-		var wg sync.WaitGroup
-		for c, chans := range groups {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				err := c.b.Subscribe(ctx, chans...)
-				mu.Lock()
-				defer mu.Unlock()
-				switch {
-				case errors.Is(err, errMoved):
-					todo = append(todo, chans...)
-				case err != nil && firstErr == nil:
-					firstErr = err
-				}
-			}()
+		moved, err := s.subscribeOn(ctx, groups)
+		if err != nil && firstErr == nil {
+			firstErr = err
 		}
-		wg.Wait()
+		todo = moved
 	}
-	s.mu.Lock()
-	unplaced := 0
-	for _, c := range channels {
-		if s.owner[c] == "" {
-			unplaced++
-		}
-	}
-	s.mu.Unlock()
-	if len(todo) > 0 || unplaced > 0 {
+	if len(todo) > 0 || !s.placed(channels) {
 		s.poke()
 		if firstErr == nil || errors.Is(firstErr, errMoved) {
 			firstErr = ErrDown
@@ -266,6 +242,41 @@ func (s *shardSet) subscribe(ctx context.Context, channels []string) error {
 		return fmt.Errorf("subscribe %q: %w", channels, errors.Join(ErrDown, firstErr))
 	}
 	return firstErr
+}
+
+// subscribeOn subscribes each group of channels on its connection, all at
+// once, and returns the channels whose slot moved meanwhile and the first
+// other error.
+func (s *shardSet) subscribeOn(ctx context.Context, groups map[*shardConn][]string) (moved []string, firstErr error) {
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for c, chans := range groups {
+		wg.Go(func() {
+			err := c.b.Subscribe(ctx, chans...)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case errors.Is(err, errMoved):
+				moved = append(moved, chans...)
+			case err != nil && firstErr == nil:
+				firstErr = err
+			}
+		})
+	}
+	wg.Wait()
+	return moved, firstErr
+}
+
+// placed reports whether every one of channels is placed on a connection.
+func (s *shardSet) placed(channels []string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range channels {
+		if s.owner[c] == "" {
+			return false
+		}
+	}
+	return true
 }
 
 // place assigns channels to the connections of the masters of their slots
@@ -335,9 +346,9 @@ func (s *shardSet) poke() {
 }
 
 // follow is the follower goroutine: every period, or when poked, it reads
-// the slots and moves the channels that are not where they belong.
+// the slots and moves the channels that are not where they belong. It ends
+// with the broker.
 func (s *shardSet) follow() {
-	defer close(s.done)
 	t := time.NewTicker(s.every)
 	defer t.Stop()
 	for {
@@ -425,12 +436,10 @@ func (s *shardSet) channelsDown(channels []string) {
 	s.b.h.HandleDisconnect()
 }
 
-// channelsUp ends an outage told by channelsDown, from a goroutine of its own (the Handler
-// catches up from history).
+// channelsUp ends an outage told by channelsDown, from a goroutine of the
+// broker's own (the Handler catches up from history).
 func (s *shardSet) channelsUp(channels []string) {
-	s.bg.Add(1)
-	go func() {
-		defer s.bg.Done()
+	s.b.start(func() {
 		if s.b.ctx.Err() != nil {
 			return
 		}
@@ -439,7 +448,7 @@ func (s *shardSet) channelsUp(channels []string) {
 			return
 		}
 		s.b.h.HandleReconnect()
-	}()
+	})
 }
 
 // retire closes the connections that no channel is placed on.
@@ -595,20 +604,9 @@ func isMoved(err error) bool {
 // to place them where they belong. It is called with b.mu held and
 // releases it.
 func (b *Broker) movedUnlock(cmd uint64, rerr error) {
-	r, ok := b.inflight.peek()
+	r, _ := b.inflight.peek()
 	k, w := r.kind, r.w
-	var chans []string
-	for ok && r.cmd == cmd {
-		c := r.channel
-		if ch, twin := b.channelOfTwin(c); twin {
-			c = ch
-		}
-		if len(chans) == 0 || chans[len(chans)-1] != c {
-			chans = append(chans, c)
-		}
-		b.inflight.pop()
-		r, ok = b.inflight.peek()
-	}
+	chans := b.popCommandLocked(cmd)
 	var lost []string
 	if k == kindSubscribe {
 		for _, c := range chans {
