@@ -183,8 +183,8 @@ func (r *Registry) Cursor(s *Subscriber, id EventID) *Cursor {
 				}
 			}
 		}
-		if !c.per.known[i] && i < len(s.startKnown) && s.startKnown[i] {
-			c.per.pos[i], c.per.known[i] = s.start[i], true
+		if st := s.start; !c.per.known[i] && st != nil && i < len(st.known) && st.known[i] {
+			c.per.pos[i], c.per.known[i] = st.pos[i], true
 		}
 		c.resume = c.resume || c.per.resumed[i]
 	}

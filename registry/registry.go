@@ -221,11 +221,11 @@ func (r *Registry) Attach(ctx context.Context, s *Subscriber) error {
 		// delivered from now on is newer (delivery holds deliverMu), and
 		// what was queued before is not the stream's.
 		r.deliverMu.Lock()
-		s.start = make([]uint64, len(s.channels))
-		s.startKnown = make([]bool, len(s.channels))
+		start := &startPositions{pos: make([]uint64, len(s.channels)), known: make([]bool, len(s.channels))}
 		for i, name := range s.channels {
-			s.start[i], s.startKnown[i] = r.heads[name]
+			start.pos[i], start.known[i] = r.heads[name]
 		}
+		s.start = start
 		r.deliverMu.Unlock()
 	}
 	return nil

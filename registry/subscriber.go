@@ -58,9 +58,15 @@ type Subscriber struct {
 	skipped   bool   // a resumable frame was left to the replay
 
 	// With ids per channel: where each channel's history stood when the
-	// stream was attached (set by Attach), and whether that was known.
-	start      []uint64
-	startKnown []bool
+	// stream was attached (set by Attach); nil otherwise.
+	start *startPositions
+}
+
+// startPositions is where each channel's history stood, and whether that
+// was known.
+type startPositions struct {
+	pos   []uint64
+	known []bool
 }
 
 // NewSubscriber returns a subscriber to channels whose queue holds at most
