@@ -96,12 +96,26 @@ const MissedEvent = "sse-missed"
 // waiting for it go on without the confirmation.
 const subscribeTimeout = 5 * time.Second
 
+// Options configure a Registry.
+type Options struct {
+	// Source is where channels are subscribed and history is read.
+	Source Source
+	// Logger receives faults and catch-ups, never one line per message.
+	// Nil: no logging.
+	Logger *zap.Logger
+	// Metrics are the counters to update; any may be nil.
+	Metrics Metrics
+	// OnClose, if set, is called after a publisher closed a channel that
+	// had streams, on the delivering goroutine: it must not block.
+	OnClose func(channel string)
+}
+
 // Registry maps channels to subscribers. All methods are safe for
-// concurrent use; Deliver is meant to be called by one reader goroutine.
+// concurrent use. Deliver may be called from several readers (one per
+// shard in sharded mode): deliverMu puts them in one order.
 type Registry struct {
-	// OnClose, when set before the registry is used, is called (on the
-	// delivering goroutine: it must not block) after a publisher closed a
-	// channel that had streams.
+	// OnClose is Options.OnClose. Set it through Options only: the
+	// delivering goroutines read it without a lock.
 	OnClose func(channel string)
 
 	src        Source
@@ -112,6 +126,7 @@ type Registry struct {
 	mu       sync.RWMutex
 	channels map[string]*channel
 	dirty    map[string]struct{} // channels whose subscription may need a change
+	started  bool
 	closed   bool
 
 	kick chan struct{} // wakes the subscription reconciler
@@ -146,15 +161,19 @@ type channel struct {
 	ready   chan struct{} // closed once Redis confirmed the subscription
 }
 
-// New returns a registry that subscribes through src.
-func New(src Source, logger *zap.Logger, m Metrics) *Registry {
+// New returns a registry that subscribes through opts.Source. It starts
+// nothing: the source may still be getting ready (it may need the registry
+// to deliver to) until Start.
+func New(opts Options) *Registry {
+	logger := opts.Logger
 	if logger == nil {
 		logger = zap.NewNop()
 	}
 	r := &Registry{
-		src:        src,
+		src:        opts.Source,
 		logger:     logger,
-		metrics:    m,
+		metrics:    opts.Metrics,
+		OnClose:    opts.OnClose,
 		channels:   make(map[string]*channel),
 		dirty:      make(map[string]struct{}),
 		kick:       make(chan struct{}, 1),
@@ -164,12 +183,23 @@ func New(src Source, logger *zap.Logger, m Metrics) *Registry {
 		heldLive:   make(map[string][]Message),
 		heldMissed: make(map[string][]Message),
 	}
-	if cs, ok := src.(ChannelSource); ok && cs.PerChannel() {
+	if cs, ok := opts.Source.(ChannelSource); ok && cs.PerChannel() {
 		r.perChannel = cs
 	}
+	return r
+}
+
+// Start starts subscribing: call it once the source is ready, before the
+// first Attach. Calls after the first, or after Close, do nothing.
+func (r *Registry) Start() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.started || r.closed {
+		return
+	}
+	r.started = true
 	r.wg.Add(1)
 	go r.reconcile()
-	return r
 }
 
 // ErrClosed is returned by Attach once the registry is closed.
@@ -184,6 +214,10 @@ func (r *Registry) Attach(ctx context.Context, s *Subscriber) error {
 	if r.closed {
 		r.mu.Unlock()
 		return ErrClosed
+	}
+	if !r.started {
+		r.mu.Unlock()
+		panic("registry: Attach before Start")
 	}
 	waits := make([]chan struct{}, 0, len(s.channels))
 	for _, name := range s.channels {
