@@ -303,58 +303,72 @@ func (r *Registry) reconcile() {
 		case <-r.done:
 			return
 		}
-		var add []*channel
-		var remove []string
-		r.mu.Lock()
-		for name := range r.dirty {
-			c := r.channels[name]
-			switch {
-			case c != nil && !subscribed[name]:
-				add = append(add, c)
-				subscribed[name] = true
-			case c == nil && subscribed[name]:
-				remove = append(remove, name)
-				delete(subscribed, name)
-			case c != nil:
-				// Re-created while still subscribed: confirmed already.
-				c.markReady()
-			}
-		}
-		clear(r.dirty)
-		r.mu.Unlock()
-
+		add, remove := r.takeChanges(subscribed)
 		if len(remove) > 0 {
-			r.src.Unsubscribe(remove...)
-			if r.perChannel != nil {
-				r.deliverMu.Lock()
-				for _, name := range remove {
-					delete(r.heads, name)
-				}
-				r.deliverMu.Unlock()
-			}
+			r.unsubscribe(remove)
 		}
-		if len(add) == 0 {
-			continue
+		if len(add) > 0 {
+			r.subscribe(add)
 		}
-		names := make([]string, len(add))
-		for i, c := range add {
-			names[i] = c.name
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), subscribeTimeout)
-		err := r.src.Subscribe(ctx, names...)
-		cancel()
-		if err != nil {
-			// The source keeps the channels and subscribes them when it
-			// can; streams go on meanwhile and catch up from history.
-			r.logger.Warn("subscribe not confirmed",
-				zap.Strings("channels", names), zap.Error(err))
-		}
-		if r.perChannel != nil {
-			r.readHeads(names)
-		}
-		for _, c := range add {
+	}
+}
+
+// takeChanges turns the dirty channels into the channels to subscribe and
+// those to unsubscribe, and records them in subscribed.
+func (r *Registry) takeChanges(subscribed map[string]bool) (add []*channel, remove []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for name := range r.dirty {
+		c := r.channels[name]
+		switch {
+		case c != nil && !subscribed[name]:
+			add = append(add, c)
+			subscribed[name] = true
+		case c == nil && subscribed[name]:
+			remove = append(remove, name)
+			delete(subscribed, name)
+		case c != nil:
+			// Re-created while still subscribed: confirmed already.
 			c.markReady()
 		}
+	}
+	clear(r.dirty)
+	return add, remove
+}
+
+// unsubscribe unsubscribes channels and forgets their heads.
+func (r *Registry) unsubscribe(names []string) {
+	r.src.Unsubscribe(names...)
+	if r.perChannel != nil {
+		r.deliverMu.Lock()
+		for _, name := range names {
+			delete(r.heads, name)
+		}
+		r.deliverMu.Unlock()
+	}
+}
+
+// subscribe subscribes channels, then lets the streams waiting for them go
+// on, confirmed or not.
+func (r *Registry) subscribe(channels []*channel) {
+	names := make([]string, len(channels))
+	for i, c := range channels {
+		names[i] = c.name
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), subscribeTimeout)
+	err := r.src.Subscribe(ctx, names...)
+	cancel()
+	if err != nil {
+		// The source keeps the channels and subscribes them when it
+		// can; streams go on meanwhile and catch up from history.
+		r.logger.Warn("subscribe not confirmed",
+			zap.Strings("channels", names), zap.Error(err))
+	}
+	if r.perChannel != nil {
+		r.readHeads(names)
+	}
+	for _, c := range channels {
+		c.markReady()
 	}
 }
 
@@ -373,14 +387,17 @@ func (r *Registry) readHeads(names []string) {
 	}
 	r.deliverMu.Lock()
 	for i, name := range names {
-		if h, ok := r.heads[name]; !ok || heads[i] > h {
-			r.heads[name] = heads[i]
-		}
+		r.raiseHeadLocked(name, heads[i])
 	}
 	r.deliverMu.Unlock()
 }
 
-func (c *channel) isReady() bool {
+// resumable reports whether some stream of c resumes (catches up from
+// history) and c is subscribed. It runs under Registry.mu.
+func (c *channel) resumable() bool {
+	if !c.history {
+		return false
+	}
 	select {
 	case <-c.ready:
 		return true
@@ -480,57 +497,34 @@ func (r *Registry) ReleaseChannels(ctx context.Context, channels []string) {
 	}
 	start := time.Now()
 	r.deliverMu.Lock()
-	var known, lost []string
-	var after []uint64
+	cu := r.planCatchUpLocked(channels)
+	// Of the channels whose head is unknown, only the subscribed ones with
+	// resuming streams are told: one still being subscribed reads its head
+	// once it is, and no stream of it started before.
 	r.mu.RLock()
-	for _, c := range channels {
-		if h, ok := r.heads[c]; ok {
-			known = append(known, c)
-			after = append(after, h)
-		} else if ch := r.channels[c]; ch != nil && ch.history && ch.isReady() {
-			// Its head could not be read: its streams cannot be caught
-			// up. (A channel still being subscribed reads its head once
-			// it is, and no stream of it started before.)
-			lost = append(lost, c)
-		}
-	}
+	cu.unknown = slices.DeleteFunc(cu.unknown, func(name string) bool {
+		c := r.channels[name]
+		return c == nil || !c.resumable()
+	})
 	r.mu.RUnlock()
 	r.deliverMu.Unlock()
 
-	var missed []Message
-	var truncated bool
-	var err error
-	if len(known) > 0 {
-		missed, truncated, err = r.perChannel.ReplayChannelsAll(ctx, known, after)
-		if err != nil {
-			r.logger.Error("catch-up of channels failed: events may be lost",
-				zap.Strings("channels", known), zap.Error(err))
-		}
-	}
-	var heads []uint64
-	var herr error
-	if len(lost) > 0 {
-		heads, herr = r.perChannel.Heads(ctx, lost)
-		r.logger.Warn("channels subscribed while Redis failed cannot be caught up: their streams are told they may have missed events",
-			zap.Strings("channels", lost), zap.NamedError("read_error", herr))
-	}
+	r.readBack(ctx, &cu, "catch-up of channels failed: events may be lost")
 
 	r.deliverMu.Lock()
-	if truncated || err != nil {
-		for i, c := range known {
-			f := missedChannelFrame(c, after[i])
-			r.fanOut(c, false, func(sse.Format, bool) *Frame { return f })
-		}
+	r.tellMissedLocked(&cu)
+	r.endHoldsLocked(channels, cu.missed)
+	r.deliverMu.Unlock()
+	if len(cu.missed) > 0 {
+		r.logger.Info("caught up channels", zap.Int("events", len(cu.missed)),
+			zap.Int("channels", len(cu.known)), zap.Duration("took", time.Since(start)))
 	}
-	for i, c := range lost {
-		f := missedChannelFrame(c, 0)
-		r.fanOut(c, false, func(sse.Format, bool) *Frame { return f })
-		if herr == nil {
-			if h, ok := r.heads[c]; !ok || heads[i] > h {
-				r.heads[c] = heads[i]
-			}
-		}
-	}
+}
+
+// endHoldsLocked ends one hold of each of channels, given what their
+// catch-up read back: a channel held no more gets what its catch-ups read
+// back, in sequence order, then what arrived live meanwhile.
+func (r *Registry) endHoldsLocked(channels []string, missed []Message) {
 	byChannel := make(map[string][]Message)
 	for _, m := range missed {
 		byChannel[m.Channel] = append(byChannel[m.Channel], m)
@@ -552,11 +546,6 @@ func (r *Registry) ReleaseChannels(ctx context.Context, channels []string) {
 		for _, m := range live {
 			r.releaseLocked(m, false)
 		}
-	}
-	r.deliverMu.Unlock()
-	if len(missed) > 0 {
-		r.logger.Info("caught up channels", zap.Int("events", len(missed)),
-			zap.Int("channels", len(known)), zap.Duration("took", time.Since(start)))
 	}
 }
 
@@ -789,7 +778,7 @@ func (r *Registry) Reconnected(ctx context.Context) {
 	if truncated || err != nil {
 		f := MissedFrame(after)
 		for _, name := range names {
-			r.fanOut(name, false, func(sse.Format, bool) *Frame { return f })
+			r.fanOutFrame(name, f)
 		}
 	}
 	r.missed = append(r.missed, missed...)
@@ -810,83 +799,137 @@ func (r *Registry) Reconnected(ctx context.Context) {
 // its streams are told they may have missed events, and its head is read.
 func (r *Registry) reconnectedPerChannel(ctx context.Context) {
 	start := time.Now()
-	var names []string
-	r.mu.RLock()
-	for name, c := range r.channels {
-		// A channel still being subscribed reads its head once it is:
-		// its streams start there, nothing to catch up.
-		if c.history && c.isReady() {
-			names = append(names, name)
-		}
-	}
-	r.mu.RUnlock()
-
+	names := r.resumableChannels()
 	r.deliverMu.Lock()
 	r.holdLocked()
 	gen := r.disconnects
-	var known, unknown []string
-	var after []uint64
-	for _, name := range names {
-		if h, ok := r.heads[name]; ok {
-			known = append(known, name)
-			after = append(after, h)
-		} else {
-			unknown = append(unknown, name)
-		}
-	}
+	cu := r.planCatchUpLocked(names)
 	r.deliverMu.Unlock()
 
-	var missed []Message
-	var truncated bool
-	var err, herr error
-	if len(known) > 0 {
-		missed, truncated, err = r.perChannel.ReplayChannelsAll(ctx, known, after)
-		if err != nil {
-			r.logger.Error("catch-up after reconnect failed: events may be lost",
-				zap.Strings("channels", known), zap.Error(err))
-		}
-	}
-	var heads []uint64
-	if len(unknown) > 0 {
-		heads, herr = r.perChannel.Heads(ctx, unknown)
-		r.logger.Warn("channels subscribed while Redis failed cannot be caught up: their streams are told they may have missed events",
-			zap.Strings("channels", unknown), zap.NamedError("read_error", herr))
-	}
+	r.readBack(ctx, &cu, "catch-up after reconnect failed: events may be lost")
+
 	r.deliverMu.Lock()
-	if truncated || err != nil {
-		for i, name := range known {
-			f := missedChannelFrame(name, after[i])
-			r.fanOut(name, false, func(sse.Format, bool) *Frame { return f })
-		}
-	}
-	for i, name := range unknown {
-		f := missedChannelFrame(name, 0)
-		r.fanOut(name, false, func(sse.Format, bool) *Frame { return f })
-		if herr == nil {
-			if h, ok := r.heads[name]; !ok || heads[i] > h {
-				r.heads[name] = heads[i]
-			}
-		}
-	}
-	r.missed = append(r.missed, missed...)
+	r.tellMissedLocked(&cu)
+	r.missed = append(r.missed, cu.missed...)
 	if r.disconnects == gen {
-		// Per channel, what was read back goes out before what arrived
-		// live meanwhile; deliverLocked skips what both hold.
-		slices.SortStableFunc(r.missed, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
-		for _, m := range r.missed {
-			r.routeLocked(m, true)
-		}
-		for _, m := range r.pending {
-			r.routeLocked(m, false)
-		}
-		r.missed, r.pending = nil, nil
+		r.flushPerChannelLocked()
 		r.holding = false
 	}
 	r.deliverMu.Unlock()
-	if len(missed) > 0 {
-		r.logger.Info("caught up after reconnect", zap.Int("events", len(missed)),
-			zap.Int("channels", len(known)), zap.Duration("took", time.Since(start)))
+	if len(cu.missed) > 0 {
+		r.logger.Info("caught up after reconnect", zap.Int("events", len(cu.missed)),
+			zap.Int("channels", len(cu.known)), zap.Duration("took", time.Since(start)))
 	}
+}
+
+// resumableChannels returns the channels that streams resume on and that
+// are subscribed. A channel still being subscribed reads its head once it
+// is: its streams start there, nothing to catch up.
+func (r *Registry) resumableChannels() []string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var names []string
+	for name, c := range r.channels {
+		if c.resumable() {
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+// flushPerChannelLocked ends the catch-ups with ids per channel: per
+// channel, what was read back goes out before what arrived live meanwhile,
+// unless the channel is held (routeLocked); deliverLocked skips what both
+// hold.
+func (r *Registry) flushPerChannelLocked() {
+	slices.SortStableFunc(r.missed, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
+	for _, m := range r.missed {
+		r.routeLocked(m, true)
+	}
+	for _, m := range r.pending {
+		r.routeLocked(m, false)
+	}
+	r.missed, r.pending = nil, nil
+}
+
+// catchUp is one catch-up of channels with ids per channel: the channels
+// caught up from their heads, those whose head is unknown, and what was
+// read for them.
+type catchUp struct {
+	known   []string
+	after   []uint64 // the heads of known
+	unknown []string // told they may have missed events; their heads are read
+
+	missed     []Message // read back for known
+	incomplete bool      // missed may lack some: trimmed, or the read failed
+	heads      []uint64  // of unknown, unless headsErr
+	headsErr   error
+}
+
+// planCatchUpLocked sorts channels by whether their head is known. It
+// runs under deliverMu.
+func (r *Registry) planCatchUpLocked(channels []string) catchUp {
+	var cu catchUp
+	for _, name := range channels {
+		if h, ok := r.heads[name]; ok {
+			cu.known = append(cu.known, name)
+			cu.after = append(cu.after, h)
+		} else {
+			cu.unknown = append(cu.unknown, name)
+		}
+	}
+	return cu
+}
+
+// readBack reads from Redis, holding no lock, what cu's known channels
+// missed and where its unknown ones stand. failMsg is the error logged
+// when the history cannot be read.
+func (r *Registry) readBack(ctx context.Context, cu *catchUp, failMsg string) {
+	if len(cu.known) > 0 {
+		var truncated bool
+		var err error
+		cu.missed, truncated, err = r.perChannel.ReplayChannelsAll(ctx, cu.known, cu.after)
+		if err != nil {
+			r.logger.Error(failMsg, zap.Strings("channels", cu.known), zap.Error(err))
+		}
+		cu.incomplete = truncated || err != nil
+	}
+	if len(cu.unknown) > 0 {
+		cu.heads, cu.headsErr = r.perChannel.Heads(ctx, cu.unknown)
+		r.logger.Warn("channels subscribed while Redis failed cannot be caught up: their streams are told they may have missed events",
+			zap.Strings("channels", cu.unknown), zap.NamedError("read_error", cu.headsErr))
+	}
+}
+
+// tellMissedLocked sends the missed event to the streams of each channel
+// of cu that may have lost events, and records the heads read for the
+// unknown ones. It runs under deliverMu, before what was read back is
+// delivered.
+func (r *Registry) tellMissedLocked(cu *catchUp) {
+	if cu.incomplete {
+		for i, name := range cu.known {
+			r.fanOutFrame(name, missedChannelFrame(name, cu.after[i]))
+		}
+	}
+	for i, name := range cu.unknown {
+		r.fanOutFrame(name, missedChannelFrame(name, 0))
+		if cu.headsErr == nil {
+			r.raiseHeadLocked(name, cu.heads[i])
+		}
+	}
+}
+
+// raiseHeadLocked records head as channel's newest id unless a newer one is
+// known. It runs under deliverMu.
+func (r *Registry) raiseHeadLocked(channel string, head uint64) {
+	if h, ok := r.heads[channel]; !ok || head > h {
+		r.heads[channel] = head
+	}
+}
+
+// fanOutFrame queues the same frame on every stream of channel.
+func (r *Registry) fanOutFrame(channel string, f *Frame) {
+	r.fanOut(channel, false, func(sse.Format, bool) *Frame { return f })
 }
 
 // missedChannelFrame tells the streams of channel that events after the
