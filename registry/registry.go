@@ -130,14 +130,15 @@ type Registry struct {
 	closed   bool
 
 	kick chan struct{} // wakes the subscription reconciler
-	done chan struct{}
+	done chan struct{} // closed by Close
 	wg   sync.WaitGroup
 
-	// deliverMu orders live delivery and catch-up after a reconnect.
+	// deliverMu orders live delivery and the catch-ups after an outage,
+	// and guards the fields below.
 	deliverMu   sync.Mutex
 	holding     bool          // live messages are held until a catch-up
 	holdAfter   uint64        // lastSeq when holding began: catch up after it
-	disconnects uint64        // counts Disconnected calls
+	disconnects uint64        // counts outages of the whole subscription
 	pending     []Message     // live messages held back while catching up
 	missed      []Message     // read back by the catch-ups under way
 	lastSeq     atomic.Uint64 // highest sequence number delivered
@@ -158,7 +159,7 @@ type channel struct {
 	refs    int  // under Registry.mu
 	history bool // under Registry.mu: some listener wants catch-up
 	subs    atomic.Pointer[[]*Subscriber]
-	ready   chan struct{} // closed once Redis confirmed the subscription
+	ready   chan struct{} // closed once subscribed: confirmed, or left to the source to retry
 }
 
 // New returns a registry that subscribes through opts.Source. It starts
@@ -206,9 +207,9 @@ func (r *Registry) Start() {
 var ErrClosed = errors.New("registry closed")
 
 // Attach adds s to its channels and returns once every channel is
-// subscribed in Redis (or Redis is unreachable and the subscription will
-// follow when it is back), so that no event published after Attach returns
-// is missed. On error s is not attached.
+// subscribed in Redis (or Redis cannot confirm it now and the source
+// subscribes it when it can), so that no event published after Attach
+// returns is missed. On error s is not attached.
 func (r *Registry) Attach(ctx context.Context, s *Subscriber) error {
 	r.mu.Lock()
 	if r.closed {
@@ -284,6 +285,7 @@ func (r *Registry) Detach(s *Subscriber) {
 	r.signal()
 }
 
+// signal wakes reconcile; a wake-up still pending covers this one.
 func (r *Registry) signal() {
 	select {
 	case r.kick <- struct{}{}:
@@ -438,8 +440,9 @@ func (c *channel) remove(s *Subscriber) bool {
 	return false
 }
 
-// Deliver fans a message out to the subscribers of its channel. It never
-// blocks on a subscriber.
+// Deliver fans a live message out to the subscribers of its channel, or
+// holds it while its channel, or the whole subscription, is being caught
+// up. It never blocks on a subscriber.
 func (r *Registry) Deliver(m Message) {
 	r.deliverMu.Lock()
 	switch {
@@ -733,6 +736,8 @@ func (r *Registry) Disconnected() {
 	r.deliverMu.Unlock()
 }
 
+// holdLocked holds live messages until a catch-up, which starts after the
+// last message delivered before the first of the outages it covers.
 func (r *Registry) holdLocked() {
 	if !r.holding {
 		r.holding = true
@@ -791,6 +796,38 @@ func (r *Registry) Reconnected(ctx context.Context) {
 		r.logger.Info("caught up after reconnect",
 			zap.Int("events", len(missed)), zap.Strings("channels", names))
 	}
+}
+
+// flushLocked ends the catch-ups: it merges what they read back with the
+// live messages held back meanwhile in sequence order, which streams rely
+// on (they skip a number lower than one they sent). So a read-back message
+// goes out before every live one published after it, even across two
+// outages, and a live message of a channel that was not read back is not
+// skipped for having a lower number than a read-back one. A live message
+// without a number goes out after what was read back below the next
+// numbered live message. deliverLocked skips the duplicates.
+func (r *Registry) flushLocked() {
+	missed := r.missed
+	slices.SortStableFunc(missed, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
+	bounds := make([]uint64, len(r.pending)) // number of the next numbered live message
+	bound := uint64(math.MaxUint64)
+	for i := len(r.pending) - 1; i >= 0; i-- {
+		if seq := r.pending[i].Seq; seq != 0 {
+			bound = seq
+		}
+		bounds[i] = bound
+	}
+	i := 0
+	for j, m := range r.pending {
+		for ; i < len(missed) && missed[i].Seq < bounds[j]; i++ {
+			r.deliverLocked(missed[i])
+		}
+		r.deliverLocked(m)
+	}
+	for ; i < len(missed); i++ {
+		r.deliverLocked(missed[i])
+	}
+	r.missed, r.pending = nil, nil
 }
 
 // reconnectedPerChannel is Reconnected with ids per channel: each
@@ -954,38 +991,6 @@ func MissedFrameAfter(id EventID) *Frame {
 	ev := sse.Event{Event: MissedEvent, Data: data}
 	b, _ := sse.AppendEvent(nil, &ev)
 	return &Frame{Bytes: b}
-}
-
-// flushLocked ends the catch-ups: it merges what they read back with the
-// live messages held back meanwhile in sequence order, which streams rely
-// on (they skip a number lower than one they sent). So a read-back message
-// goes out before every live one published after it, even across two
-// outages, and a live message of a channel that was not read back is not
-// skipped for having a lower number than a read-back one. A live message
-// without a number goes out after what was read back below the next
-// numbered live message. deliverLocked skips the duplicates.
-func (r *Registry) flushLocked() {
-	missed := r.missed
-	slices.SortStableFunc(missed, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
-	bounds := make([]uint64, len(r.pending)) // number of the next numbered live message
-	bound := uint64(math.MaxUint64)
-	for i := len(r.pending) - 1; i >= 0; i-- {
-		if seq := r.pending[i].Seq; seq != 0 {
-			bound = seq
-		}
-		bounds[i] = bound
-	}
-	i := 0
-	for j, m := range r.pending {
-		for ; i < len(missed) && missed[i].Seq < bounds[j]; i++ {
-			r.deliverLocked(missed[i])
-		}
-		r.deliverLocked(m)
-	}
-	for ; i < len(missed); i++ {
-		r.deliverLocked(missed[i])
-	}
-	r.missed, r.pending = nil, nil
 }
 
 // MissedFrame is the event telling a client that events after the given id
