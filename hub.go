@@ -52,12 +52,24 @@ func releaseHub(key string) error {
 	return err
 }
 
+// newHub wires a registry and its broker, which need each other: the broker
+// delivers to the registry, the registry subscribes through the broker.
+// broker.New starts reading at once, so the registry it delivers to is built
+// whole first, and started last, once its source holds the broker: until
+// the registry has subscribed a channel, nothing the broker delivers
+// reaches the source or OnClose.
 func newHub(opts *redis.UniversalOptions, cluster, sharded bool, logger *zap.Logger) (*hub, error) {
 	proc().redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
+	h := &hub{logger: logger}
 	src := &brokerSource{sharded: sharded}
-	reg := registry.New(src, logger, registry.Metrics{
-		Dropped: proc().metrics.dropped,
-		Faults:  proc().metrics.faults,
+	reg := registry.New(registry.Options{
+		Source: src,
+		Logger: logger,
+		Metrics: registry.Metrics{
+			Dropped: proc().metrics.dropped,
+			Faults:  proc().metrics.faults,
+		},
+		OnClose: h.markClosed,
 	})
 	brk, err := broker.New(broker.Options{
 		Redis:    opts,
@@ -76,12 +88,11 @@ func newHub(opts *redis.UniversalOptions, cluster, sharded bool, logger *zap.Log
 		},
 	}, brokerSink{reg})
 	if err != nil {
-		reg.Close()
-		return nil, fmt.Errorf("redis: %w", err)
+		return nil, fmt.Errorf("redis: %w", err) // reg was never started: nothing to close
 	}
 	src.b = brk
-	h := &hub{reg: reg, brk: brk, logger: logger}
-	reg.OnClose = h.markClosed
+	h.reg, h.brk = reg, brk
+	reg.Start()
 	return h, nil
 }
 

@@ -96,12 +96,26 @@ const MissedEvent = "sse-missed"
 // waiting for it go on without the confirmation.
 const subscribeTimeout = 5 * time.Second
 
+// Options configure a Registry.
+type Options struct {
+	// Source is where channels are subscribed and history is read.
+	Source Source
+	// Logger receives faults and catch-ups, never one line per message.
+	// Nil: no logging.
+	Logger *zap.Logger
+	// Metrics are the counters to update; any may be nil.
+	Metrics Metrics
+	// OnClose, if set, is called after a publisher closed a channel that
+	// had streams, on the delivering goroutine: it must not block.
+	OnClose func(channel string)
+}
+
 // Registry maps channels to subscribers. All methods are safe for
-// concurrent use; Deliver is meant to be called by one reader goroutine.
+// concurrent use. Deliver may be called from several readers (one per
+// shard in sharded mode): deliverMu puts them in one order.
 type Registry struct {
-	// OnClose, when set before the registry is used, is called (on the
-	// delivering goroutine: it must not block) after a publisher closed a
-	// channel that had streams.
+	// OnClose is Options.OnClose. Set it through Options only: the
+	// delivering goroutines read it without a lock.
 	OnClose func(channel string)
 
 	src        Source
@@ -112,17 +126,19 @@ type Registry struct {
 	mu       sync.RWMutex
 	channels map[string]*channel
 	dirty    map[string]struct{} // channels whose subscription may need a change
+	started  bool
 	closed   bool
 
 	kick chan struct{} // wakes the subscription reconciler
-	done chan struct{}
+	done chan struct{} // closed by Close
 	wg   sync.WaitGroup
 
-	// deliverMu orders live delivery and catch-up after a reconnect.
+	// deliverMu orders live delivery and the catch-ups after an outage,
+	// and guards the fields below.
 	deliverMu   sync.Mutex
 	holding     bool          // live messages are held until a catch-up
 	holdAfter   uint64        // lastSeq when holding began: catch up after it
-	disconnects uint64        // counts Disconnected calls
+	disconnects uint64        // counts outages of the whole subscription
 	pending     []Message     // live messages held back while catching up
 	missed      []Message     // read back by the catch-ups under way
 	lastSeq     atomic.Uint64 // highest sequence number delivered
@@ -143,18 +159,22 @@ type channel struct {
 	refs    int  // under Registry.mu
 	history bool // under Registry.mu: some listener wants catch-up
 	subs    atomic.Pointer[[]*Subscriber]
-	ready   chan struct{} // closed once Redis confirmed the subscription
+	ready   chan struct{} // closed once subscribed: confirmed, or left to the source to retry
 }
 
-// New returns a registry that subscribes through src.
-func New(src Source, logger *zap.Logger, m Metrics) *Registry {
+// New returns a registry that subscribes through opts.Source. It starts
+// nothing: the source may still be getting ready (it may need the registry
+// to deliver to) until Start.
+func New(opts Options) *Registry {
+	logger := opts.Logger
 	if logger == nil {
 		logger = zap.NewNop()
 	}
 	r := &Registry{
-		src:        src,
+		src:        opts.Source,
 		logger:     logger,
-		metrics:    m,
+		metrics:    opts.Metrics,
+		OnClose:    opts.OnClose,
 		channels:   make(map[string]*channel),
 		dirty:      make(map[string]struct{}),
 		kick:       make(chan struct{}, 1),
@@ -164,26 +184,41 @@ func New(src Source, logger *zap.Logger, m Metrics) *Registry {
 		heldLive:   make(map[string][]Message),
 		heldMissed: make(map[string][]Message),
 	}
-	if cs, ok := src.(ChannelSource); ok && cs.PerChannel() {
+	if cs, ok := opts.Source.(ChannelSource); ok && cs.PerChannel() {
 		r.perChannel = cs
 	}
+	return r
+}
+
+// Start starts subscribing: call it once the source is ready, before the
+// first Attach. Calls after the first, or after Close, do nothing.
+func (r *Registry) Start() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.started || r.closed {
+		return
+	}
+	r.started = true
 	r.wg.Add(1)
 	go r.reconcile()
-	return r
 }
 
 // ErrClosed is returned by Attach once the registry is closed.
 var ErrClosed = errors.New("registry closed")
 
 // Attach adds s to its channels and returns once every channel is
-// subscribed in Redis (or Redis is unreachable and the subscription will
-// follow when it is back), so that no event published after Attach returns
-// is missed. On error s is not attached.
+// subscribed in Redis (or Redis cannot confirm it now and the source
+// subscribes it when it can), so that no event published after Attach
+// returns is missed. On error s is not attached.
 func (r *Registry) Attach(ctx context.Context, s *Subscriber) error {
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
 		return ErrClosed
+	}
+	if !r.started {
+		r.mu.Unlock()
+		panic("registry: Attach before Start")
 	}
 	waits := make([]chan struct{}, 0, len(s.channels))
 	for _, name := range s.channels {
@@ -250,6 +285,7 @@ func (r *Registry) Detach(s *Subscriber) {
 	r.signal()
 }
 
+// signal wakes reconcile; a wake-up still pending covers this one.
 func (r *Registry) signal() {
 	select {
 	case r.kick <- struct{}{}:
@@ -269,58 +305,72 @@ func (r *Registry) reconcile() {
 		case <-r.done:
 			return
 		}
-		var add []*channel
-		var remove []string
-		r.mu.Lock()
-		for name := range r.dirty {
-			c := r.channels[name]
-			switch {
-			case c != nil && !subscribed[name]:
-				add = append(add, c)
-				subscribed[name] = true
-			case c == nil && subscribed[name]:
-				remove = append(remove, name)
-				delete(subscribed, name)
-			case c != nil:
-				// Re-created while still subscribed: confirmed already.
-				c.markReady()
-			}
-		}
-		clear(r.dirty)
-		r.mu.Unlock()
-
+		add, remove := r.takeChanges(subscribed)
 		if len(remove) > 0 {
-			r.src.Unsubscribe(remove...)
-			if r.perChannel != nil {
-				r.deliverMu.Lock()
-				for _, name := range remove {
-					delete(r.heads, name)
-				}
-				r.deliverMu.Unlock()
-			}
+			r.unsubscribe(remove)
 		}
-		if len(add) == 0 {
-			continue
+		if len(add) > 0 {
+			r.subscribe(add)
 		}
-		names := make([]string, len(add))
-		for i, c := range add {
-			names[i] = c.name
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), subscribeTimeout)
-		err := r.src.Subscribe(ctx, names...)
-		cancel()
-		if err != nil {
-			// The source keeps the channels and subscribes them when it
-			// can; streams go on meanwhile and catch up from history.
-			r.logger.Warn("subscribe not confirmed",
-				zap.Strings("channels", names), zap.Error(err))
-		}
-		if r.perChannel != nil {
-			r.readHeads(names)
-		}
-		for _, c := range add {
+	}
+}
+
+// takeChanges turns the dirty channels into the channels to subscribe and
+// those to unsubscribe, and records them in subscribed.
+func (r *Registry) takeChanges(subscribed map[string]bool) (add []*channel, remove []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for name := range r.dirty {
+		c := r.channels[name]
+		switch {
+		case c != nil && !subscribed[name]:
+			add = append(add, c)
+			subscribed[name] = true
+		case c == nil && subscribed[name]:
+			remove = append(remove, name)
+			delete(subscribed, name)
+		case c != nil:
+			// Re-created while still subscribed: confirmed already.
 			c.markReady()
 		}
+	}
+	clear(r.dirty)
+	return add, remove
+}
+
+// unsubscribe unsubscribes channels and forgets their heads.
+func (r *Registry) unsubscribe(names []string) {
+	r.src.Unsubscribe(names...)
+	if r.perChannel != nil {
+		r.deliverMu.Lock()
+		for _, name := range names {
+			delete(r.heads, name)
+		}
+		r.deliverMu.Unlock()
+	}
+}
+
+// subscribe subscribes channels, then lets the streams waiting for them go
+// on, confirmed or not.
+func (r *Registry) subscribe(channels []*channel) {
+	names := make([]string, len(channels))
+	for i, c := range channels {
+		names[i] = c.name
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), subscribeTimeout)
+	err := r.src.Subscribe(ctx, names...)
+	cancel()
+	if err != nil {
+		// The source keeps the channels and subscribes them when it
+		// can; streams go on meanwhile and catch up from history.
+		r.logger.Warn("subscribe not confirmed",
+			zap.Strings("channels", names), zap.Error(err))
+	}
+	if r.perChannel != nil {
+		r.readHeads(names)
+	}
+	for _, c := range channels {
+		c.markReady()
 	}
 }
 
@@ -339,14 +389,17 @@ func (r *Registry) readHeads(names []string) {
 	}
 	r.deliverMu.Lock()
 	for i, name := range names {
-		if h, ok := r.heads[name]; !ok || heads[i] > h {
-			r.heads[name] = heads[i]
-		}
+		r.raiseHeadLocked(name, heads[i])
 	}
 	r.deliverMu.Unlock()
 }
 
-func (c *channel) isReady() bool {
+// resumable reports whether some stream of c resumes (catches up from
+// history) and c is subscribed. It runs under Registry.mu.
+func (c *channel) resumable() bool {
+	if !c.history {
+		return false
+	}
 	select {
 	case <-c.ready:
 		return true
@@ -387,8 +440,9 @@ func (c *channel) remove(s *Subscriber) bool {
 	return false
 }
 
-// Deliver fans a message out to the subscribers of its channel. It never
-// blocks on a subscriber.
+// Deliver fans a live message out to the subscribers of its channel, or
+// holds it while its channel, or the whole subscription, is being caught
+// up. It never blocks on a subscriber.
 func (r *Registry) Deliver(m Message) {
 	r.deliverMu.Lock()
 	switch {
@@ -446,57 +500,34 @@ func (r *Registry) ReleaseChannels(ctx context.Context, channels []string) {
 	}
 	start := time.Now()
 	r.deliverMu.Lock()
-	var known, lost []string
-	var after []uint64
+	cu := r.planCatchUpLocked(channels)
+	// Of the channels whose head is unknown, only the subscribed ones with
+	// resuming streams are told: one still being subscribed reads its head
+	// once it is, and no stream of it started before.
 	r.mu.RLock()
-	for _, c := range channels {
-		if h, ok := r.heads[c]; ok {
-			known = append(known, c)
-			after = append(after, h)
-		} else if ch := r.channels[c]; ch != nil && ch.history && ch.isReady() {
-			// Its head could not be read: its streams cannot be caught
-			// up. (A channel still being subscribed reads its head once
-			// it is, and no stream of it started before.)
-			lost = append(lost, c)
-		}
-	}
+	cu.unknown = slices.DeleteFunc(cu.unknown, func(name string) bool {
+		c := r.channels[name]
+		return c == nil || !c.resumable()
+	})
 	r.mu.RUnlock()
 	r.deliverMu.Unlock()
 
-	var missed []Message
-	var truncated bool
-	var err error
-	if len(known) > 0 {
-		missed, truncated, err = r.perChannel.ReplayChannelsAll(ctx, known, after)
-		if err != nil {
-			r.logger.Error("catch-up of channels failed: events may be lost",
-				zap.Strings("channels", known), zap.Error(err))
-		}
-	}
-	var heads []uint64
-	var herr error
-	if len(lost) > 0 {
-		heads, herr = r.perChannel.Heads(ctx, lost)
-		r.logger.Warn("channels subscribed while Redis failed cannot be caught up: their streams are told they may have missed events",
-			zap.Strings("channels", lost), zap.NamedError("read_error", herr))
-	}
+	r.readBack(ctx, &cu, "catch-up of channels failed: events may be lost")
 
 	r.deliverMu.Lock()
-	if truncated || err != nil {
-		for i, c := range known {
-			f := missedChannelFrame(c, after[i])
-			r.fanOut(c, false, func(sse.Format, bool) *Frame { return f })
-		}
+	r.tellMissedLocked(&cu)
+	r.endHoldsLocked(channels, cu.missed)
+	r.deliverMu.Unlock()
+	if len(cu.missed) > 0 {
+		r.logger.Info("caught up channels", zap.Int("events", len(cu.missed)),
+			zap.Int("channels", len(cu.known)), zap.Duration("took", time.Since(start)))
 	}
-	for i, c := range lost {
-		f := missedChannelFrame(c, 0)
-		r.fanOut(c, false, func(sse.Format, bool) *Frame { return f })
-		if herr == nil {
-			if h, ok := r.heads[c]; !ok || heads[i] > h {
-				r.heads[c] = heads[i]
-			}
-		}
-	}
+}
+
+// endHoldsLocked ends one hold of each of channels, given what their
+// catch-up read back: a channel held no more gets what its catch-ups read
+// back, in sequence order, then what arrived live meanwhile.
+func (r *Registry) endHoldsLocked(channels []string, missed []Message) {
 	byChannel := make(map[string][]Message)
 	for _, m := range missed {
 		byChannel[m.Channel] = append(byChannel[m.Channel], m)
@@ -518,11 +549,6 @@ func (r *Registry) ReleaseChannels(ctx context.Context, channels []string) {
 		for _, m := range live {
 			r.releaseLocked(m, false)
 		}
-	}
-	r.deliverMu.Unlock()
-	if len(missed) > 0 {
-		r.logger.Info("caught up channels", zap.Int("events", len(missed)),
-			zap.Int("channels", len(known)), zap.Duration("took", time.Since(start)))
 	}
 }
 
@@ -676,6 +702,8 @@ func (r *Registry) Disconnected() {
 	r.deliverMu.Unlock()
 }
 
+// holdLocked holds live messages until a catch-up, which starts after the
+// last message delivered before the first of the outages it covers.
 func (r *Registry) holdLocked() {
 	if !r.holding {
 		r.holding = true
@@ -721,7 +749,7 @@ func (r *Registry) Reconnected(ctx context.Context) {
 	if truncated || err != nil {
 		f := MissedFrame(after)
 		for _, name := range names {
-			r.fanOut(name, false, func(sse.Format, bool) *Frame { return f })
+			r.fanOutFrame(name, f)
 		}
 	}
 	r.missed = append(r.missed, missed...)
@@ -734,115 +762,6 @@ func (r *Registry) Reconnected(ctx context.Context) {
 		r.logger.Info("caught up after reconnect",
 			zap.Int("events", len(missed)), zap.Strings("channels", names))
 	}
-}
-
-// reconnectedPerChannel is Reconnected with ids per channel: each
-// resumable channel is caught up from its own head. A channel whose head
-// was never known (Redis failed as it was subscribed) cannot be caught up:
-// its streams are told they may have missed events, and its head is read.
-func (r *Registry) reconnectedPerChannel(ctx context.Context) {
-	start := time.Now()
-	var names []string
-	r.mu.RLock()
-	for name, c := range r.channels {
-		// A channel still being subscribed reads its head once it is:
-		// its streams start there, nothing to catch up.
-		if c.history && c.isReady() {
-			names = append(names, name)
-		}
-	}
-	r.mu.RUnlock()
-
-	r.deliverMu.Lock()
-	r.holdLocked()
-	gen := r.disconnects
-	var known, unknown []string
-	var after []uint64
-	for _, name := range names {
-		if h, ok := r.heads[name]; ok {
-			known = append(known, name)
-			after = append(after, h)
-		} else {
-			unknown = append(unknown, name)
-		}
-	}
-	r.deliverMu.Unlock()
-
-	var missed []Message
-	var truncated bool
-	var err, herr error
-	if len(known) > 0 {
-		missed, truncated, err = r.perChannel.ReplayChannelsAll(ctx, known, after)
-		if err != nil {
-			r.logger.Error("catch-up after reconnect failed: events may be lost",
-				zap.Strings("channels", known), zap.Error(err))
-		}
-	}
-	var heads []uint64
-	if len(unknown) > 0 {
-		heads, herr = r.perChannel.Heads(ctx, unknown)
-		r.logger.Warn("channels subscribed while Redis failed cannot be caught up: their streams are told they may have missed events",
-			zap.Strings("channels", unknown), zap.NamedError("read_error", herr))
-	}
-	r.deliverMu.Lock()
-	if truncated || err != nil {
-		for i, name := range known {
-			f := missedChannelFrame(name, after[i])
-			r.fanOut(name, false, func(sse.Format, bool) *Frame { return f })
-		}
-	}
-	for i, name := range unknown {
-		f := missedChannelFrame(name, 0)
-		r.fanOut(name, false, func(sse.Format, bool) *Frame { return f })
-		if herr == nil {
-			if h, ok := r.heads[name]; !ok || heads[i] > h {
-				r.heads[name] = heads[i]
-			}
-		}
-	}
-	r.missed = append(r.missed, missed...)
-	if r.disconnects == gen {
-		// Per channel, what was read back goes out before what arrived
-		// live meanwhile; deliverLocked skips what both hold.
-		slices.SortStableFunc(r.missed, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
-		for _, m := range r.missed {
-			r.routeLocked(m, true)
-		}
-		for _, m := range r.pending {
-			r.routeLocked(m, false)
-		}
-		r.missed, r.pending = nil, nil
-		r.holding = false
-	}
-	r.deliverMu.Unlock()
-	if len(missed) > 0 {
-		r.logger.Info("caught up after reconnect", zap.Int("events", len(missed)),
-			zap.Int("channels", len(known)), zap.Duration("took", time.Since(start)))
-	}
-}
-
-// missedChannelFrame tells the streams of channel that events after the
-// given position on it may be lost (0: unknown). It carries no id.
-func missedChannelFrame(channel string, after uint64) *Frame {
-	data, _ := json.Marshal(struct {
-		After   string `json:"after"`
-		Channel string `json:"channel"`
-	}{strconv.FormatUint(after, 10), channel})
-	ev := sse.Event{Event: MissedEvent, Data: data}
-	b, _ := sse.AppendEvent(nil, &ev)
-	return &Frame{Bytes: b}
-}
-
-// MissedFrameAfter is the event telling a client that resumed from id that
-// it may have missed events. It carries no id, so the client's
-// Last-Event-ID stays put.
-func MissedFrameAfter(id EventID) *Frame {
-	data, _ := json.Marshal(struct {
-		After string `json:"after"`
-	}{id.String()})
-	ev := sse.Event{Event: MissedEvent, Data: data}
-	b, _ := sse.AppendEvent(nil, &ev)
-	return &Frame{Bytes: b}
 }
 
 // flushLocked ends the catch-ups: it merges what they read back with the
@@ -875,6 +794,169 @@ func (r *Registry) flushLocked() {
 		r.deliverLocked(missed[i])
 	}
 	r.missed, r.pending = nil, nil
+}
+
+// reconnectedPerChannel is Reconnected with ids per channel: each
+// resumable channel is caught up from its own head. A channel whose head
+// was never known (Redis failed as it was subscribed) cannot be caught up:
+// its streams are told they may have missed events, and its head is read.
+func (r *Registry) reconnectedPerChannel(ctx context.Context) {
+	start := time.Now()
+	names := r.resumableChannels()
+	r.deliverMu.Lock()
+	r.holdLocked()
+	gen := r.disconnects
+	cu := r.planCatchUpLocked(names)
+	r.deliverMu.Unlock()
+
+	r.readBack(ctx, &cu, "catch-up after reconnect failed: events may be lost")
+
+	r.deliverMu.Lock()
+	r.tellMissedLocked(&cu)
+	r.missed = append(r.missed, cu.missed...)
+	if r.disconnects == gen {
+		r.flushPerChannelLocked()
+		r.holding = false
+	}
+	r.deliverMu.Unlock()
+	if len(cu.missed) > 0 {
+		r.logger.Info("caught up after reconnect", zap.Int("events", len(cu.missed)),
+			zap.Int("channels", len(cu.known)), zap.Duration("took", time.Since(start)))
+	}
+}
+
+// resumableChannels returns the channels that streams resume on and that
+// are subscribed. A channel still being subscribed reads its head once it
+// is: its streams start there, nothing to catch up.
+func (r *Registry) resumableChannels() []string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var names []string
+	for name, c := range r.channels {
+		if c.resumable() {
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+// flushPerChannelLocked ends the catch-ups with ids per channel: per
+// channel, what was read back goes out before what arrived live meanwhile,
+// unless the channel is held (routeLocked); deliverLocked skips what both
+// hold.
+func (r *Registry) flushPerChannelLocked() {
+	slices.SortStableFunc(r.missed, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
+	for _, m := range r.missed {
+		r.routeLocked(m, true)
+	}
+	for _, m := range r.pending {
+		r.routeLocked(m, false)
+	}
+	r.missed, r.pending = nil, nil
+}
+
+// catchUp is one catch-up of channels with ids per channel: the channels
+// caught up from their heads, those whose head is unknown, and what was
+// read for them.
+type catchUp struct {
+	known   []string
+	after   []uint64 // the heads of known
+	unknown []string // told they may have missed events; their heads are read
+
+	missed     []Message // read back for known
+	incomplete bool      // missed may lack some: trimmed, or the read failed
+	heads      []uint64  // of unknown, unless headsErr
+	headsErr   error
+}
+
+// planCatchUpLocked sorts channels by whether their head is known. It
+// runs under deliverMu.
+func (r *Registry) planCatchUpLocked(channels []string) catchUp {
+	var cu catchUp
+	for _, name := range channels {
+		if h, ok := r.heads[name]; ok {
+			cu.known = append(cu.known, name)
+			cu.after = append(cu.after, h)
+		} else {
+			cu.unknown = append(cu.unknown, name)
+		}
+	}
+	return cu
+}
+
+// readBack reads from Redis, holding no lock, what cu's known channels
+// missed and where its unknown ones stand. failMsg is the error logged
+// when the history cannot be read.
+func (r *Registry) readBack(ctx context.Context, cu *catchUp, failMsg string) {
+	if len(cu.known) > 0 {
+		var truncated bool
+		var err error
+		cu.missed, truncated, err = r.perChannel.ReplayChannelsAll(ctx, cu.known, cu.after)
+		if err != nil {
+			r.logger.Error(failMsg, zap.Strings("channels", cu.known), zap.Error(err))
+		}
+		cu.incomplete = truncated || err != nil
+	}
+	if len(cu.unknown) > 0 {
+		cu.heads, cu.headsErr = r.perChannel.Heads(ctx, cu.unknown)
+		r.logger.Warn("channels subscribed while Redis failed cannot be caught up: their streams are told they may have missed events",
+			zap.Strings("channels", cu.unknown), zap.NamedError("read_error", cu.headsErr))
+	}
+}
+
+// tellMissedLocked sends the missed event to the streams of each channel
+// of cu that may have lost events, and records the heads read for the
+// unknown ones. It runs under deliverMu, before what was read back is
+// delivered.
+func (r *Registry) tellMissedLocked(cu *catchUp) {
+	if cu.incomplete {
+		for i, name := range cu.known {
+			r.fanOutFrame(name, missedChannelFrame(name, cu.after[i]))
+		}
+	}
+	for i, name := range cu.unknown {
+		r.fanOutFrame(name, missedChannelFrame(name, 0))
+		if cu.headsErr == nil {
+			r.raiseHeadLocked(name, cu.heads[i])
+		}
+	}
+}
+
+// raiseHeadLocked records head as channel's newest id unless a newer one is
+// known. It runs under deliverMu.
+func (r *Registry) raiseHeadLocked(channel string, head uint64) {
+	if h, ok := r.heads[channel]; !ok || head > h {
+		r.heads[channel] = head
+	}
+}
+
+// fanOutFrame queues the same frame on every stream of channel.
+func (r *Registry) fanOutFrame(channel string, f *Frame) {
+	r.fanOut(channel, false, func(sse.Format, bool) *Frame { return f })
+}
+
+// missedChannelFrame tells the streams of channel that events after the
+// given position on it may be lost (0: unknown). It carries no id.
+func missedChannelFrame(channel string, after uint64) *Frame {
+	data, _ := json.Marshal(struct {
+		After   string `json:"after"`
+		Channel string `json:"channel"`
+	}{strconv.FormatUint(after, 10), channel})
+	ev := sse.Event{Event: MissedEvent, Data: data}
+	b, _ := sse.AppendEvent(nil, &ev)
+	return &Frame{Bytes: b}
+}
+
+// MissedFrameAfter is the event telling a client that resumed from id that
+// it may have missed events. It carries no id, so the client's
+// Last-Event-ID stays put.
+func MissedFrameAfter(id EventID) *Frame {
+	data, _ := json.Marshal(struct {
+		After string `json:"after"`
+	}{id.String()})
+	ev := sse.Event{Event: MissedEvent, Data: data}
+	b, _ := sse.AppendEvent(nil, &ev)
+	return &Frame{Bytes: b}
 }
 
 // MissedFrame is the event telling a client that events after the given id

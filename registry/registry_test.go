@@ -157,7 +157,13 @@ func (f *fakeSource) subscribed(t *testing.T) map[string]bool {
 
 func newRegistry(t testing.TB, src Source, m Metrics) *Registry {
 	t.Helper()
-	r := New(src, nil, m)
+	return startRegistry(t, Options{Source: src, Metrics: m})
+}
+
+func startRegistry(t testing.TB, opts Options) *Registry {
+	t.Helper()
+	r := New(opts)
+	r.Start()
 	t.Cleanup(r.Close)
 	return r
 }
@@ -686,9 +692,12 @@ func TestOverflow(t *testing.T) {
 
 func TestEnvelopeClose(t *testing.T) {
 	dropped := newDropped()
-	r := newRegistry(t, &fakeSource{}, Metrics{Dropped: dropped})
 	var closed []string
-	r.OnClose = func(ch string) { closed = append(closed, ch) }
+	r := startRegistry(t, Options{
+		Source:  &fakeSource{},
+		Metrics: Metrics{Dropped: dropped},
+		OnClose: func(ch string) { closed = append(closed, ch) },
+	})
 	env := NewSubscriber([]string{"a"}, sse.FormatEnvelope, 8, false)
 	bare := NewSubscriber([]string{"b"}, sse.FormatEnvelope, 8, false)
 	raw := NewSubscriber([]string{"a"}, sse.FormatRaw, 8, false)
@@ -955,7 +964,8 @@ func TestReconnectedWithoutHistory(t *testing.T) {
 
 func TestClose(t *testing.T) {
 	src := &fakeSource{}
-	r := New(src, nil, Metrics{})
+	r := New(Options{Source: src})
+	r.Start()
 	subs := []*Subscriber{
 		NewSubscriber([]string{"a"}, sse.FormatRaw, 8, false),
 		NewSubscriber([]string{"a", "b"}, sse.FormatEnvelope, 8, true),
@@ -991,7 +1001,8 @@ func TestAttachDuringClose(t *testing.T) {
 	for i := range 20 {
 		gate := make(chan struct{})
 		src := &fakeSource{gate: gate, entered: make(chan []string, 4)}
-		r := New(src, nil, Metrics{})
+		r := New(Options{Source: src})
+		r.Start()
 		first := make(chan error, 1)
 		go func() { first <- r.Attach(context.Background(), NewSubscriber([]string{"a"}, sse.FormatRaw, 8, false)) }()
 		receive(t, "Subscribe a", src.entered) // the reconciler is now busy
@@ -1020,6 +1031,35 @@ func TestAttachDuringClose(t *testing.T) {
 		if _, why := take(s); why != ReasonShutdown {
 			t.Fatalf("reason %q, want %q", why, ReasonShutdown)
 		}
+	}
+}
+
+// New starts nothing, so that whoever builds the registry can finish its
+// source first; Close works started or not, and Start after it does nothing.
+func TestStart(t *testing.T) {
+	src := &fakeSource{}
+	r := New(Options{Source: src})
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Error("Attach before Start did not panic")
+			}
+		}()
+		_ = r.Attach(context.Background(), NewSubscriber([]string{"a"}, sse.FormatRaw, 8, false))
+	}()
+	r.Start()
+	r.Start() // twice is fine
+	attach(t, r, NewSubscriber([]string{"a"}, sse.FormatRaw, 8, false))
+	r.Close()
+	if n := src.count("subscribe", "a"); n != 1 {
+		t.Errorf("a subscribed %d times, want 1", n)
+	}
+
+	unstarted := New(Options{Source: src})
+	unstarted.Close()
+	unstarted.Start()
+	if err := unstarted.Attach(context.Background(), NewSubscriber([]string{"b"}, sse.FormatRaw, 8, false)); !errors.Is(err, ErrClosed) {
+		t.Errorf("Attach after Close = %v, want ErrClosed", err)
 	}
 }
 

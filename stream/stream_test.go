@@ -58,7 +58,8 @@ type fixture struct {
 func newFixture(t *testing.T, keepalive time.Duration) *fixture {
 	t.Helper()
 	m := &counts{}
-	reg := registry.New(source{}, zap.NewNop(), registry.Metrics{})
+	reg := registry.New(registry.Options{Source: source{}})
+	reg.Start()
 	t.Cleanup(reg.Close)
 	return &fixture{t: t, reg: reg, metrics: m, opts: &Options{
 		Keepalive: keepalive, Evicted: []byte("event: bye\ndata: x\n\n"),
