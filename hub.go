@@ -19,6 +19,9 @@ type hub struct {
 	reg    *registry.Registry
 	brk    *broker.Broker
 	logger *zap.Logger
+	// stop ends the catch-ups the broker asks for (brokerSink), so that
+	// the broker's Close, which waits for them, is not held up by Redis.
+	stop context.CancelFunc
 
 	mu        sync.Mutex
 	retention broker.Retention // the largest any config asked for
@@ -60,7 +63,8 @@ func releaseHub(key string) error {
 // reaches the source or OnClose.
 func newHub(opts *redis.UniversalOptions, cluster, sharded bool, logger *zap.Logger) (*hub, error) {
 	proc().redisLogger.Do(func() { redis.SetLogger(goRedisLogger{logger.Named("go-redis")}) })
-	h := &hub{logger: logger}
+	ctx, stop := context.WithCancel(context.Background())
+	h := &hub{logger: logger, stop: stop}
 	src := &brokerSource{sharded: sharded}
 	reg := registry.New(registry.Options{
 		Source: src,
@@ -86,8 +90,9 @@ func newHub(opts *redis.UniversalOptions, cluster, sharded bool, logger *zap.Log
 			PresenceFailures: proc().metrics.presenceFailures,
 			LifecycleDropped: proc().metrics.lifecycleDropped,
 		},
-	}, brokerSink{reg})
+	}, brokerSink{reg: reg, ctx: ctx})
 	if err != nil {
+		stop()
 		return nil, fmt.Errorf("redis: %w", err) // reg was never started: nothing to close
 	}
 	src.b = brk
@@ -167,6 +172,7 @@ func (h *hub) Destruct() error {
 		proc().clock.Shutdown(exitJitter)
 		proc().clock.Wait(exitJitter + 250*time.Millisecond)
 	}
+	h.stop()
 	h.reg.Close()
 	return h.brk.Close()
 }
@@ -239,7 +245,10 @@ func (s *brokerSource) ReplayPage(ctx context.Context, channels []string, after 
 }
 
 // brokerSink hands what the broker reads to the registry.
-type brokerSink struct{ reg *registry.Registry }
+type brokerSink struct {
+	reg *registry.Registry
+	ctx context.Context // ends when the hub does
+}
 
 func (s brokerSink) HandleMessage(m broker.Message) { s.reg.Deliver(registry.Message(m)) }
 
@@ -250,13 +259,13 @@ func (s brokerSink) HandleDisconnect() { s.reg.Disconnected() }
 func (s brokerSink) HandleChannelsDown(channels []string) { s.reg.HoldChannels(channels) }
 
 func (s brokerSink) HandleChannelsUp(channels []string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(s.ctx, 30*time.Second)
 	defer cancel()
 	s.reg.ReleaseChannels(ctx, channels)
 }
 
 func (s brokerSink) HandleReconnect() {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(s.ctx, 30*time.Second)
 	defer cancel()
 	s.reg.Reconnected(ctx)
 }

@@ -114,9 +114,7 @@ type Options struct {
 // concurrent use. Deliver may be called from several readers (one per
 // shard in sharded mode): deliverMu puts them in one order.
 type Registry struct {
-	// OnClose is Options.OnClose. Set it through Options only: the
-	// delivering goroutines read it without a lock.
-	OnClose func(channel string)
+	onClose func(channel string) // Options.OnClose
 
 	src        Source
 	perChannel ChannelSource // src, when its ids count per channel
@@ -174,7 +172,7 @@ func New(opts Options) *Registry {
 		src:        opts.Source,
 		logger:     logger,
 		metrics:    opts.Metrics,
-		OnClose:    opts.OnClose,
+		onClose:    opts.OnClose,
 		channels:   make(map[string]*channel),
 		dirty:      make(map[string]struct{}),
 		kick:       make(chan struct{}, 1),
@@ -598,8 +596,8 @@ func (r *Registry) deliverLocked(m Message) {
 	})
 	if closed != (closedFormats{}) {
 		r.leaveClosed(m.Channel, closed)
-		if r.OnClose != nil {
-			r.OnClose(m.Channel)
+		if r.onClose != nil {
+			r.onClose(m.Channel)
 		}
 	}
 }
