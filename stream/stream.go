@@ -98,6 +98,7 @@ type Stream struct {
 	endAsked  atomic.Bool // the deadline's End was sent
 	disarm    atomic.Bool // the response's write deadline is to be cleared
 	try       bool        // conn can write without blocking
+	clockAt   int32       // index in the clock's list, under its lock; -1: not in it
 
 	// Owned by whoever holds the writer token.
 	cur     *registry.Cursor // what was written: later duplicates are skipped
@@ -130,7 +131,7 @@ const (
 // until Serve or TakeOver, but what Write sends (the opening, a replay).
 // onEnd runs once, when the stream ends.
 func New(sub *registry.Subscriber, opts *Options, end Deadline, onEnd func(Result)) *Stream {
-	s := &Stream{sub: sub, opts: opts, endWhy: end.Reason, onEnd: onEnd, started: time.Now().UnixNano()}
+	s := &Stream{sub: sub, opts: opts, endWhy: end.Reason, onEnd: onEnd, started: time.Now().UnixNano(), clockAt: -1}
 	if !end.At.IsZero() {
 		s.endAt = end.At.UnixNano()
 	}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -422,5 +423,40 @@ func TestInnermost(t *testing.T) {
 	p, _ := net.Pipe()
 	if got := Innermost(p); got != p {
 		t.Fatalf("Innermost of a pipe = %T", got)
+	}
+}
+
+// The clock's list stays exact through adds (twice, too) and removes in any
+// order: a stream left in it would be driven after its end.
+func TestClockListAddRemove(t *testing.T) {
+	c := NewClock(time.Hour)
+	streams := make([]*Stream, 200)
+	for i := range streams {
+		streams[i] = &Stream{clockAt: -1}
+		c.add(streams[i])
+		c.add(streams[i])
+	}
+	if n := c.Len(); n != len(streams) {
+		t.Fatalf("Len = %d after adding %d streams (each twice), want %d", n, len(streams), len(streams))
+	}
+	for _, i := range rand.Perm(len(streams))[:150] {
+		c.remove(streams[i])
+		c.remove(streams[i])
+		streams[i] = nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	left := 0
+	for _, s := range streams {
+		if s == nil {
+			continue
+		}
+		left++
+		if i := int(s.clockAt); i < 0 || i >= len(c.streams) || c.streams[i] != s {
+			t.Errorf("a stream still added is not at its index %d", i)
+		}
+	}
+	if len(c.streams) != left {
+		t.Errorf("the clock holds %d streams, want %d", len(c.streams), left)
 	}
 }
