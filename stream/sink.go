@@ -47,7 +47,20 @@ func NewConnSink(conn net.Conn) *ConnSink {
 	return s
 }
 
-func (s *ConnSink) Write(bufs *net.Buffers) (int64, error) { return bufs.WriteTo(s.conn) }
+func (s *ConnSink) Write(bufs *net.Buffers) (int64, error) {
+	var n int64
+	if s.raw != nil {
+		// What the socket takes at once needs no blocking write, whose
+		// writev keeps an iovec array in the connection for good.
+		m, err := s.tryWrite(bufs)
+		n += m
+		if err != nil || len(*bufs) == 0 {
+			return n, err
+		}
+	}
+	m, err := bufs.WriteTo(s.conn)
+	return n + m, err
+}
 
 // Interrupt sets a deadline in the past: a net.Conn's deadlines are safe to
 // set from any goroutine, and the stream ends after a failed write.
