@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"go.uber.org/zap"
@@ -25,59 +26,69 @@ type Poller struct {
 
 	mu      sync.Mutex
 	next    uint64
-	watched map[uint64]*watched
+	watched map[uint64]*Watch
 }
 
-type watched struct {
+// Watch is one connection the poller watches: its handle, for Stop.
+type Watch struct {
+	id      uint64
 	raw     syscall.RawConn
 	tls     net.Conn // the TLS connection, read through TLS; nil for plain
 	budget  int64
-	onClose func(overrun bool)
+	client  Client
+	stopped atomic.Bool // Stop was called: tell the client nothing more
 }
 
 // NewPoller returns a poller; its goroutine starts with the first Watch.
 func NewPoller(logger *zap.Logger) *Poller {
-	return &Poller{logger: logger, watched: make(map[uint64]*watched)}
+	return &Poller{logger: logger, watched: make(map[uint64]*Watch)}
 }
 
-// Watch calls onClose once, on the poller's goroutine, when the client
+// Watch tells client, once, on the poller's goroutine, when the client
 // closes conn, or when it sent more than budget bytes (overrun true). What
 // the client sends is read in bulk and discarded: an SSE response never
-// ends, so nothing it sends can be a request that will be answered. The
-// returned function stops watching; call it before closing conn.
-func (p *Poller) Watch(conn net.Conn, budget int64, onClose func(overrun bool)) (stop func()) {
+// ends, so nothing it sends can be a request that will be answered. raw,
+// when not nil, is conn's own (saves making another). Stop the returned
+// watch before closing conn.
+func (p *Poller) Watch(conn net.Conn, raw syscall.RawConn, budget int64, client Client) *Watch {
 	p.once.Do(p.start)
-	w := &watched{budget: budget, onClose: onClose}
-	raw := conn
+	w := &Watch{budget: budget, client: client, raw: raw}
+	plain := conn
 	if tc, ok := conn.(*tls.Conn); ok {
-		w.tls, raw = tc, tc.NetConn()
+		w.tls, plain, w.raw = tc, tc.NetConn(), nil
 	}
-	sc, ok := raw.(syscall.Conn)
-	if p.err != nil || !ok {
-		return watchByRead(p.logger, conn, budget, onClose)
+	if w.raw == nil {
+		if sc, ok := plain.(syscall.Conn); ok {
+			w.raw, _ = sc.SyscallConn()
+		}
 	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return watchByRead(p.logger, conn, budget, onClose)
+	if p.err != nil || w.raw == nil {
+		watchByRead(p.logger, conn, budget, client, &w.stopped)
+		return w
 	}
-	w.raw = rc
 	p.mu.Lock()
 	p.next++
-	id := p.next
-	p.watched[id] = w
+	w.id = p.next
+	p.watched[w.id] = w
 	p.mu.Unlock()
 	var cerr error
-	err = rc.Control(func(fd uintptr) {
+	err := w.raw.Control(func(fd uintptr) {
 		// The event's data (Fd and Pad) carries the id, not the fd: an fd
 		// number is reused once closed.
-		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP, Fd: int32(uint32(id)), Pad: int32(uint32(id >> 32))}
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP, Fd: int32(uint32(w.id)), Pad: int32(uint32(w.id >> 32))}
 		cerr = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
 	})
 	if err != nil || cerr != nil {
-		p.forget(id)
-		return watchByRead(p.logger, conn, budget, onClose)
+		p.forget(w.id)
+		watchByRead(p.logger, conn, budget, client, &w.stopped)
 	}
-	return func() { p.unwatch(id, rc) }
+	return w
+}
+
+// Stop stops watching; call it before closing the connection.
+func (p *Poller) Stop(w *Watch) {
+	w.stopped.Store(true)
+	p.unwatch(w)
 }
 
 func (p *Poller) start() {
@@ -89,7 +100,7 @@ func (p *Poller) start() {
 	go p.run()
 }
 
-func (p *Poller) forget(id uint64) *watched {
+func (p *Poller) forget(id uint64) *Watch {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	w := p.watched[id]
@@ -99,11 +110,11 @@ func (p *Poller) forget(id uint64) *watched {
 
 // unwatch removes the connection from the epoll set; a closed fd would
 // leave it by itself, but its number may be reused meanwhile.
-func (p *Poller) unwatch(id uint64, rc syscall.RawConn) {
-	if p.forget(id) == nil {
+func (p *Poller) unwatch(w *Watch) {
+	if w.id == 0 || p.forget(w.id) == nil {
 		return
 	}
-	_ = rc.Control(func(fd uintptr) {
+	_ = w.raw.Control(func(fd uintptr) {
 		_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
 	})
 }
@@ -128,7 +139,7 @@ func (p *Poller) run() {
 			if w == nil {
 				continue // stopped meanwhile
 			}
-			p.ready(id, w, events[i].Events, buf[:])
+			p.ready(w, events[i].Events, buf[:])
 		}
 	}
 }
@@ -136,14 +147,14 @@ func (p *Poller) run() {
 // ready handles a readable (or hung up) connection: a plain one is read
 // here without blocking; a TLS one is handed to a goroutine that reads
 // through TLS (a client that sends anything at all is rare).
-func (p *Poller) ready(id uint64, w *watched, ev uint32, buf []byte) {
+func (p *Poller) ready(w *Watch, ev uint32, buf []byte) {
 	if w.tls != nil {
-		p.unwatch(id, w.raw)
+		p.unwatch(w)
 		if ev&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-			w.onClose(false)
+			w.client.ClientGone(false)
 			return
 		}
-		watchByRead(p.logger, w.tls, w.budget, w.onClose)
+		watchByRead(p.logger, w.tls, w.budget, w.client, &w.stopped)
 		return
 	}
 	gone, overrun := false, false
@@ -177,7 +188,7 @@ func (p *Poller) ready(id uint64, w *watched, ev uint32, buf []byte) {
 		gone = true
 	}
 	if gone {
-		p.unwatch(id, w.raw)
-		w.onClose(overrun)
+		p.unwatch(w)
+		w.client.ClientGone(overrun)
 	}
 }

@@ -85,9 +85,9 @@ type Stream struct {
 	resp   *ResponseSink // non-nil when the sink is a response writer
 	serveC chan struct{} // wakes Serve
 
-	lastWrite  atomic.Int64           // unix nanoseconds of the last write
-	writeSince atomic.Int64           // unix nanoseconds a blocking write began; 0: none
-	unwatch    atomic.Pointer[func()] // leaves the poller
+	lastWrite  atomic.Int64          // unix nanoseconds of the last write
+	writeSince atomic.Int64          // unix nanoseconds a blocking write began; 0: none
+	watch      atomic.Pointer[Watch] // the poller's, while it watches
 
 	// Four-byte fields together, so that the stream packs into fewer bytes.
 	mode      atomic.Int32
@@ -196,8 +196,7 @@ func (s *Stream) Serve(ctx context.Context) {
 // the client's close; budget is how many bytes the client may send before
 // it is cut off.
 func (s *Stream) TakeOver(budget int64) {
-	stop := s.opts.Poller.Watch(s.conn.conn, budget, s.clientGone)
-	s.unwatch.Store(&stop)
+	s.watch.Store(s.opts.Poller.Watch(s.conn.conn, s.conn.raw, budget, s))
 	if s.ended.Load() {
 		// Ended meanwhile (the clock gave up a stalled write).
 		s.stopWatching()
@@ -472,9 +471,9 @@ func (s *Stream) finish(why registry.Reason) {
 	s.opts.Clock.remove(s)
 }
 
-// clientGone runs on the poller when the client closed its connection, or
+// ClientGone runs on the poller when the client closed its connection, or
 // sent more than it may (then the write under way is cut short too).
-func (s *Stream) clientGone(overrun bool) {
+func (s *Stream) ClientGone(overrun bool) {
 	s.sub.End(ReasonClient)
 	if overrun {
 		s.interrupt()
@@ -482,8 +481,8 @@ func (s *Stream) clientGone(overrun bool) {
 }
 
 func (s *Stream) stopWatching() {
-	if stop := s.unwatch.Swap(nil); stop != nil {
-		(*stop)()
+	if w := s.watch.Swap(nil); w != nil {
+		s.opts.Poller.Stop(w)
 	}
 }
 

@@ -11,8 +11,7 @@ import (
 // where the poller cannot watch it, and for a TLS client that sent bytes.
 // Reads are 512 bytes at a time and counted against budget: reading a byte
 // at a time would let a client burn a core.
-func watchByRead(logger *zap.Logger, conn net.Conn, budget int64, onClose func(overrun bool)) (stop func()) {
-	var stopped atomic.Bool
+func watchByRead(logger *zap.Logger, conn net.Conn, budget int64, client Client, stopped *atomic.Bool) {
 	go func() {
 		defer func() {
 			if v := recover(); v != nil {
@@ -26,11 +25,17 @@ func watchByRead(logger *zap.Logger, conn net.Conn, budget int64, onClose func(o
 			if err != nil || budget < 0 {
 				// After stop, the connection was closed by its stream.
 				if !stopped.Load() {
-					onClose(err == nil)
+					client.ClientGone(err == nil)
 				}
 				return
 			}
 		}
 	}()
-	return func() { stopped.Store(true) }
+}
+
+// Client is told when the client of a watched connection is gone.
+type Client interface {
+	// ClientGone: the client closed its connection, or sent more than
+	// its budget (overrun). Called once, and never after Stop.
+	ClientGone(overrun bool)
 }
