@@ -97,6 +97,7 @@ type abuseEnv struct {
 
 func startAbuse(t *testing.T) *abuseEnv {
 	t.Helper()
+	caddyproc.SkipShort(t)
 	raiseNoFile(t)
 	rs := redistest.Start(t)
 	plain := fmt.Sprintf("127.0.0.1:%d", caddyproc.FreePort(t))

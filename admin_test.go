@@ -65,6 +65,7 @@ func adminGet(t *testing.T, in *caddyproc.Instance, path string) (int, http.Head
 }
 
 func TestAdminAPIChannelsAndStats(t *testing.T) {
+	caddyproc.SkipShort(t)
 	// Redis A needs a username and password; Redis B none.
 	rsA := redistest.Start(t)
 	ctx := context.Background()

@@ -75,6 +75,7 @@ type env struct {
 
 func startCore(t *testing.T) *env {
 	t.Helper()
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	in := caddyproc.Start(t, coreCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	return &env{redis: rs, rdb: rs.Client(), caddy: in}

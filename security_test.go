@@ -119,6 +119,7 @@ type secEnv struct {
 // fresh RSA and ECDSA keys whose public halves are PEM files.
 func startSecurity(t *testing.T) *secEnv {
 	t.Helper()
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
@@ -670,6 +671,7 @@ func itoa(n int) string { return strconv.Itoa(n) }
 // each arrives as exactly one event with the intended data and fields, and
 // that the wire holds nothing but well-formed fields.
 func TestHostilePayloads(t *testing.T) {
+	caddyproc.SkipShort(t)
 	const total, batch = 10000, 200
 	rs := redistest.Start(t)
 	in := caddyproc.Start(t, hostileCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
