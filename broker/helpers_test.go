@@ -119,16 +119,48 @@ func newBroker(t testing.TB, srv *redistest.Server, h Handler, m Metrics) *Broke
 
 func newBrokerLog(t testing.TB, srv *redistest.Server, h Handler, m Metrics, log *zap.Logger) *Broker {
 	t.Helper()
-	opts, err := ParseURL(srv.URL())
-	if err != nil {
-		t.Fatal(err)
+	return startBroker(t, Options{Redis: redisOptions(t, srv.URL()), Metrics: m, Logger: log, HealthCheck: 200 * time.Millisecond}, h)
+}
+
+// startBroker is New(opts, h), closed when the test ends; a broker without
+// a Logger logs to the test.
+func startBroker(t testing.TB, opts Options, h Handler) *Broker {
+	t.Helper()
+	if opts.Logger == nil {
+		opts.Logger = zaptest.NewLogger(t)
 	}
-	b, err := New(Options{Redis: opts, Metrics: m, Logger: log, HealthCheck: 200 * time.Millisecond}, h)
+	b, err := New(opts, h)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = b.Close() })
 	return b
+}
+
+// redisOptions is ParseURL(url); a test's URL always parses.
+func redisOptions(t testing.TB, url string) *redis.UniversalOptions {
+	t.Helper()
+	opts, err := ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return opts
+}
+
+// limitedUser creates the ACL user "limited" (password "pw") on srv, allowed
+// every command and key but only the channel patterns given, and returns
+// the options that log in as it.
+func limitedUser(t testing.TB, srv *redistest.Server, channels ...string) *redis.UniversalOptions {
+	t.Helper()
+	args := []any{"ACL", "SETUSER", "limited", "on", ">pw", "resetchannels"}
+	for _, c := range channels {
+		args = append(args, "&"+c)
+	}
+	args = append(args, "+@all", "~*")
+	if err := srv.Client().Do(context.Background(), args...).Err(); err != nil {
+		t.Fatal(err)
+	}
+	return redisOptions(t, "redis://limited:pw@"+srv.Addr())
 }
 
 func ctxT(t testing.TB) context.Context {

@@ -12,27 +12,20 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
 func newShardedBroker(t *testing.T, c *redistest.Cluster, h Handler, m Metrics) *Broker {
 	t.Helper()
-	b, err := New(Options{
+	return startBroker(t, Options{
 		Redis:       &redis.UniversalOptions{Addrs: c.Addrs()[:1]},
 		Cluster:     true,
 		Sharded:     true,
-		Logger:      zaptest.NewLogger(t),
 		Metrics:     m,
 		HealthCheck: 200 * time.Millisecond,
 		Probe:       200 * time.Millisecond,
 	}, h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = b.Close() })
-	return b
 }
 
 // shardSubscribers counts, per node, the connections holding shard channel
