@@ -511,6 +511,9 @@ func TestResubscribeRefused(t *testing.T) {
 // reads with a deadline that could leave it mid-frame and parse the rest
 // of a payload as replies.
 func TestLargePayloadsStayFramed(t *testing.T) {
+	if testing.Short() {
+		t.Skip("moves 40 MB through Redis; skipped with -short")
+	}
 	srv := redistest.Start(t)
 	rec := newRecorder()
 	// A short health check, so that the watchdog runs while each message is
