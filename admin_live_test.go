@@ -164,11 +164,7 @@ func TestAdminLiveJSON(t *testing.T) {
 	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	ctx := context.Background()
-	if err := rs.Client().Do(ctx, "ACL", "SETUSER", adminTestUser, "on", ">"+adminTestPassword,
-		"~*", "&*", "+@all").Err(); err != nil {
-		t.Fatal(err)
-	}
-	url := "redis://" + adminTestUser + ":" + adminTestPassword + "@" + rs.Addr()
+	url := rs.AddUser(t, adminTestUser, adminTestPassword, "~*", "&*", "+@all")
 	in := caddyproc.Start(t, liveCaddyfile, caddyproc.Options{"{REDIS}": url})
 
 	before, _ := getLive(t, in, "")

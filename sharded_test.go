@@ -627,7 +627,7 @@ func TestShardedReshardAndFailoverUnderLoad(t *testing.T) {
 
 	time.Sleep(2 * time.Second)
 	out, err := exec.Command("redis-cli", "--cluster", "reshard", from.Addr(),
-		"--cluster-from", nodeID(t, from), "--cluster-to", nodeID(t, to),
+		"--cluster-from", redistest.NodeID(t, from), "--cluster-to", redistest.NodeID(t, to),
 		"--cluster-slots", "64", "--cluster-yes").CombinedOutput()
 	if err != nil {
 		t.Fatalf("redis-cli --cluster reshard: %v\n%s", err, out)
@@ -789,12 +789,3 @@ func firstDiff(a, b []string) int {
 }
 
 func around(s []string, i int) []string { return s[max(0, i-2):min(len(s), i+3)] }
-
-func nodeID(t *testing.T, n *redistest.Server) string {
-	t.Helper()
-	id, err := n.Client().Do(context.Background(), "CLUSTER", "MYID").Text()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return id
-}

@@ -152,15 +152,11 @@ func redisOptions(t testing.TB, url string) *redis.UniversalOptions {
 // the options that log in as it.
 func limitedUser(t testing.TB, srv *redistest.Server, channels ...string) *redis.UniversalOptions {
 	t.Helper()
-	args := []any{"ACL", "SETUSER", "limited", "on", ">pw", "resetchannels"}
+	rules := []string{"resetchannels"}
 	for _, c := range channels {
-		args = append(args, "&"+c)
+		rules = append(rules, "&"+c)
 	}
-	args = append(args, "+@all", "~*")
-	if err := srv.Client().Do(context.Background(), args...).Err(); err != nil {
-		t.Fatal(err)
-	}
-	return redisOptions(t, "redis://limited:pw@"+srv.Addr())
+	return redisOptions(t, srv.AddUser(t, "limited", "pw", append(rules, "+@all", "~*")...))
 }
 
 func ctxT(t testing.TB) context.Context {

@@ -16,18 +16,6 @@ import (
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
-func newShardedBroker(t *testing.T, c *redistest.Cluster, h Handler, m Metrics) *Broker {
-	t.Helper()
-	return startBroker(t, Options{
-		Redis:       &redis.UniversalOptions{Addrs: c.Addrs()[:1]},
-		Cluster:     true,
-		Sharded:     true,
-		Metrics:     m,
-		HealthCheck: 200 * time.Millisecond,
-		Probe:       200 * time.Millisecond,
-	}, h)
-}
-
 // shardSubscribers counts, per node, the connections holding shard channel
 // subscriptions (CLIENT LIST's ssub field).
 func shardSubscribers(t *testing.T, c *redistest.Cluster) map[*redistest.Server]int {
@@ -97,7 +85,7 @@ func TestShardedPublishAndHistory(t *testing.T) {
 	skipShort(t)
 	c := redistest.StartCluster(t, 3, 0)
 	rec := newRecorder()
-	b := newShardedBroker(t, c, rec, Metrics{})
+	b := newClusterBroker(t, c, true, rec, Metrics{})
 	ctx := ctxT(t)
 	if err := b.EnsureHistory(ctx, keep); err != nil {
 		t.Fatal(err)
@@ -215,7 +203,7 @@ func TestShardedSlotMoves(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 0)
 	rec := newRecorder()
 	m := newMetrics()
-	b := newShardedBroker(t, c, rec, m.Metrics)
+	b := newClusterBroker(t, c, true, rec, m.Metrics)
 	ctx := ctxT(t)
 	if err := b.EnsureHistory(ctx, keep); err != nil {
 		t.Fatal(err)
@@ -301,7 +289,7 @@ func TestShardedSlotMovesHoldTheMovedChannel(t *testing.T) {
 	skipShort(t)
 	c := redistest.StartCluster(t, 3, 0)
 	rec := &channelRecorder{recorder: newRecorder()}
-	b := newShardedBroker(t, c, rec, Metrics{})
+	b := newClusterBroker(t, c, true, rec, Metrics{})
 	ctx := ctxT(t)
 	if err := b.Subscribe(ctx, "moving", "staying"); err != nil {
 		t.Fatal(err)
@@ -341,7 +329,7 @@ func TestShardedFailover(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 1)
 	rec := &channelRecorder{recorder: newRecorder()}
 	m := newMetrics()
-	b := newShardedBroker(t, c, rec, m.Metrics)
+	b := newClusterBroker(t, c, true, rec, m.Metrics)
 	ctx := ctxT(t)
 	if err := b.EnsureHistory(ctx, keep); err != nil {
 		t.Fatal(err)
