@@ -79,6 +79,7 @@ func cspSources(csp, directive string) []string {
 // The live view's page: one file, nothing external, its inline script and
 // style allowed by hash and nothing else.
 func TestAdminLivePage(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	in := caddyproc.Start(t, liveCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})
 	code, hdr, body := adminGet(t, in, "/sse/live")
@@ -160,13 +161,10 @@ func TestAdminLivePage(t *testing.T) {
 // GET /sse/live.json: the counters move as events flow, the series has
 // rates, Redis is described without credentials.
 func TestAdminLiveJSON(t *testing.T) {
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	ctx := context.Background()
-	if err := rs.Client().Do(ctx, "ACL", "SETUSER", adminTestUser, "on", ">"+adminTestPassword,
-		"~*", "&*", "+@all").Err(); err != nil {
-		t.Fatal(err)
-	}
-	url := "redis://" + adminTestUser + ":" + adminTestPassword + "@" + rs.Addr()
+	url := rs.AddUser(t, adminTestUser, adminTestPassword, "~*", "&*", "+@all")
 	in := caddyproc.Start(t, liveCaddyfile, caddyproc.Options{"{REDIS}": url})
 
 	before, _ := getLive(t, in, "")

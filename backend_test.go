@@ -91,6 +91,7 @@ func (a *chatApp) publish(channel string) {
 
 func startBackend(t *testing.T) (*caddyproc.Instance, *chatApp) {
 	t.Helper()
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	app := &chatApp{rdb: rs.Client(), answer: []string{"He", "llo", ", ", "wor", "ld", "!"}}
 	upstream := httptest.NewServer(app)

@@ -65,13 +65,8 @@ func channelsOnShards(t *testing.T, c *redistest.Cluster) []string {
 func startClusterCaddy(t *testing.T, c *redistest.Cluster) *caddyproc.Instance {
 	t.Helper()
 	in := caddyproc.Start(t, clusterCaddyfile, caddyproc.Options{"{NODES}": strings.Join(c.Addrs(), " ")})
-	waitClusterLibrary(t, c.MasterOf("{sse}:seq").Client())
+	waitFunctions(t, c.MasterOf("{sse}:seq").Client())
 	return in
-}
-
-func waitClusterLibrary(t *testing.T, rdb *redis.Client) {
-	t.Helper()
-	redistest.WaitLibrary(t, rdb, "caddy_sse")
 }
 
 // In a cluster, channels on every shard reach their streams: PUBLISH from

@@ -270,6 +270,7 @@ http://127.0.0.1:{HTTP} {
 
 func startLoad(t *testing.T, keepalive string) (*redistest.Server, *caddyproc.Instance, caddyproc.Options) {
 	t.Helper()
+	caddyproc.SkipShort(t)
 	raiseNoFile(t)
 	rs := redistest.Start(t)
 	vars := caddyproc.Options{"{REDIS}": rs.URL(), "{KEEPALIVE}": keepalive}

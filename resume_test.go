@@ -56,6 +56,7 @@ type cluster struct {
 // startTwo runs two Caddy instances on one Redis, as behind a load balancer.
 func startTwo(t *testing.T) *cluster {
 	t.Helper()
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	vars := caddyproc.Options{"{REDIS}": rs.URL()}
 	c := &cluster{redis: rs, rdb: rs.Client()}

@@ -119,6 +119,7 @@ type secEnv struct {
 // fresh RSA and ECDSA keys whose public halves are PEM files.
 func startSecurity(t *testing.T) *secEnv {
 	t.Helper()
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
@@ -248,9 +249,7 @@ func TestSecurityJWTSources(t *testing.T) {
 	cookie := e.open(t, "/jwt/hs?c=user:42", "Cookie", "access_token="+tok)
 	e.publish(t, "user:42", "hello")
 	for _, s := range []*sseclient.Stream{header, query, cookie} {
-		if ev := ssetest.Next(t, s); ev.Data != "hello" {
-			t.Fatalf("got %+v", ev)
-		}
+		ssetest.Expect(t, s, "hello")
 	}
 	// The subject names the channel; the token is in the `token` query
 	// parameter, the only place this route looks.
@@ -267,9 +266,7 @@ func TestSecurityJWTPublicKeys(t *testing.T) {
 	b := e.open(t, "/jwt/es?c=room:lobby", "Cookie", "sse_token="+es)
 	e.publish(t, "room:lobby", "hi")
 	for _, s := range []*sseclient.Stream{a, b} {
-		if ev := ssetest.Next(t, s); ev.Data != "hi" {
-			t.Fatalf("got %+v", ev)
-		}
+		ssetest.Expect(t, s, "hi")
 	}
 	// A key of the other kind, or another key of the right kind, is refused.
 	otherEC, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -343,12 +340,8 @@ func TestSecurityBasicAuthOwnChannel(t *testing.T) {
 	bob := e.open(t, "/basic/events", "Authorization", basic("bob", "bob-pw"))
 	e.publish(t, "user:bob", "for bob")
 	e.publish(t, "user:alice", "for alice")
-	if ev := ssetest.Next(t, alice); ev.Data != "for alice" {
-		t.Fatalf("alice got %+v", ev)
-	}
-	if ev := ssetest.Next(t, bob); ev.Data != "for bob" {
-		t.Fatalf("bob got %+v", ev)
-	}
+	ssetest.Expect(t, alice, "for alice")
+	ssetest.Expect(t, bob, "for bob")
 	ssetest.NoEvent(t, alice, 200*time.Millisecond)
 	e.refused(t, "/basic/events", http.StatusUnauthorized)
 	e.refused(t, "/basic/events", http.StatusUnauthorized, "Authorization", basic("alice", "bob-pw"))
@@ -423,13 +416,9 @@ func TestSecurityLimitPerEvictOldest(t *testing.T) {
 	e.publish(t, "per:alice", "after")
 	e.publish(t, "per:bob", "bob's")
 	for _, s := range []*sseclient.Stream{s2, s3} {
-		if ev := ssetest.Next(t, s); ev.Data != "after" {
-			t.Fatalf("got %+v", ev)
-		}
+		ssetest.Expect(t, s, "after")
 	}
-	if ev := ssetest.Next(t, bob); ev.Data != "bob's" {
-		t.Fatalf("bob got %+v", ev)
-	}
+	ssetest.Expect(t, bob, "bob's")
 	waitMetrics(t, e.caddy, `caddy_sse_streams_closed_total{reason="evicted"} 1`)
 }
 
@@ -670,6 +659,7 @@ func itoa(n int) string { return strconv.Itoa(n) }
 // each arrives as exactly one event with the intended data and fields, and
 // that the wire holds nothing but well-formed fields.
 func TestHostilePayloads(t *testing.T) {
+	caddyproc.SkipShort(t)
 	const total, batch = 10000, 200
 	rs := redistest.Start(t)
 	in := caddyproc.Start(t, hostileCaddyfile, caddyproc.Options{"{REDIS}": rs.URL()})

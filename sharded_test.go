@@ -107,7 +107,7 @@ func waitShardNumsub(t *testing.T, c *redistest.Cluster, n int64, chans ...strin
 // each and two Caddy instances in sharded mode, the tests that leave them
 // as they found them.
 func TestShardedCluster(t *testing.T) {
-	skipShort(t)
+	caddyproc.SkipShort(t)
 	c := redistest.StartCluster(t, 3, 1)
 	a, b := startSharded(t, c), startSharded(t, c)
 	t.Run("ResumeAcrossShards", func(t *testing.T) { testShardedResumeAcrossShards(t, c, a, b) })
@@ -525,7 +525,7 @@ func lowestSlot(t *testing.T, cc *redis.ClusterClient, master *redistest.Server)
 // takes over. Every stream gets every event its channels' history holds,
 // once, in order, and no sse-missed.
 func TestShardedReshardAndFailoverUnderLoad(t *testing.T) {
-	skipShort(t)
+	caddyproc.SkipShort(t)
 	c := redistest.StartCluster(t, 3, 1)
 	insts := []*caddyproc.Instance{startSharded(t, c), startSharded(t, c)}
 	t.Cleanup(func() {
@@ -627,7 +627,7 @@ func TestShardedReshardAndFailoverUnderLoad(t *testing.T) {
 
 	time.Sleep(2 * time.Second)
 	out, err := exec.Command("redis-cli", "--cluster", "reshard", from.Addr(),
-		"--cluster-from", nodeID(t, from), "--cluster-to", nodeID(t, to),
+		"--cluster-from", redistest.NodeID(t, from), "--cluster-to", redistest.NodeID(t, to),
 		"--cluster-slots", "64", "--cluster-yes").CombinedOutput()
 	if err != nil {
 		t.Fatalf("redis-cli --cluster reshard: %v\n%s", err, out)
@@ -789,20 +789,3 @@ func firstDiff(a, b []string) int {
 }
 
 func around(s []string, i int) []string { return s[max(0, i-2):min(len(s), i+3)] }
-
-func nodeID(t *testing.T, n *redistest.Server) string {
-	t.Helper()
-	id, err := n.Client().Do(context.Background(), "CLUSTER", "MYID").Text()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return id
-}
-
-// skipShort skips a test that runs a Redis Cluster under go test -short.
-func skipShort(t *testing.T) {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("runs a Redis Cluster and Caddy processes")
-	}
-}

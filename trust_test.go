@@ -116,6 +116,7 @@ type trustEnv struct {
 
 func startTrust(t *testing.T) *trustEnv {
 	t.Helper()
+	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	in := caddyproc.Start(t, trustCaddyfile, caddyproc.Options{
 		"{REDIS}":      rs.URL(),

@@ -12,7 +12,6 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
@@ -427,24 +426,14 @@ func TestSubscribeRefused(t *testing.T) {
 	ctx := ctxT(t)
 	c := srv.Client()
 	// Each channel comes with its resumable twin: an ACL allows both.
-	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok:*", "&sse:r:ok:*", "&half", "+@all", "~*").Err(); err != nil {
-		t.Fatal(err)
-	}
-	opts, err := ParseURL("redis://limited:pw@" + srv.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
+	opts := limitedUser(t, srv, "ok:*", "sse:r:ok:*", "half")
 	rec := newRecorder()
 	m := newMetrics()
-	b, err := New(Options{Redis: opts, Metrics: m.Metrics, Logger: zaptest.NewLogger(t)}, rec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := startBroker(t, Options{Redis: opts, Metrics: m.Metrics}, rec)
 	if err := b.Subscribe(ctx, "ok:1"); err != nil {
 		t.Fatal(err)
 	}
-	err = b.Subscribe(ctx, "forbidden")
+	err := b.Subscribe(ctx, "forbidden")
 	var rerr redis.Error
 	if !errors.As(err, &rerr) {
 		t.Fatalf("Subscribe(forbidden) = %v, want a Redis error", err)
@@ -497,20 +486,10 @@ func TestResubscribeRefused(t *testing.T) {
 	srv := redistest.Start(t)
 	ctx := ctxT(t)
 	c := srv.Client()
-	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok:*", "&sse:r:ok:*", "&soon-bad", "&sse:r:soon-bad", "+@all", "~*").Err(); err != nil {
-		t.Fatal(err)
-	}
-	opts, err := ParseURL("redis://limited:pw@" + srv.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
+	opts := limitedUser(t, srv, "ok:*", "sse:r:ok:*", "soon-bad", "sse:r:soon-bad")
 	rec := newRecorder()
 	m := newMetrics()
-	b, err := New(Options{Redis: opts, Metrics: m.Metrics, HealthCheck: 200 * time.Millisecond, Logger: zaptest.NewLogger(t)}, rec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := startBroker(t, Options{Redis: opts, Metrics: m.Metrics, HealthCheck: 200 * time.Millisecond}, rec)
 	if err := b.Subscribe(ctx, "ok:1", "soon-bad", "ok:2"); err != nil {
 		t.Fatal(err)
 	}
@@ -532,20 +511,15 @@ func TestResubscribeRefused(t *testing.T) {
 // reads with a deadline that could leave it mid-frame and parse the rest
 // of a payload as replies.
 func TestLargePayloadsStayFramed(t *testing.T) {
+	if testing.Short() {
+		t.Skip("moves 40 MB through Redis; skipped with -short")
+	}
 	srv := redistest.Start(t)
 	rec := newRecorder()
-	opts, err := ParseURL(srv.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
 	// A short health check, so that the watchdog runs while each message is
 	// read; not so short that a loaded machine (a -race build on two busy
 	// cores) pauses the reader past it between two messages.
-	b, err := New(Options{Redis: opts, HealthCheck: 250 * time.Millisecond, Logger: zaptest.NewLogger(t)}, rec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := startBroker(t, Options{Redis: redisOptions(t, srv.URL()), HealthCheck: 250 * time.Millisecond}, rec)
 	ctx := ctxT(t)
 	if err := b.Subscribe(ctx, "big", "admin"); err != nil {
 		t.Fatal(err)

@@ -9,26 +9,22 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
-func newClusterBroker(t *testing.T, c *redistest.Cluster, h Handler, m Metrics) *Broker {
+// newClusterBroker starts a broker on the cluster c, given its first node
+// only, with shard channels if sharded.
+func newClusterBroker(t *testing.T, c *redistest.Cluster, sharded bool, h Handler, m Metrics) *Broker {
 	t.Helper()
-	b, err := New(Options{
+	return startBroker(t, Options{
 		Redis:       &redis.UniversalOptions{Addrs: c.Addrs()[:1]},
 		Cluster:     true,
-		Logger:      zaptest.NewLogger(t),
+		Sharded:     sharded,
 		Metrics:     m,
 		HealthCheck: 200 * time.Millisecond,
 		Probe:       200 * time.Millisecond,
 	}, h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = b.Close() })
-	return b
 }
 
 // channelsOnEveryMaster returns one channel name per master.
@@ -52,7 +48,7 @@ func channelsOnEveryMaster(t *testing.T, c *redistest.Cluster) []string {
 func TestClusterPublishAndHistory(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 0)
 	rec := newRecorder()
-	b := newClusterBroker(t, c, rec, Metrics{})
+	b := newClusterBroker(t, c, false, rec, Metrics{})
 	ctx := ctxT(t)
 	if err := b.EnsureHistory(ctx, keep); err != nil {
 		t.Fatal(err)
@@ -139,7 +135,7 @@ func TestClusterFailover(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 1)
 	rec := newRecorder()
 	m := newMetrics()
-	b := newClusterBroker(t, c, rec, m.Metrics)
+	b := newClusterBroker(t, c, false, rec, m.Metrics)
 	ctx := ctxT(t)
 	if err := b.EnsureHistory(ctx, keep); err != nil {
 		t.Fatal(err)
@@ -233,7 +229,7 @@ func subscribedNode(t *testing.T, c *redistest.Cluster) *redistest.Server {
 func TestClusterHistorySlotMoves(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 0)
 	rec := newRecorder()
-	b := newClusterBroker(t, c, rec, Metrics{})
+	b := newClusterBroker(t, c, false, rec, Metrics{})
 	ctx := context.Background()
 	if err := b.EnsureHistory(ctx, keep); err != nil {
 		t.Fatal(err)

@@ -25,16 +25,8 @@ func TestWrongPasswordLogged(t *testing.T) {
 			if err := srv.Client().ConfigSet(ctxT(t), "requirepass", "right").Err(); err != nil {
 				t.Fatal(err)
 			}
-			opts, err := ParseURL("redis://" + tc.userinfo + srv.Addr())
-			if err != nil {
-				t.Fatal(err)
-			}
 			core, logs := observer.New(zap.DebugLevel)
-			b, err := New(Options{Redis: opts, Logger: zap.New(core), HealthCheck: 200 * time.Millisecond}, newRecorder())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer b.Close()
+			startBroker(t, Options{Redis: redisOptions(t, "redis://"+tc.userinfo+srv.Addr()), Logger: zap.New(core), HealthCheck: 200 * time.Millisecond}, newRecorder())
 			eventually(t, "a warning", func() bool { return logs.FilterLevelExact(zap.WarnLevel).Len() > 0 })
 			w := logs.FilterLevelExact(zap.WarnLevel).All()[0]
 			if line := w.Message + " " + fmtFields(w); !strings.Contains(line, tc.want) {
@@ -54,17 +46,9 @@ func TestPasswordRotatedLogged(t *testing.T) {
 	if err := c.ConfigSet(ctx, "requirepass", "old").Err(); err != nil {
 		t.Fatal(err)
 	}
-	opts, err := ParseURL("redis://:old@" + srv.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
 	core, logs := observer.New(zap.DebugLevel)
 	rec := newRecorder()
-	b, err := New(Options{Redis: opts, Logger: zap.New(core), HealthCheck: 200 * time.Millisecond}, rec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := startBroker(t, Options{Redis: redisOptions(t, "redis://:old@"+srv.Addr()), Logger: zap.New(core), HealthCheck: 200 * time.Millisecond}, rec)
 	if err := b.Subscribe(ctx, "x"); err != nil {
 		t.Fatal(err)
 	}
@@ -101,17 +85,9 @@ func TestPasswordRotatedLogged(t *testing.T) {
 // publish through the broker.
 func TestLibraryCheckReloads(t *testing.T) {
 	srv := redistest.Start(t)
-	opts, err := ParseURL(srv.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
 	core, logs := observer.New(zap.DebugLevel)
-	b, err := New(Options{Redis: opts, Logger: zap.New(core), HealthCheck: 200 * time.Millisecond,
+	b := startBroker(t, Options{Redis: redisOptions(t, srv.URL()), Logger: zap.New(core), HealthCheck: 200 * time.Millisecond,
 		LibraryCheck: 200 * time.Millisecond}, newRecorder())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
 	ctx := ctxT(t)
 	if err := b.EnsureHistory(ctx, keep); err != nil {
 		t.Fatal(err)

@@ -119,16 +119,44 @@ func newBroker(t testing.TB, srv *redistest.Server, h Handler, m Metrics) *Broke
 
 func newBrokerLog(t testing.TB, srv *redistest.Server, h Handler, m Metrics, log *zap.Logger) *Broker {
 	t.Helper()
-	opts, err := ParseURL(srv.URL())
-	if err != nil {
-		t.Fatal(err)
+	return startBroker(t, Options{Redis: redisOptions(t, srv.URL()), Metrics: m, Logger: log, HealthCheck: 200 * time.Millisecond}, h)
+}
+
+// startBroker is New(opts, h), closed when the test ends; a broker without
+// a Logger logs to the test.
+func startBroker(t testing.TB, opts Options, h Handler) *Broker {
+	t.Helper()
+	if opts.Logger == nil {
+		opts.Logger = zaptest.NewLogger(t)
 	}
-	b, err := New(Options{Redis: opts, Metrics: m, Logger: log, HealthCheck: 200 * time.Millisecond}, h)
+	b, err := New(opts, h)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = b.Close() })
 	return b
+}
+
+// redisOptions is ParseURL(url); a test's URL always parses.
+func redisOptions(t testing.TB, url string) *redis.UniversalOptions {
+	t.Helper()
+	opts, err := ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return opts
+}
+
+// limitedUser creates the ACL user "limited" (password "pw") on srv, allowed
+// every command and key but only the channel patterns given, and returns
+// the options that log in as it.
+func limitedUser(t testing.TB, srv *redistest.Server, channels ...string) *redis.UniversalOptions {
+	t.Helper()
+	rules := []string{"resetchannels"}
+	for _, c := range channels {
+		rules = append(rules, "&"+c)
+	}
+	return redisOptions(t, srv.AddUser(t, "limited", "pw", append(rules, "+@all", "~*")...))
 }
 
 func ctxT(t testing.TB) context.Context {

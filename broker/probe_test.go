@@ -4,8 +4,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
-
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
@@ -13,18 +11,10 @@ import (
 // messages never reach the Handler or the metrics.
 func TestProbeQuietWhenHealthy(t *testing.T) {
 	srv := redistest.Start(t)
-	opts, err := ParseURL(srv.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
 	rec := newRecorder()
 	m := newMetrics()
-	b, err := New(Options{Redis: opts, Metrics: m.Metrics, Logger: zaptest.NewLogger(t),
+	b := startBroker(t, Options{Redis: redisOptions(t, srv.URL()), Metrics: m.Metrics,
 		HealthCheck: 50 * time.Millisecond, Probe: 20 * time.Millisecond}, rec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
 	if err := b.Subscribe(ctxT(t), "c"); err != nil {
 		t.Fatal(err)
 	}
@@ -43,20 +33,9 @@ func TestProbeRefusedByACL(t *testing.T) {
 	srv := redistest.Start(t)
 	ctx := ctxT(t)
 	c := srv.Client()
-	if err := c.Do(ctx, "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok:*", "&sse:r:ok:*", "+@all", "~*").Err(); err != nil {
-		t.Fatal(err)
-	}
-	opts, err := ParseURL("redis://limited:pw@" + srv.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
 	rec := newRecorder()
-	b, err := New(Options{Redis: opts, Logger: zaptest.NewLogger(t),
+	b := startBroker(t, Options{Redis: limitedUser(t, srv, "ok:*", "sse:r:ok:*"),
 		HealthCheck: 50 * time.Millisecond, Probe: 20 * time.Millisecond}, rec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
 	if err := b.Subscribe(ctx, "ok:1"); err != nil {
 		t.Fatal(err)
 	}

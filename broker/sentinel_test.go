@@ -7,25 +7,18 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
 func newSentinelBroker(t *testing.T, st *redistest.Sentinel, h Handler, m Metrics) *Broker {
 	t.Helper()
-	b, err := New(Options{
+	return startBroker(t, Options{
 		Redis:       &redis.UniversalOptions{Addrs: st.SentinelAddrs(), MasterName: redistest.MasterName},
-		Logger:      zaptest.NewLogger(t),
 		Metrics:     m,
 		HealthCheck: 200 * time.Millisecond,
 		Probe:       200 * time.Millisecond,
 	}, h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = b.Close() })
-	return b
 }
 
 // After SENTINEL FAILOVER the old master keeps the subscription open and

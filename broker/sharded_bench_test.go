@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
@@ -89,15 +90,12 @@ func reportCPU(b *testing.B, nodes []*redistest.Server, m cpuMark) {
 func benchCluster(b *testing.B, n int, sharded bool) (*redistest.Cluster, *Broker, []string) {
 	b.Helper()
 	c := redistest.StartCluster(b, 3, 1)
-	br, err := New(Options{
+	br := startBroker(b, Options{
 		Redis:   &redis.UniversalOptions{Addrs: c.Addrs()[:1]},
 		Cluster: true,
 		Sharded: sharded,
+		Logger:  zap.NewNop(),
 	}, newRecorder())
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = br.Close() })
 	ctx := context.Background()
 	if err := br.EnsureHistory(ctx, Retention{MaxLen: 100}); err != nil {
 		b.Fatal(err)
@@ -219,15 +217,12 @@ func BenchmarkShardedSubscribe(b *testing.B) {
 func BenchmarkShardedPublishTenInstances(b *testing.B) {
 	c, _, chans := benchCluster(b, 1000, true)
 	for range 9 {
-		br, err := New(Options{
+		br := startBroker(b, Options{
 			Redis:   &redis.UniversalOptions{Addrs: c.Addrs()[:1]},
 			Cluster: true,
 			Sharded: true,
+			Logger:  zap.NewNop(),
 		}, newRecorder())
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { _ = br.Close() })
 		if err := br.Subscribe(context.Background(), chans...); err != nil {
 			b.Fatal(err)
 		}

@@ -12,28 +12,9 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
-
-func newShardedBroker(t *testing.T, c *redistest.Cluster, h Handler, m Metrics) *Broker {
-	t.Helper()
-	b, err := New(Options{
-		Redis:       &redis.UniversalOptions{Addrs: c.Addrs()[:1]},
-		Cluster:     true,
-		Sharded:     true,
-		Logger:      zaptest.NewLogger(t),
-		Metrics:     m,
-		HealthCheck: 200 * time.Millisecond,
-		Probe:       200 * time.Millisecond,
-	}, h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = b.Close() })
-	return b
-}
 
 // shardSubscribers counts, per node, the connections holding shard channel
 // subscriptions (CLIENT LIST's ssub field).
@@ -104,7 +85,7 @@ func TestShardedPublishAndHistory(t *testing.T) {
 	skipShort(t)
 	c := redistest.StartCluster(t, 3, 0)
 	rec := newRecorder()
-	b := newShardedBroker(t, c, rec, Metrics{})
+	b := newClusterBroker(t, c, true, rec, Metrics{})
 	ctx := ctxT(t)
 	if err := b.EnsureHistory(ctx, keep); err != nil {
 		t.Fatal(err)
@@ -222,7 +203,7 @@ func TestShardedSlotMoves(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 0)
 	rec := newRecorder()
 	m := newMetrics()
-	b := newShardedBroker(t, c, rec, m.Metrics)
+	b := newClusterBroker(t, c, true, rec, m.Metrics)
 	ctx := ctxT(t)
 	if err := b.EnsureHistory(ctx, keep); err != nil {
 		t.Fatal(err)
@@ -308,7 +289,7 @@ func TestShardedSlotMovesHoldTheMovedChannel(t *testing.T) {
 	skipShort(t)
 	c := redistest.StartCluster(t, 3, 0)
 	rec := &channelRecorder{recorder: newRecorder()}
-	b := newShardedBroker(t, c, rec, Metrics{})
+	b := newClusterBroker(t, c, true, rec, Metrics{})
 	ctx := ctxT(t)
 	if err := b.Subscribe(ctx, "moving", "staying"); err != nil {
 		t.Fatal(err)
@@ -348,7 +329,7 @@ func TestShardedFailover(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 1)
 	rec := &channelRecorder{recorder: newRecorder()}
 	m := newMetrics()
-	b := newShardedBroker(t, c, rec, m.Metrics)
+	b := newClusterBroker(t, c, true, rec, m.Metrics)
 	ctx := ctxT(t)
 	if err := b.EnsureHistory(ctx, keep); err != nil {
 		t.Fatal(err)

@@ -15,8 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
-
 	"github.com/caddy-sse/caddy-sse/internal/redistest"
 )
 
@@ -41,21 +39,14 @@ func TestTLS(t *testing.T) {
 	srv := redistest.Start(t, "--tls-port", strconv.Itoa(port), "--tls-cert-file", cert,
 		"--tls-key-file", key, "--tls-auth-clients", "no")
 
-	opts, err := ParseURL("rediss://127.0.0.1:" + strconv.Itoa(port))
-	if err != nil {
-		t.Fatal(err)
-	}
+	opts := redisOptions(t, "rediss://127.0.0.1:"+strconv.Itoa(port))
 	roots := x509.NewCertPool()
 	roots.AppendCertsFromPEM(certPEM)
 	opts.TLSConfig.RootCAs = roots
 	rec := newRecorder()
 	// No health check PING during the test: only the subscription
 	// connection's own traffic may move the byte counter.
-	b, err := New(Options{Redis: opts, Logger: zaptest.NewLogger(t), HealthCheck: time.Hour}, rec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := startBroker(t, Options{Redis: opts, HealthCheck: time.Hour}, rec)
 	ctx := ctxT(t)
 	if err := b.Subscribe(ctx, "tls"); err != nil {
 		t.Fatal(err)

@@ -97,6 +97,7 @@ func TestPublishersExample(t *testing.T) {
 // The snippets that cannot run here without their Redis libraries at least
 // parse.
 func TestPublisherSnippetsParse(t *testing.T) {
+	caddyproc.SkipShort(t)
 	node := exampletest.NeedBinary(t, "node", "apt-get install -y nodejs")
 	if out, err := exec.Command(node, "--check", "publish.mjs").CombinedOutput(); err != nil {
 		t.Fatalf("node --check publish.mjs: %v\n%s", err, out)

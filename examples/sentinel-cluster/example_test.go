@@ -132,9 +132,7 @@ func TestSentinelStreamsAndFailsOver(t *testing.T) {
 	if n := ssetest.Publish(t, master.Client(), "user:42", "via sentinel"); n != 1 {
 		t.Fatalf("PUBLISH on the master reached %d subscriptions, want 1", n)
 	}
-	if ev := ssetest.Next(t, s); ev.Data != "via sentinel" {
-		t.Fatalf("got %+v", ev)
-	}
+	ssetest.Expect(t, s, "via sentinel")
 	id := ssetest.PublishResumable(t, master.Client(), "user:42", "resumable via sentinel")
 	if ev := ssetest.Next(t, s); ev.Data != "resumable via sentinel" || ev.ID != id {
 		t.Fatalf("got %+v, want id %s", ev, id)
@@ -172,9 +170,7 @@ func TestSentinelStreamsAndFailsOver(t *testing.T) {
 		return n["user:42"] == 1
 	})
 	ssetest.Publish(t, replica.Client(), "user:42", "live on the new master")
-	if ev := ssetest.Next(t, s); ev.Data != "live on the new master" {
-		t.Fatalf("got %+v", ev)
-	}
+	ssetest.Expect(t, s, "live on the new master")
 }
 
 // Streams through Redis Cluster: a PUBLISH on any node reaches the stream.
@@ -217,9 +213,7 @@ func TestClusterStreams(t *testing.T) {
 	}
 	other := ssetest.Open(t, in.URL()+"/events/7")
 	ssetest.Publish(t, nodes[2].Client(), "user:7", "for 7")
-	if ev := ssetest.Next(t, other); ev.Data != "for 7" {
-		t.Fatalf("got %+v", ev)
-	}
+	ssetest.Expect(t, other, "for 7")
 	ssetest.NoEvent(t, s, 100*time.Millisecond)
 
 	// Resumable events, published as the Caddyfile's comment says, with a

@@ -66,12 +66,8 @@ func TestTwoInstancesExample(t *testing.T) {
 	if n := ssetest.Publish(t, rdb, "user:42", "published once"); n != 2 {
 		t.Fatalf("PUBLISH reached %d subscriptions, want 2 (one per instance)", n)
 	}
-	if ev := ssetest.Next(t, onA); ev.Data != "published once" {
-		t.Fatalf("instance A got %+v", ev)
-	}
-	if ev := ssetest.Next(t, onB); ev.Data != "published once" {
-		t.Fatalf("instance B got %+v", ev)
-	}
+	ssetest.Expect(t, onA, "published once")
+	ssetest.Expect(t, onB, "published once")
 	onA.Close()
 	onB.Close()
 

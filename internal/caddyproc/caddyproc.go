@@ -20,11 +20,18 @@ import (
 	"github.com/caddy-sse/caddy-sse/internal/outbuf"
 )
 
+// built holds a build per package and flags, made once per test process.
 var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
+	builtMu sync.Mutex
+	built   = map[string]*build{}
 )
+
+type build struct {
+	once sync.Once
+	dir  string
+	path string
+	err  error
+}
 
 // GlobalOptions is the global options block of a test Caddyfile: it keeps
 // the instance on loopback, on its own admin port, and away from the
@@ -56,29 +63,54 @@ func SkipShort(tb testing.TB) {
 func Binary(tb testing.TB) string {
 	tb.Helper()
 	SkipShort(tb)
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "caddy-sse-bin")
-		if err != nil {
-			buildErr = err
+	if raceEnabled {
+		return Build(tb, "./cmd/caddy", "-race")
+	}
+	return Build(tb, "./cmd/caddy")
+}
+
+// Build builds the main package pkg of this module (such as
+// "./cmd/sse-demo") with the go build flags given, once per test process,
+// and returns the binary's path. RemoveBuilt deletes what it built.
+func Build(tb testing.TB, pkg string, flags ...string) string {
+	tb.Helper()
+	key := strings.Join(append([]string{pkg}, flags...), " ")
+	builtMu.Lock()
+	b := built[key]
+	if b == nil {
+		b = &build{}
+		built[key] = b
+	}
+	builtMu.Unlock()
+	b.once.Do(func() {
+		b.dir, b.err = os.MkdirTemp("", "caddy-sse-bin")
+		if b.err != nil {
 			return
 		}
-		binPath = filepath.Join(dir, "caddy")
-		args := []string{"build", "-o", binPath}
-		if raceEnabled {
-			args = append(args, "-race")
-		}
-		args = append(args, "./cmd/caddy")
+		b.path = filepath.Join(b.dir, filepath.Base(pkg))
+		args := append(append([]string{"build", "-o", b.path}, flags...), pkg)
 		cmd := exec.Command("go", args...)
 		cmd.Dir = moduleRoot()
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("building cmd/caddy: %v\n%s", err, out)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("building %s: %v\n%s", pkg, err, out)
 		}
 	})
-	if buildErr != nil {
-		tb.Fatal(buildErr)
+	if b.err != nil {
+		tb.Fatal(b.err)
 	}
-	return binPath
+	return b.path
+}
+
+// RemoveBuilt deletes the binaries Build made; a TestMain calls it after
+// the tests ran.
+func RemoveBuilt() {
+	builtMu.Lock()
+	defer builtMu.Unlock()
+	for _, b := range built {
+		if b.dir != "" {
+			_ = os.RemoveAll(b.dir)
+		}
+	}
 }
 
 func moduleRoot() string {

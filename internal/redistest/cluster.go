@@ -250,7 +250,7 @@ func (c *Cluster) MoveSlot(key string, to *Server) {
 	if err != nil {
 		c.tb.Fatal(err)
 	}
-	fromID, toID := nodeID(c.tb, from), nodeID(c.tb, to)
+	fromID, toID := NodeID(c.tb, from), NodeID(c.tb, to)
 	do := func(n *Server, args ...any) {
 		c.tb.Helper()
 		if err := n.Client().Do(ctx, args...).Err(); err != nil {
@@ -279,7 +279,8 @@ func (c *Cluster) MoveSlot(key string, to *Server) {
 	c.WaitOK()
 }
 
-func nodeID(tb testing.TB, n *Server) string {
+// NodeID is the cluster node id of n (CLUSTER MYID).
+func NodeID(tb testing.TB, n *Server) string {
 	tb.Helper()
 	id, err := n.Client().Do(context.Background(), "CLUSTER", "MYID").Text()
 	if err != nil {

@@ -252,6 +252,21 @@ func WaitLibrary(tb testing.TB, rdb *redis.Client, name string) {
 	}
 }
 
+// AddUser creates the ACL user name, enabled, with password and the ACL
+// rules given (such as "~*", "&news:*", "+@all"), and returns the server's
+// redis:// URL that logs in as it.
+func (s *Server) AddUser(tb testing.TB, name, password string, rules ...string) string {
+	tb.Helper()
+	args := []any{"ACL", "SETUSER", name, "on", ">" + password}
+	for _, r := range rules {
+		args = append(args, r)
+	}
+	if err := s.Client().Do(context.Background(), args...).Err(); err != nil {
+		tb.Fatalf("redistest: ACL SETUSER %s: %v", name, err)
+	}
+	return "redis://" + name + ":" + password + "@" + s.Addr()
+}
+
 // IsRunning reports whether the server's process runs (it was not
 // stopped, or was restarted since).
 func (s *Server) IsRunning() bool { return s.running() }

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -100,40 +99,16 @@ type demo struct {
 	redis string // the embedded Redis's address
 }
 
-var (
-	demoOnce sync.Once
-	demoBin  string
-	demoErr  error
-)
-
 // demoBinary builds cmd/sse-demo once.
 func demoBinary(t *testing.T) string {
 	t.Helper()
-	demoOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "sse-demo-bin")
-		if err != nil {
-			demoErr = err
-			return
-		}
-		demoBin = filepath.Join(dir, "sse-demo")
-		cmd := exec.Command("go", "build", "-o", demoBin, "./cmd/sse-demo")
-		cmd.Dir = filepath.Join("..", "..")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			demoErr = fmt.Errorf("building cmd/sse-demo: %v\n%s", err, out)
-		}
-	})
-	if demoErr != nil {
-		t.Fatal(demoErr)
-	}
-	return demoBin
+	return caddyproc.Build(t, "./cmd/sse-demo")
 }
 
-// TestMain removes the demo binary the browser tests built.
+// TestMain removes the binaries the tests built.
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if demoBin != "" {
-		os.RemoveAll(filepath.Dir(demoBin))
-	}
+	caddyproc.RemoveBuilt()
 	os.Exit(code)
 }
 

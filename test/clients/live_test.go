@@ -114,11 +114,7 @@ func TestLiveViewInChromium(t *testing.T) {
 	caddyproc.SkipShort(t)
 	rs := redistest.Start(t)
 	ctx := context.Background()
-	if err := rs.Client().Do(ctx, "ACL", "SETUSER", liveRedisUser, "on", ">"+liveRedisPassword,
-		"~*", "&*", "+@all").Err(); err != nil {
-		t.Fatal(err)
-	}
-	redisURL := "redis://" + liveRedisUser + ":" + liveRedisPassword + "@" + rs.Addr()
+	redisURL := rs.AddUser(t, liveRedisUser, liveRedisPassword, "~*", "&*", "+@all")
 	in := caddyproc.Start(t, liveCaddyfile(t), caddyproc.Options{"{REDIS}": redisURL})
 	pub := redis.NewClient(&redis.Options{Addr: rs.Addr(), Username: liveRedisUser, Password: liveRedisPassword})
 	defer pub.Close()
