@@ -519,7 +519,7 @@ func TestLargePayloadsStayFramed(t *testing.T) {
 	// A short health check, so that the watchdog runs while each message is
 	// read; not so short that a loaded machine (a -race build on two busy
 	// cores) pauses the reader past it between two messages.
-	b := startBroker(t, Options{Redis: redisOptions(t, srv.URL()), HealthCheck: 250 * time.Millisecond}, rec)
+	b := startBroker(t, Options{Redis: parsedURL(t, srv.URL()), HealthCheck: 250 * time.Millisecond}, rec)
 	ctx := ctxT(t)
 	if err := b.Subscribe(ctx, "big", "admin"); err != nil {
 		t.Fatal(err)

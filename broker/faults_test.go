@@ -26,7 +26,7 @@ func TestWrongPasswordLogged(t *testing.T) {
 				t.Fatal(err)
 			}
 			core, logs := observer.New(zap.DebugLevel)
-			startBroker(t, Options{Redis: redisOptions(t, "redis://"+tc.userinfo+srv.Addr()), Logger: zap.New(core), HealthCheck: 200 * time.Millisecond}, newRecorder())
+			startBroker(t, Options{Redis: parsedURL(t, "redis://"+tc.userinfo+srv.Addr()), Logger: zap.New(core), HealthCheck: 200 * time.Millisecond}, newRecorder())
 			eventually(t, "a warning", func() bool { return logs.FilterLevelExact(zap.WarnLevel).Len() > 0 })
 			w := logs.FilterLevelExact(zap.WarnLevel).All()[0]
 			if line := w.Message + " " + fmtFields(w); !strings.Contains(line, tc.want) {
@@ -48,7 +48,7 @@ func TestPasswordRotatedLogged(t *testing.T) {
 	}
 	core, logs := observer.New(zap.DebugLevel)
 	rec := newRecorder()
-	b := startBroker(t, Options{Redis: redisOptions(t, "redis://:old@"+srv.Addr()), Logger: zap.New(core), HealthCheck: 200 * time.Millisecond}, rec)
+	b := startBroker(t, Options{Redis: parsedURL(t, "redis://:old@"+srv.Addr()), Logger: zap.New(core), HealthCheck: 200 * time.Millisecond}, rec)
 	if err := b.Subscribe(ctx, "x"); err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +86,7 @@ func TestPasswordRotatedLogged(t *testing.T) {
 func TestLibraryCheckReloads(t *testing.T) {
 	srv := redistest.Start(t)
 	core, logs := observer.New(zap.DebugLevel)
-	b := startBroker(t, Options{Redis: redisOptions(t, srv.URL()), Logger: zap.New(core), HealthCheck: 200 * time.Millisecond,
+	b := startBroker(t, Options{Redis: parsedURL(t, srv.URL()), Logger: zap.New(core), HealthCheck: 200 * time.Millisecond,
 		LibraryCheck: 200 * time.Millisecond}, newRecorder())
 	ctx := ctxT(t)
 	if err := b.EnsureHistory(ctx, keep); err != nil {

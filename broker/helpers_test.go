@@ -119,7 +119,7 @@ func newBroker(t testing.TB, srv *redistest.Server, h Handler, m Metrics) *Broke
 
 func newBrokerLog(t testing.TB, srv *redistest.Server, h Handler, m Metrics, log *zap.Logger) *Broker {
 	t.Helper()
-	return startBroker(t, Options{Redis: redisOptions(t, srv.URL()), Metrics: m, Logger: log, HealthCheck: 200 * time.Millisecond}, h)
+	return startBroker(t, Options{Redis: parsedURL(t, srv.URL()), Metrics: m, Logger: log, HealthCheck: 200 * time.Millisecond}, h)
 }
 
 // startBroker is New(opts, h), closed when the test ends; a broker without
@@ -137,8 +137,8 @@ func startBroker(t testing.TB, opts Options, h Handler) *Broker {
 	return b
 }
 
-// redisOptions is ParseURL(url); a test's URL always parses.
-func redisOptions(t testing.TB, url string) *redis.UniversalOptions {
+// parsedURL is ParseURL(url); a test's URL always parses.
+func parsedURL(t testing.TB, url string) *redis.UniversalOptions {
 	t.Helper()
 	opts, err := ParseURL(url)
 	if err != nil {
@@ -156,7 +156,7 @@ func limitedUser(t testing.TB, srv *redistest.Server, channels ...string) *redis
 	for _, c := range channels {
 		rules = append(rules, "&"+c)
 	}
-	return redisOptions(t, srv.AddUser(t, "limited", "pw", append(rules, "+@all", "~*")...))
+	return parsedURL(t, srv.AddUser(t, "limited", "pw", append(rules, "+@all", "~*")...))
 }
 
 func ctxT(t testing.TB) context.Context {

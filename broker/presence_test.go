@@ -18,7 +18,7 @@ import (
 // instance would, with presence on at ttl.
 func newInstance(t *testing.T, srv *redistest.Server, instance string, ttl time.Duration, m Metrics) *Broker {
 	t.Helper()
-	opts := redisOptions(t, srv.URL())
+	opts := parsedURL(t, srv.URL())
 	// One dial per try instead of go-redis's five, 100ms apart: the tests
 	// stop Redis on purpose, and a write to it then fails (and is counted)
 	// in a fraction of a second rather than seconds, Close's included.

@@ -13,7 +13,7 @@ func TestProbeQuietWhenHealthy(t *testing.T) {
 	srv := redistest.Start(t)
 	rec := newRecorder()
 	m := newMetrics()
-	b := startBroker(t, Options{Redis: redisOptions(t, srv.URL()), Metrics: m.Metrics,
+	b := startBroker(t, Options{Redis: parsedURL(t, srv.URL()), Metrics: m.Metrics,
 		HealthCheck: 50 * time.Millisecond, Probe: 20 * time.Millisecond}, rec)
 	if err := b.Subscribe(ctxT(t), "c"); err != nil {
 		t.Fatal(err)

@@ -39,7 +39,7 @@ func TestTLS(t *testing.T) {
 	srv := redistest.Start(t, "--tls-port", strconv.Itoa(port), "--tls-cert-file", cert,
 		"--tls-key-file", key, "--tls-auth-clients", "no")
 
-	opts := redisOptions(t, "rediss://127.0.0.1:"+strconv.Itoa(port))
+	opts := parsedURL(t, "rediss://127.0.0.1:"+strconv.Itoa(port))
 	roots := x509.NewCertPool()
 	roots.AppendCertsFromPEM(certPEM)
 	opts.TLSConfig.RootCAs = roots
