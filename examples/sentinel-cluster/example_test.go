@@ -22,6 +22,13 @@ import (
 	"github.com/caddy-sse/caddy-sse/internal/ssetest"
 )
 
+// TestMain removes the Caddy binary the tests built.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	caddyproc.RemoveBuilt()
+	os.Exit(code)
+}
+
 // Both shipped files adapt and validate as they are (validation provisions
 // the handlers; nothing needs to listen on the addresses for that).
 func TestCaddyfilesValidate(t *testing.T) {
