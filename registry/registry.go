@@ -157,7 +157,7 @@ type channel struct {
 	refs    int  // under Registry.mu
 	history bool // under Registry.mu: some listener wants catch-up
 	subs    atomic.Pointer[[]*Subscriber]
-	ready   chan struct{} // closed once subscribed: confirmed, or left to the source to retry
+	ready   chan struct{} // under Registry.mu; closed once subscribed: confirmed, or left to the source to retry
 }
 
 // New returns a registry that subscribes through opts.Source. It starts
@@ -367,9 +367,11 @@ func (r *Registry) subscribe(channels []*channel) {
 	if r.perChannel != nil {
 		r.readHeads(names)
 	}
+	r.mu.Lock()
 	for _, c := range channels {
 		c.markReady()
 	}
+	r.mu.Unlock()
 }
 
 // readHeads learns, once channels are subscribed, the newest id in their
@@ -406,13 +408,21 @@ func (c *channel) resumable() bool {
 	}
 }
 
+// markReady lets the streams waiting for c go on. It runs under
+// Registry.mu.
 func (c *channel) markReady() {
-	select {
-	case <-c.ready:
-	default:
+	if c.ready != readyDone {
 		close(c.ready)
+		c.ready = readyDone // the channel's own can go: an idle channel keeps less
 	}
 }
+
+// readyDone is the ready channel of every channel whose subscribe is done.
+var readyDone = func() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}()
 
 // add and remove replace the subscriber list (copy on write) so that
 // delivery reads it without a lock. Both run under Registry.mu.
