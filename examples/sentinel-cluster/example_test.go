@@ -24,9 +24,7 @@ import (
 
 // TestMain removes the Caddy binary the tests built.
 func TestMain(m *testing.M) {
-	code := m.Run()
-	caddyproc.RemoveBuilt()
-	os.Exit(code)
+	caddyproc.Main(m)
 }
 
 // Both shipped files adapt and validate as they are (validation provisions

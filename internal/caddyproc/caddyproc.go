@@ -101,8 +101,15 @@ func Build(tb testing.TB, pkg string, flags ...string) string {
 	return b.path
 }
 
-// RemoveBuilt deletes the binaries Build made; a TestMain calls it after
-// the tests ran.
+// Main runs a package's tests and then removes the binaries Build made:
+// what a TestMain of a package using Build calls.
+func Main(m *testing.M) {
+	code := m.Run()
+	RemoveBuilt()
+	os.Exit(code)
+}
+
+// RemoveBuilt deletes the binaries Build made.
 func RemoveBuilt() {
 	builtMu.Lock()
 	defer builtMu.Unlock()

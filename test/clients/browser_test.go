@@ -107,9 +107,7 @@ func demoBinary(t *testing.T) string {
 
 // TestMain removes the binaries the tests built.
 func TestMain(m *testing.M) {
-	code := m.Run()
-	caddyproc.RemoveBuilt()
-	os.Exit(code)
+	caddyproc.Main(m)
 }
 
 var embeddedRedis = regexp.MustCompile(`embedded fake Redis on (127\.0\.0\.1:\d+)`)
