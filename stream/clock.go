@@ -3,6 +3,7 @@ package stream
 import (
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddy-sse/caddy-sse/registry"
@@ -26,6 +27,10 @@ const (
 // times a second, so that a stream needs no timer of its own.
 type Clock struct {
 	tick time.Duration
+
+	// now is the time of the last tick (unix nanoseconds): what a write
+	// records as its time, for keepalives, without a clock read per write.
+	now atomic.Int64
 
 	mu      sync.Mutex
 	streams []*Stream // each at its clockAt (a list scans faster than a map, and is smaller)
@@ -55,6 +60,7 @@ func (c *Clock) add(s *Stream) {
 	}
 	if !c.running {
 		c.running = true
+		c.now.Store(time.Now().UnixNano())
 		go c.run()
 	}
 }
@@ -124,6 +130,7 @@ func (c *Clock) run() {
 	var what []byte
 	for range t.C {
 		now := time.Now().UnixNano()
+		c.now.Store(now)
 		due, what = due[:0], what[:0]
 		c.mu.Lock()
 		if len(c.streams) == 0 {

@@ -413,7 +413,7 @@ func (s *Stream) writeBlocking(bufs *net.Buffers) error {
 
 // wrote records a completed write of n events and size bytes.
 func (s *Stream) wrote(n, size int) {
-	s.lastWrite.Store(time.Now().UnixNano())
+	s.lastWrite.Store(s.opts.Clock.now.Load()) // within a tick: keepalives need no better
 	s.count(n, size)
 }
 
