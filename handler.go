@@ -114,7 +114,7 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*admission, err
 	}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	// Authentication comes before the channels resolve: the token's subject
-	// may name them ({sse.jwt.sub}), and a client without a valid token
+	// may name them ({http.sse.jwt.sub}), and a client without a valid token
 	// learns nothing about them.
 	g, status, reason := h.authenticate(r, repl)
 	if status != 0 {
