@@ -97,7 +97,6 @@ type Stream struct {
 	keepalive atomic.Bool // a keepalive is due
 	endAsked  atomic.Bool // the deadline's End was sent
 	disarm    atomic.Bool // the response's write deadline is to be cleared
-	try       bool        // conn can write without blocking
 	clockAt   int32       // index in the clock's list, under its lock; -1: not in it
 
 	// Owned by whoever holds the writer token.
@@ -145,7 +144,6 @@ func (s *Stream) SetSink(sink Sink) {
 	s.sink = sink
 	if c, ok := sink.(*ConnSink); ok {
 		s.conn = c
-		s.try = c.raw != nil
 	}
 	s.resp, _ = sink.(*ResponseSink)
 	s.opts.Clock.add(s)
@@ -236,7 +234,7 @@ func (s *Stream) wake() {
 		if !s.writing.CompareAndSwap(false, true) {
 			return
 		}
-		if s.try && s.writeInline() {
+		if s.conn != nil && s.conn.raw != nil && s.writeInline() {
 			return
 		}
 		go s.flushLive()
